@@ -1,0 +1,69 @@
+"""Pieces shared by the model families: the batch metadata, paged attention, weight bookkeeping."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rawpaged.errors import RawpagedError
+
+
+@dataclass
+class AttentionMetadata:
+    """The flattened batch of one step (DESIGN.md, "The batch the model sees").
+
+    T tokens from S sequences; sequence s owns tokens query_start_loc[s]:query_start_loc[s+1].
+    """
+    slot_mapping: object      # int64 [T]     where each new token's K/V goes
+    block_tables: object      # int32 [S, B]  logical block -> physical block per sequence
+    seq_lens: object          # int32 [S]     context length including this step's tokens
+    query_start_loc: object   # int32 [S+1]
+    max_query_len: int = 0
+    max_seq_len: int = 0
+
+
+def attention(backend, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale):
+    """Store this step's K/V in the paged cache, then attend through the block tables.
+
+    q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]. Writing first means one entry point serves
+    prefill, chunked prefill, prefix-cached prefill and decode: every key is read from the cache.
+    """
+    backend.reshape_and_cache(k, v, kv_cache, layer, meta.slot_mapping)
+    out = backend.paged_attention(q, kv_cache, layer, meta.block_tables, meta.seq_lens,
+                                  meta.query_start_loc, scale,
+                                  max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+    return out.reshape(out.shape[0], -1)
+
+
+def rope_cos_sin_cache(rot_dim: int, max_pos: int, theta: float) -> np.ndarray:
+    """[max_pos, rot_dim] float32: cos(pos * f_i) then sin(pos * f_i), f_i = theta^(-2i/rot_dim)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim))
+    angles = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+class WeightSet:
+    """Collects checkpoint tensors by name and checks them against the shapes the config implies."""
+
+    def __init__(self, expected: dict[str, tuple[int, ...]], optional: set[str] = frozenset(),
+                 where: str = "checkpoint"):
+        self.expected = expected
+        self.optional = set(optional)
+        self.where = where
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        shape = self.expected.get(name)
+        if shape is None:
+            return                                   # e.g. rotary_emb.inv_freq: not a weight we use
+        if tuple(array.shape) != tuple(shape):
+            raise RawpagedError(f"tensor {name} in {self.where} has shape {tuple(array.shape)}, "
+                                f"expected {tuple(shape)} from config.json")
+        self.tensors[name] = array
+
+    def finish(self) -> dict[str, np.ndarray]:
+        missing = [n for n in self.expected if n not in self.tensors and n not in self.optional]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise RawpagedError(f"tensor {missing[0]}{more} missing from {self.where}")
+        return self.tensors

@@ -1,0 +1,133 @@
+"""OPT family: learned positions (offset 2), pre- or post-LayerNorm, ReLU FFN, tied head,
+optional project_in/project_out when word_embed_proj_dim != hidden_size."""
+from __future__ import annotations
+
+import numpy as np
+
+from model_impl.layers import AttentionMetadata, WeightSet, attention
+from rawpaged.config import ModelConfig
+from rawpaged.errors import RawpagedError
+
+POSITION_OFFSET = 2   # OPT's learned position table starts at index 2 (fairseq's padding legacy)
+
+
+class OPTForCausalLM:
+    def __init__(self, config: ModelConfig, backend, dtype):
+        self.cfg = config
+        self.backend = backend
+        self.dtype = dtype
+        hf = config.hf
+        self.pre_ln = bool(hf.get("do_layer_norm_before", True))
+        self.final_ln = self.pre_ln and not hf.get("_remove_final_layer_norm", False)
+        self.proj_dim = int(hf.get("word_embed_proj_dim") or config.hidden_size)
+        self.ffn_dim = int(config.require("ffn_dim"))
+        self.bias = bool(hf.get("enable_bias", True))
+        self.ln_affine = bool(hf.get("layer_norm_elementwise_affine", True))
+        self.eps = 1e-5
+        act = hf.get("activation_function", "relu")
+        acts = {"relu": backend.relu, "gelu": backend.gelu, "gelu_new": backend.gelu_tanh}
+        if act not in acts:
+            raise RawpagedError(f"activation_function {act!r} is not supported for OPT (relu, gelu, gelu_new)")
+        self.act = acts[act]
+        self.scale = config.head_dim ** -0.5
+        self.layers: list[dict] = []
+
+    # -- weights ------------------------------------------------------------------------------
+    def expected_weights(self) -> tuple[dict, set]:
+        c = self.cfg
+        H, V, F, P = c.hidden_size, c.vocab_size, self.ffn_dim, self.proj_dim
+        d = "model.decoder."
+        shapes = {d + "embed_tokens.weight": (V, P),
+                  d + "embed_positions.weight": (c.max_model_len + POSITION_OFFSET, H),
+                  "lm_head.weight": (V, P)}
+        optional = {"lm_head.weight"}
+        if P != H:
+            shapes[d + "project_in.weight"] = (H, P)
+            shapes[d + "project_out.weight"] = (P, H)
+        ln = lambda name: {name + ".weight": (H,), name + ".bias": (H,)} if self.ln_affine else {}  # noqa: E731
+        if self.final_ln:
+            shapes.update(ln(d + "final_layer_norm"))
+        for i in range(c.num_layers):
+            p = f"{d}layers.{i}."
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                shapes[p + f"self_attn.{proj}.weight"] = (H, H)
+                if self.bias:
+                    shapes[p + f"self_attn.{proj}.bias"] = (H,)
+            shapes[p + "fc1.weight"] = (F, H)
+            shapes[p + "fc2.weight"] = (H, F)
+            if self.bias:
+                shapes[p + "fc1.bias"] = (F,)
+                shapes[p + "fc2.bias"] = (H,)
+            shapes.update(ln(p + "self_attn_layer_norm"))
+            shapes.update(ln(p + "final_layer_norm"))
+        return shapes, optional
+
+    def load_weights(self, named_tensors, where: str = "checkpoint") -> None:
+        shapes, optional = self.expected_weights()
+        ws = WeightSet(shapes, optional, where)
+        for name, array in named_tensors:
+            if name.startswith("decoder."):              # facebook/opt-* checkpoints drop "model."
+                name = "model." + name
+            ws.add(name, array)
+        w = ws.finish()
+        dev = lambda n: self.backend.to_device(w[n], self.dtype) if n in w else None  # noqa: E731
+        cat = lambda *ns: self.backend.to_device(np.concatenate([w[n] for n in ns]), self.dtype)  # noqa: E731
+        d = "model.decoder."
+        self.embed = dev(d + "embed_tokens.weight")
+        self.pos_embed = dev(d + "embed_positions.weight")
+        self.project_in = dev(d + "project_in.weight")
+        self.project_out = dev(d + "project_out.weight")
+        self.final_norm = (dev(d + "final_layer_norm.weight"), dev(d + "final_layer_norm.bias"))
+        self.layers = []
+        for i in range(self.cfg.num_layers):
+            p = f"{d}layers.{i}."
+            a = p + "self_attn."
+            self.layers.append({
+                "qkv": cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                "qkv_b": cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias") if self.bias else None,
+                "o": dev(a + "out_proj.weight"), "o_b": dev(a + "out_proj.bias"),
+                "fc1": dev(p + "fc1.weight"), "fc1_b": dev(p + "fc1.bias"),
+                "fc2": dev(p + "fc2.weight"), "fc2_b": dev(p + "fc2.bias"),
+                "attn_ln": (dev(p + "self_attn_layer_norm.weight"), dev(p + "self_attn_layer_norm.bias")),
+                "ffn_ln": (dev(p + "final_layer_norm.weight"), dev(p + "final_layer_norm.bias")),
+            })
+
+    # -- forward ------------------------------------------------------------------------------
+    def _ln(self, x, wb):
+        return self.backend.layer_norm(x, wb[0], wb[1], self.eps)
+
+    def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata):
+        """input_ids, positions [T] -> final hidden states [T, word_embed_proj_dim]."""
+        b, c = self.backend, self.cfg
+        H, D = c.hidden_size, c.head_dim
+        x = b.embedding(input_ids, self.embed)                        # [T, P]
+        if self.project_in is not None:
+            x = b.linear(x, self.project_in)                          # [T, H]
+        h = x + b.embedding(positions + POSITION_OFFSET, self.pos_embed)
+        for i, L in enumerate(self.layers):
+            # Attention block (LayerNorm before it for pre-LN models, after the residual for post-LN).
+            residual = h
+            x = self._ln(h, L["attn_ln"]) if self.pre_ln else h
+            qkv = b.linear(x, L["qkv"], L["qkv_b"])                   # [T, 3H]
+            T = qkv.shape[0]
+            q, k, v = (b.xp.ascontiguousarray(qkv[:, j * H:(j + 1) * H].reshape(T, c.num_heads, D))
+                       for j in range(3))
+            o = attention(b, q, k, v, kv_cache, i, meta, self.scale)
+            h = residual + b.linear(o, L["o"], L["o_b"])
+            if not self.pre_ln:
+                h = self._ln(h, L["attn_ln"])
+            # Feed-forward block: fc2(act(fc1(x))).
+            residual = h
+            x = self._ln(h, L["ffn_ln"]) if self.pre_ln else h
+            h = residual + b.linear(self.act(b.linear(x, L["fc1"], L["fc1_b"])), L["fc2"], L["fc2_b"])
+            if not self.pre_ln:
+                h = self._ln(h, L["ffn_ln"])
+        if self.final_ln:
+            h = self._ln(h, self.final_norm)
+        if self.project_out is not None:
+            h = b.linear(h, self.project_out)                         # [T, P]
+        return h
+
+    def compute_logits(self, hidden):
+        """hidden [N, P] -> logits [N, vocab] in float32 (head tied to the token embedding)."""
+        return self.backend.linear(hidden, self.embed).astype(self.backend.xp.float32, copy=False)

@@ -1,0 +1,254 @@
+"""CPU backend: NumPy for dense math, Numba for the paged-cache kernels.
+
+Every function here has a CUDA twin in `rawpaged/backend/cuda.py` with the same name, the same
+argument order and the same memory layouts; `tests/gpu` compares the two on random data.
+
+Layouts (shared by both backends):
+  kv_cache      [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]   (block-major)
+  q             [T, num_heads, head_dim]        T = tokens of the flattened batch (no padding)
+  k, v          [T, num_kv_heads, head_dim]
+  block_tables  int32 [S, max_blocks_per_seq]   S = sequences in the batch
+  seq_lens      int32 [S]      context length of each sequence INCLUDING this step's tokens
+  query_start_loc int32 [S+1]  tokens of sequence s are q[query_start_loc[s]:query_start_loc[s+1]]
+  slot_mapping  int64 [T]      physical slot of each new token = block * block_size + offset (<0: skip)
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+name = "cpu"
+xp = np
+float_dtypes = (np.float32,)
+
+
+# --------------------------------------------------------------------------------------------
+# Paged attention (varlen, causal; prefill, chunked prefill, prefix-cached prefill and decode)
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _paged_attention_kernel(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, out):
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    block_size = kv_cache.shape[4]
+    group = num_heads // num_kv_heads          # query heads sharing one KV head (GQA/MQA)
+    num_seqs = seq_lens.shape[0]
+
+    # Which sequence each flattened token belongs to, and its absolute position in that sequence.
+    token_seq = np.empty(num_tokens, np.int64)
+    token_pos = np.empty(num_tokens, np.int64)
+    for s in range(num_seqs):
+        q_start = query_start_loc[s]
+        q_len = query_start_loc[s + 1] - q_start
+        first_pos = seq_lens[s] - q_len        # new tokens are the last q_len of the context
+        for i in range(q_len):
+            token_seq[q_start + i] = s
+            token_pos[q_start + i] = first_pos + i
+
+    # One task per (token, KV head): the `group` query heads of that KV head walk the context
+    # together, so every K/V row is read once per KV head, as the CUDA kernel does.
+    for task in prange(num_tokens * num_kv_heads):
+        t = task // num_kv_heads
+        kvh = task % num_kv_heads
+        s = token_seq[t]
+        pos = token_pos[t]                     # causal: attend to positions 0..pos
+        m = np.full(group, -np.inf, np.float32)    # running max of the scores
+        l = np.zeros(group, np.float32)            # running sum of exp(score - m)
+        acc = np.zeros((group, head_dim), np.float32)
+        for j in range(pos + 1):
+            block = block_tables[s, j // block_size]  # logical block -> physical block
+            off = j % block_size
+            for g in range(group):
+                h = kvh * group + g
+                score = np.float32(0.0)
+                for d in range(head_dim):
+                    score += np.float32(q[t, h, d]) * np.float32(kv_cache[block, layer, 0, kvh, off, d])
+                score *= scale
+                # Online softmax: rescale what was accumulated when the max grows.
+                m_new = max(m[g], score)
+                corr = math.exp(m[g] - m_new)
+                p = math.exp(score - m_new)
+                l[g] = l[g] * corr + p
+                for d in range(head_dim):
+                    acc[g, d] = acc[g, d] * corr + p * np.float32(kv_cache[block, layer, 1, kvh, off, d])
+                m[g] = m_new
+        for g in range(group):
+            h = kvh * group + g
+            inv = 1.0 / l[g]
+            for d in range(head_dim):
+                out[t, h, d] = acc[g, d] * inv
+
+
+def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
+                    out=None, max_query_len=None, max_seq_len=None):
+    """out[t, h] = softmax(q[t, h] . K[s, 0..pos]^T * scale) @ V[s, 0..pos], K/V read through the
+    block table of t's sequence s. `max_query_len`/`max_seq_len` are launch hints for the GPU."""
+    _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc)
+    if out is None:
+        out = np.empty_like(q)
+    _paged_attention_kernel(q, kv_cache, int(layer), block_tables, seq_lens, query_start_loc,
+                            np.float32(scale), out)
+    return out
+
+
+def _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc):
+    if q.ndim != 3 or kv_cache.ndim != 6:
+        raise ValueError(f"paged_attention: q must be [T, H, D] and kv_cache 6-D, got {q.shape} and {kv_cache.shape}")
+    if q.shape[2] != kv_cache.shape[5]:
+        raise ValueError(f"paged_attention: head_dim of q ({q.shape[2]}) != head_dim of kv_cache ({kv_cache.shape[5]})")
+    if q.shape[1] % kv_cache.shape[3]:
+        raise ValueError(f"paged_attention: {q.shape[1]} query heads not a multiple of {kv_cache.shape[3]} KV heads")
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1 or block_tables.shape[0] != seq_lens.shape[0]:
+        raise ValueError("paged_attention: block_tables, seq_lens and query_start_loc disagree on the number of sequences")
+
+
+# --------------------------------------------------------------------------------------------
+# Cache ops
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _reshape_and_cache_kernel(k, v, kv_cache, layer, slot_mapping):
+    block_size = kv_cache.shape[4]
+    for t in prange(k.shape[0]):
+        slot = slot_mapping[t]
+        if slot < 0:                       # padding token: nothing to store
+            continue
+        block = slot // block_size
+        off = slot % block_size
+        kv_cache[block, layer, 0, :, off, :] = k[t]
+        kv_cache[block, layer, 1, :, off, :] = v[t]
+
+
+def reshape_and_cache(k, v, kv_cache, layer, slot_mapping):
+    """Write the new tokens' K and V ([T, num_kv_heads, head_dim]) into their cache slots."""
+    if k.shape != v.shape or k.shape[1:] != (kv_cache.shape[3], kv_cache.shape[5]):
+        raise ValueError(f"reshape_and_cache: k {k.shape} / v {v.shape} do not fit kv_cache {kv_cache.shape}")
+    _reshape_and_cache_kernel(k, v, kv_cache, int(layer), slot_mapping.astype(np.int64, copy=False))
+
+
+def copy_blocks(kv_cache, pairs):
+    """Copy-on-write: kv_cache[dst] = kv_cache[src] for each (src, dst) pair, every layer at once."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if len(pairs):
+        kv_cache[pairs[:, 1]] = kv_cache[pairs[:, 0]]
+
+
+def swap_blocks(src, dst, pairs, stream=None):
+    """dst[d] = src[s] for each (s, d): one contiguous block copy each (block-major layout)."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if len(pairs):
+        dst[pairs[:, 1]] = src[pairs[:, 0]]
+
+
+# --------------------------------------------------------------------------------------------
+# Norms, rotary embedding, activations
+# --------------------------------------------------------------------------------------------
+def rms_norm(x, weight, eps):
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis (fp32 statistics)."""
+    xf = x.astype(np.float32, copy=False)
+    inv_rms = 1.0 / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + np.float32(eps))
+    return (xf * inv_rms * weight).astype(x.dtype, copy=False)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    """residual += x; x = rms_norm(residual). Both updated in place; returns (x, residual)."""
+    residual += x
+    x[...] = rms_norm(residual, weight, eps)
+    return x, residual
+
+
+def layer_norm(x, weight, bias, eps):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias, over the last axis."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = np.mean(np.square(x - mean), axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + np.float32(eps))
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y.astype(x.dtype, copy=False)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
+    """Rotate the first rot_dim features of q [T, Hq, D] and k [T, Hk, D] in place.
+
+    cos_sin_cache [max_pos, rot_dim]: cos in the first rot_dim/2 columns, sin in the rest.
+    is_neox=True rotates halves (x[:r/2], x[r/2:r]) as Hugging Face LLaMA does; False rotates
+    interleaved pairs (x[0::2], x[1::2]) as GPT-J and llama2.c do.
+    """
+    rot = cos_sin_cache.shape[1]
+    cos = cos_sin_cache[positions, : rot // 2][:, None, :]     # [T, 1, rot/2]
+    sin = cos_sin_cache[positions, rot // 2:][:, None, :]
+    for x in (q, k):
+        if is_neox:
+            x1 = x[..., : rot // 2].copy()
+            x2 = x[..., rot // 2: rot].copy()
+            x[..., : rot // 2] = x1 * cos - x2 * sin
+            x[..., rot // 2: rot] = x2 * cos + x1 * sin
+        else:
+            x1 = x[..., 0:rot:2].copy()
+            x2 = x[..., 1:rot:2].copy()
+            x[..., 0:rot:2] = x1 * cos - x2 * sin
+            x[..., 1:rot:2] = x2 * cos + x1 * sin
+    return q, k
+
+
+def silu_and_mul(x):
+    """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]  (SwiGLU's gate and up projections fused)."""
+    d = x.shape[-1] // 2
+    gate, up = x[..., :d], x[..., d:]
+    return (gate / (1.0 + np.exp(-gate)) * up).astype(x.dtype, copy=False)
+
+
+@numba.vectorize(["float32(float32)", "float64(float64)"], cache=True)
+def _gelu_erf(v):
+    return 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0)))
+
+
+def gelu(x):
+    """Exact GELU: x * Phi(x)."""
+    return _gelu_erf(x)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (gelu_new / gelu_pytorch_tanh)."""
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    return (0.5 * x * (1.0 + np.tanh(c * (x + np.float32(0.044715) * x * x * x)))).astype(x.dtype, copy=False)
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense ops and memory
+# --------------------------------------------------------------------------------------------
+def linear(x, weight, bias=None):
+    """x [T, in] @ weight[out, in]^T (+ bias): Hugging Face's weight layout, BLAS underneath."""
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y
+
+
+def embedding(token_ids, table):
+    return table[token_ids]
+
+
+def to_device(array, dtype=None):
+    """Host array -> backend array (a no-op on the CPU but for the dtype)."""
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def to_host(array):
+    return np.asarray(array)
+
+
+def synchronize():
+    pass
+
+
+def resolve_dtype(dtype):
+    """The CPU backend computes in float32 whatever the checkpoint's dtype."""
+    return np.float32

@@ -1,0 +1,92 @@
+"""ModelRunner: flatten the scheduled sequences into one varlen batch and run the model.
+
+Input of a step: for each scheduled sequence, how many of its uncomputed tokens to compute now
+(a whole prompt, a prefill chunk, or the one decode token) and its block table. Output: float32
+logits for the rows the sampler needs (the last token of every sequence that samples this step),
+and optionally for every prompt position (prompt logprobs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from model_impl.layers import AttentionMetadata
+from rawpaged.sequence import Sequence
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int          # tokens computed this step, starting at seq.num_computed_tokens
+    block_table: list[int]
+    sample: bool                 # this step ends with the sequence's next token
+    prompt_logits: bool = False  # also return logits at every computed prompt position
+
+
+@dataclass
+class BatchInputs:
+    input_ids: np.ndarray        # int64 [T]
+    positions: np.ndarray        # int64 [T]
+    meta: AttentionMetadata
+    sample_rows: np.ndarray      # int64 [N] rows of the batch whose logits are sampled
+    prompt_rows: list            # per scheduled seq: rows whose logits are wanted for prompt logprobs (or None)
+
+
+def prepare_inputs(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
+    """Build input_ids, positions, slot_mapping, query_start_loc, seq_lens and block_tables."""
+    ids, pos, slots, q_lens, seq_lens = [], [], [], [], []
+    sample_rows, prompt_rows = [], []
+    max_blocks = max(len(s.block_table) for s in batch)
+    tables = np.zeros((len(batch), max_blocks), dtype=np.int32)
+    row = 0
+    for i, s in enumerate(batch):
+        start, n = s.seq.num_computed_tokens, s.num_new_tokens
+        p = np.arange(start, start + n, dtype=np.int64)
+        table = np.asarray(s.block_table, dtype=np.int64)
+        tables[i, :len(table)] = table
+        ids.append(np.asarray(s.seq.get_token_ids()[start:start + n], dtype=np.int64))
+        pos.append(p)
+        slots.append(table[p // block_size] * block_size + p % block_size)
+        q_lens.append(n)
+        seq_lens.append(start + n)
+        prompt_rows.append(np.arange(row, row + n) if s.prompt_logits else None)
+        row += n
+        if s.sample:
+            sample_rows.append(row - 1)
+    query_start_loc = np.zeros(len(batch) + 1, dtype=np.int32)
+    np.cumsum(q_lens, out=query_start_loc[1:])
+    meta = AttentionMetadata(
+        slot_mapping=np.concatenate(slots),
+        block_tables=tables,
+        seq_lens=np.asarray(seq_lens, dtype=np.int32),
+        query_start_loc=query_start_loc,
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+    )
+    return BatchInputs(np.concatenate(ids), np.concatenate(pos), meta,
+                       np.asarray(sample_rows, dtype=np.int64), prompt_rows)
+
+
+class ModelRunner:
+    def __init__(self, model, backend, block_size: int):
+        self.model = model
+        self.backend = backend
+        self.block_size = block_size
+
+    def execute(self, batch: list[ScheduledSeq], kv_cache):
+        """Run one step. Returns (sample_logits [N, V], prompt_logits list per seq or None)."""
+        inputs = prepare_inputs(batch, self.block_size)
+        b = self.backend
+        meta = inputs.meta
+        dev_meta = AttentionMetadata(
+            slot_mapping=b.to_device(meta.slot_mapping), block_tables=b.to_device(meta.block_tables),
+            seq_lens=b.to_device(meta.seq_lens), query_start_loc=b.to_device(meta.query_start_loc),
+            max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+        hidden = self.model.forward(b.to_device(inputs.input_ids), b.to_device(inputs.positions),
+                                    kv_cache, dev_meta)
+        sample_logits = self.model.compute_logits(hidden[b.to_device(inputs.sample_rows)]) \
+            if len(inputs.sample_rows) else None
+        prompt_logits = [None if rows is None else self.model.compute_logits(hidden[b.to_device(rows)])
+                         for rows in inputs.prompt_rows]
+        return sample_logits, prompt_logits

@@ -1,0 +1,301 @@
+"""The sampler: a batch of logits rows -> one token per row, with the logprobs asked for.
+
+API (array-module generic: `xp` is numpy on the CPU backend, cupy on the GPU backend)
+    rows = [SamplingRow(params, prompt_token_ids, output_token_ids, generator, num_logprobs), ...]
+    sampler = Sampler(xp, seed=0)
+    results = sampler(logits, rows)            # logits[B, V] -> list[SampleResult], one per row
+    lps, tops = sampler.logprobs(logits, ids, num_top)
+                                               # prompt logprobs: logits[T, V], next tokens ids[T]
+                                               # -> host lps[T], per row {id: logprob}
+    values, ids = sampler.topk_logprobs(logits, k)   # beam search: host [B, k] each, best first
+    processed = process_logits(xp, logits, rows)     # logit_bias + penalties only, on a copy
+    verify_for_vocab(params, vocab_size)       # the engine calls it once at add_request
+
+What happens to a row, in vLLM's order:
+  1. logit_bias is added.
+  2. repetition penalty (HF / CTRL): every token seen in prompt + output has its logit divided by
+     the penalty when positive, multiplied by it otherwise.
+  3. frequency and presence penalties (OpenAI), over output tokens only:
+     logit -= frequency_penalty * count + presence_penalty * (count > 0).
+  4. temperature; below 1e-5 the row is greedy: argmax of the processed logits, lowest id on ties
+     (top_k / top_p / min_p are then moot).
+  5. top_k (tokens tied with the k-th logit are kept), then top_p on the top-k distribution
+     renormalized (the smallest most-likely prefix whose mass reaches top_p), then min_p
+     (prob >= min_p * max prob).
+  6. inverse-CDF sampling with ONE uniform per row, drawn from the row's own generator (a seeded
+     request) or else from the sampler's: sort descending (stable), cumsum, first index whose
+     cumsum exceeds u * total. Rows with no top_k / top_p / min_p skip the sort and walk the CDF in
+     token-id order: the same distribution, and the sort is most of the CPU cost.
+
+Logprobs (SampleResult.logprob, top_logprobs, prompt logprobs, topk_logprobs) are log_softmax of
+the model's RAW logits, before bias, penalties and temperature: what the model itself believes, as
+vLLM v1 reports by default ("raw_logprobs"). Beam search gets the same raw scores; an engine that
+wants penalised beams can pass `process_logits(...)` to topk_logprobs instead.
+
+NOTE: seeded requests are batch-invariant: every step works on its own row only (per-row sort,
+cumsum and reductions), the path a row takes depends on its own params only, and its uniform comes
+from its own generator; a seeded row consumes one draw per sampled (non-greedy) step. On the GPU
+host->device traffic is B uniforms plus small index arrays (bias, penalty token ids); device->host
+is the chosen ids, their logprobs and the top-N asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rawpaged.errors import RawpagedError
+from rawpaged.sampling_params import SamplingParams
+
+_SAMPLING_EPS = 1e-5   # temperatures below this are greedy (vLLM's threshold)
+
+
+@dataclass
+class SamplingRow:
+    """One logits row to sample from."""
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: np.random.Generator | None = None   # the request's seeded one; None: the sampler's
+    num_logprobs: int | None = None                # top-N logprobs wanted with the chosen token
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float                                 # raw log-prob of the chosen token
+    top_logprobs: dict[int, float] | None          # chosen token + top-N, when asked
+
+
+def verify_for_vocab(params: SamplingParams, vocab_size: int) -> None:
+    """Checks what SamplingParams cannot know alone; the engine calls it once per request."""
+    for tok in params.logit_bias or {}:
+        if not 0 <= tok < vocab_size:
+            raise RawpagedError(
+                f"logit_bias token id {tok} is outside the vocabulary [0, {vocab_size})")
+
+
+def _to_host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)   # cupy arrays have .get()
+
+
+def _logsumexp(xp, x):
+    """x[B, V] -> [B], max-shifted so exp never overflows."""
+    m = x.max(axis=-1, keepdims=True)                        # [B, 1]
+    return (m + xp.log(xp.exp(x - m).sum(axis=-1, keepdims=True)))[:, 0]
+
+
+def _column(xp, rows, name, dtype):
+    """One SamplingParams field of every row -> [S, 1] on the device."""
+    return xp.asarray([getattr(r.params, name) for r in rows], dtype=dtype)[:, None]
+
+
+def _argsort_desc(xp, x):
+    """Each row of x[B, V] ordered best first, lowest id on ties (a stable sort of -x) -> [B, V].
+
+    NOTE: cupy's argsort is always stable, and older cupy releases accept no `kind`.
+    """
+    return xp.argsort(-x, axis=-1, **({"kind": "stable"} if xp is np else {}))
+
+
+# -- 1-3: logit_bias and penalties --------------------------------------------------------------
+
+def process_logits(xp, logits, rows: list[SamplingRow]):
+    """logits[B, V] -> a float32 copy with logit_bias, then repetition, frequency and presence
+    penalties added (steps 1-3 of the module docstring)."""
+    out = logits.astype(xp.float32, copy=True)
+    _add_logit_bias(xp, out, rows)
+    _apply_penalties(xp, out, rows)
+    return out
+
+
+def _add_logit_bias(xp, logits, rows):
+    r, t, b = [], [], []
+    for i, row in enumerate(rows):
+        for tok, bias in (row.params.logit_bias or {}).items():
+            r.append(i), t.append(tok), b.append(bias)
+    if r:
+        # NOTE: (row, token) pairs are unique (dict keys per row), so fancy-index += adds each once.
+        logits[xp.asarray(r), xp.asarray(t)] += xp.asarray(b, dtype=xp.float32)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _token_counts(xp, token_lists: list[list[int]], vocab_size: int):
+    """Per-row token histograms [P, V]: one bincount over ids shifted by row * V."""
+    flat = np.concatenate([np.asarray(toks, dtype=np.int64) + i * vocab_size
+                           for i, toks in enumerate(token_lists)])            # [sum of lengths]
+    counts = xp.bincount(xp.asarray(flat), minlength=len(token_lists) * vocab_size)
+    return counts.reshape(len(token_lists), vocab_size).astype(xp.float32)
+
+
+def _apply_penalties(xp, logits, rows):
+    idx = [i for i, row in enumerate(rows) if _has_penalty(row.params)]
+    if not idx:
+        return
+    V = logits.shape[1]
+    sel = [rows[i] for i in idx]
+    sub = logits[xp.asarray(idx)]                                               # [P, V]
+    out_counts = _token_counts(xp, [r.output_token_ids for r in sel], V)        # [P, V]
+    # NOTE: prompt tokens matter only to the repetition penalty; other rows send none.
+    prompt_counts = _token_counts(
+        xp, [r.prompt_token_ids if r.params.repetition_penalty != 1.0 else [] for r in sel], V)
+    rep = _column(xp, sel, "repetition_penalty", xp.float32)                    # [P, 1]
+    seen = (prompt_counts + out_counts) > 0
+    sub = xp.where(seen, xp.where(sub > 0, sub / rep, sub * rep), sub)
+    sub -= (_column(xp, sel, "frequency_penalty", xp.float32) * out_counts
+            + _column(xp, sel, "presence_penalty", xp.float32) * (out_counts > 0))
+    logits[xp.asarray(idx)] = sub
+
+
+# -- 4-6: temperature, filtering, sampling -------------------------------------------------------
+
+def _is_greedy(p: SamplingParams) -> bool:
+    return p.temperature < _SAMPLING_EPS
+
+
+def _is_filtered(p: SamplingParams) -> bool:
+    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+
+
+def _pick(xp, cdf, total, u):
+    """Inverse CDF: cdf[S, V] (non-decreasing), total[S, 1] (mass to sample), u[S] -> index [S].
+
+    The index is the first position whose cdf exceeds u * total, i.e. how many positions do not.
+    NOTE: u < 1 in float64 times a float32 total stays below total, so with a sequential cumsum the
+    index lands inside the mass on a token of positive probability; callers still clamp it, since
+    a parallel scan (cupy) may round neighbouring prefix sums differently.
+    """
+    return (cdf <= u[:, None] * total).sum(axis=-1)
+
+
+def _kept_prefix_len(xp, s, p, rows):
+    """How many of the sorted tokens survive top_k, top_p and min_p -> [S] (always >= 1).
+
+    s[S, V]: temperature-scaled logits sorted descending; p[S, V] = exp(s - s[:, :1]) (max is 1).
+    Each filter keeps a prefix of the sorted order, so the survivors are the shortest of the three.
+    """
+    S, V = s.shape
+    pos = xp.arange(V)[None, :]                                                 # [1, V]
+    k = xp.asarray([min(r.params.top_k, V) if r.params.top_k > 0 else V for r in rows])  # [S]
+    kth = xp.take_along_axis(s, (k - 1)[:, None], axis=-1)                      # [S, 1] k-th logit
+    k_len = (s >= kth).sum(axis=-1)                                             # ties kept
+    pk = xp.where(pos < k_len[:, None], p, 0)                                   # [S, V] top-k mass
+    cdf = xp.cumsum(pk, axis=-1)                                                # [S, V]
+    before = xp.concatenate([xp.zeros_like(cdf[:, :1]), cdf[:, :-1]], axis=1)  # mass of better ones
+    top_p = _column(xp, rows, "top_p", xp.float32)                              # [S, 1]
+    p_len = (before < top_p * cdf[:, -1:]).sum(axis=-1)   # keep while the better ones lack top_p
+    m_len = (p >= _column(xp, rows, "min_p", xp.float32)).sum(axis=-1)   # p is prob / max prob
+    return xp.maximum(xp.minimum(xp.minimum(k_len, p_len), m_len), 1)
+
+
+class Sampler:
+    def __init__(self, xp, seed: int = 0):
+        self.xp = xp
+        self.rng = np.random.default_rng(seed)   # for rows without their own generator
+
+    def __call__(self, logits, rows: list[SamplingRow]) -> list[SampleResult]:
+        xp = self.xp
+        if not rows:
+            return []
+        raw = logits.astype(xp.float32, copy=False)                             # [B, V]
+        processed = process_logits(xp, raw, rows)                               # [B, V]
+        # NOTE: a row's path depends on its own params only, so batch-mates never change its token.
+        paths = ((self._greedy, [i for i, r in enumerate(rows) if _is_greedy(r.params)]),
+                 (self._sample_plain, [i for i, r in enumerate(rows)
+                                       if not _is_greedy(r.params) and not _is_filtered(r.params)]),
+                 (self._sample_sorted, [i for i, r in enumerate(rows)
+                                        if not _is_greedy(r.params) and _is_filtered(r.params)]))
+        token_ids = xp.zeros(len(rows), dtype=xp.int64)                         # [B]
+        for pick, idx in paths:
+            if idx:
+                sel = xp.asarray(idx)
+                token_ids[sel] = pick(processed[sel], [rows[i] for i in idx])
+        lse = _logsumexp(xp, raw)                                               # [B]
+        chosen_lp = xp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
+        ids_h, lp_h = _to_host(token_ids), _to_host(chosen_lp)
+        tops = self._top_logprobs(raw, lse, rows, ids_h, lp_h)
+        return [SampleResult(int(ids_h[i]), float(lp_h[i]), tops[i]) for i in range(len(rows))]
+
+    def _greedy(self, logits, rows):
+        return self.xp.argmax(logits, axis=-1)                                  # ties: lowest id
+
+    def _uniforms(self, rows):
+        """One uniform in [0, 1) per row from its own generator or the sampler's -> [S] float64."""
+        return self.xp.asarray(np.array([self._generator(r).random() for r in rows]))
+
+    def _sample_plain(self, logits, rows):
+        """No top_k / top_p / min_p: inverse CDF over softmax(logits / T) in token-id order.
+
+        NOTE: no sort is needed when nothing is filtered; the sort only turns the filters' kept sets
+        into prefixes. On the CPU the sort of a 32000-wide row costs more than the rest together.
+        """
+        xp = self.xp
+        z = logits / _column(xp, rows, "temperature", xp.float32)              # [S, V]
+        cdf = xp.cumsum(xp.exp(z - z.max(axis=-1, keepdims=True)), axis=-1)    # [S, V]
+        return xp.minimum(_pick(xp, cdf, cdf[:, -1:], self._uniforms(rows)), logits.shape[1] - 1)
+
+    def _sample_sorted(self, logits, rows):
+        """top_k / top_p / min_p rows: sort descending (stable), keep a prefix, inverse CDF."""
+        xp = self.xp
+        V = logits.shape[1]
+        order = _argsort_desc(xp, logits)                                      # [S, V] best first
+        s = xp.take_along_axis(logits, order, axis=-1)                          # [S, V] descending
+        s = s / _column(xp, rows, "temperature", xp.float32)
+        p = xp.exp(s - s[:, :1])                                           # [S, V] unnormalized
+        keep = _kept_prefix_len(xp, s, p, rows)                                 # [S]
+        cdf = xp.cumsum(xp.where(xp.arange(V)[None, :] < keep[:, None], p, 0), axis=-1)  # [S, V]
+        total = xp.take_along_axis(cdf, (keep - 1)[:, None], axis=-1)           # [S, 1] kept mass
+        j = _pick(xp, cdf, total, self._uniforms(rows))                    # [S] sorted position
+        j = xp.minimum(j, keep - 1)               # NOTE: never a filtered token, whatever rounding
+        return xp.take_along_axis(order, j[:, None], axis=-1)[:, 0]
+
+    def _generator(self, row: SamplingRow) -> np.random.Generator:
+        return row.generator if row.generator is not None else self.rng
+
+    def _top_logprobs(self, raw, lse, rows, ids_h, lp_h):
+        """Per row: None, or {chosen: logprob} plus the row's num_logprobs best raw logprobs."""
+        tops: list[dict[int, float] | None] = [None] * len(rows)
+        want = [i for i, r in enumerate(rows) if r.num_logprobs is not None]
+        for i in want:
+            tops[i] = {int(ids_h[i]): float(lp_h[i])}
+        n_max = min(max((rows[i].num_logprobs for i in want), default=0), raw.shape[1])
+        if n_max > 0:
+            sel = self.xp.asarray(want)
+            vals, ids = self._topk(raw[sel], lse[sel], n_max)                   # host [W, n_max]
+            for w, i in enumerate(want):
+                n = rows[i].num_logprobs
+                tops[i].update(zip(ids[w, :n].tolist(), vals[w, :n].tolist()))
+        return tops
+
+    def _topk(self, raw, lse, k: int):
+        """raw[B, V], lse[B] -> host (logprobs[B, k], ids[B, k]), best first."""
+        xp = self.xp
+        ids = _argsort_desc(xp, raw)[:, :k]                                     # [B, k]
+        vals = xp.take_along_axis(raw, ids, axis=-1) - lse[:, None]             # [B, k]
+        return _to_host(vals), _to_host(ids)
+
+    def logprobs(self, logits, token_ids, num_top: int):
+        """Prompt logprobs: logits[T, V] and the token that follows each row, ids[T] ->
+        (host logprob of each given token [T], per row {given token: lp} plus the num_top best)."""
+        xp = self.xp
+        raw = logits.astype(xp.float32, copy=False)
+        lse = _logsumexp(xp, raw)                                               # [T]
+        ids_h = np.asarray(token_ids, dtype=np.int64)                           # [T] on the host
+        ids = xp.asarray(ids_h)[:, None]                                        # [T, 1]
+        lp_h = _to_host(xp.take_along_axis(raw, ids, axis=-1)[:, 0] - lse)      # [T]
+        tops = [{int(t): float(v)} for t, v in zip(ids_h, lp_h)]
+        k = min(num_top, raw.shape[1])
+        if k > 0:
+            vals, top_ids = self._topk(raw, lse, k)
+            for d, i_row, v_row in zip(tops, top_ids.tolist(), vals.tolist()):
+                d.update(zip(i_row, v_row))
+        return lp_h, tops
+
+    def topk_logprobs(self, logits, k: int):
+        """Beam search: the k best raw logprobs per row -> host (values[B, k], ids[B, k]),
+        best first, lowest id on ties."""
+        raw = logits.astype(self.xp.float32, copy=False)
+        return self._topk(raw, _logsumexp(self.xp, raw), min(k, raw.shape[1]))

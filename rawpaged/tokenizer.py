@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -272,8 +273,8 @@ class IncrementalDetokenizer:
 
     def step(self, new_token_ids: int | Iterable[int]) -> str:
         """Append generated id(s); return the text they complete (possibly '')."""
-        if isinstance(new_token_ids, int):
-            self._ids.append(new_token_ids)
+        if isinstance(new_token_ids, numbers.Integral):    # NOTE: numpy ints from the sampler too
+            self._ids.append(int(new_token_ids))
         else:
             self._ids.extend(new_token_ids)
         delta = self._unread_text()

@@ -294,3 +294,11 @@ def test_incremental_window_stays_small(llama_tok):
         deltas.append(detok.step(i))
         assert len(detok._ids) <= 16      # NOTE: private, but it is the cost being tested
     assert "".join(deltas) + detok.flush() == " " + llama_tok.decode(ids)
+
+
+def test_incremental_accepts_numpy_ids(opt_tok):
+    np = pytest.importorskip("numpy")
+    ids = np.array(opt_tok.encode(" naïve 🦙", add_special_tokens=False), dtype=np.int64)
+    detok = IncrementalDetokenizer(opt_tok, np.array([2]))
+    text = "".join(detok.step(i) for i in ids[:3]) + detok.step(ids[3:])
+    assert text == " naïve 🦙"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import secrets
 import shutil
@@ -149,7 +150,7 @@ def read_llama2c_checkpoint(path: str | Path) -> tuple[Llama2cConfig, dict[str, 
         head = f.read(V1_HEADER_BYTES)
     cfg, offset = _read_header(path, head)
     layout = _layout(cfg)
-    expected = offset + 4 * sum(int(np.prod(shape)) for _, shape in layout)
+    expected = offset + 4 * sum(math.prod(shape) for _, shape in layout)
     if actual != expected:
         kind = "truncated" if actual < expected else "oversized"
         raise RawpagedError(f"{path}: {kind} llama2.c v{cfg.version} checkpoint: expected {expected} "
@@ -158,7 +159,7 @@ def read_llama2c_checkpoint(path: str | Path) -> tuple[Llama2cConfig, dict[str, 
     flat = np.memmap(path, dtype="<f4", mode="r", offset=offset)
     weights, pos = {}, 0
     for name, shape in layout:
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         weights[name] = flat[pos:pos + n].reshape(shape)
         pos += n
     return cfg, weights

@@ -1,0 +1,149 @@
+"""The `rawpaged` command: generate, convert, serve.
+
+Errors a user can cause print one line (`rawpaged: error: ...`) and exit non-zero, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rawpaged.errors import RawpagedError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=True, help="Hugging Face model directory")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32])
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    g.add_argument("--swap-space", type=float, default=1.0, help="GiB of CPU swap space")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"])
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(device=a.device, dtype=a.dtype, block_size=a.block_size, kv_cache_memory=a.kv_cache_memory,
+                gpu_memory_utilization=a.gpu_memory_utilization, swap_space=a.swap_space,
+                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                max_model_len=a.max_model_len, preemption_mode=a.preemption_mode,
+                enable_prefix_caching=not a.no_prefix_caching,
+                enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rawpaged", description="PagedAttention LLM serving without PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text from a prompt")
+    _engine_args(gen)
+    gen.add_argument("prompt", nargs="*", help="prompt text (several prompts run as one batch); none: BOS only")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--sample-seed", type=int, default=None, dest="sample_seed",
+                     help="per-request sampling seed (reproducible sampling)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--stop", action="append", default=[])
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+    conv = sub.add_parser("convert", help="convert checkpoints into rawpaged-ready Hugging Face directories")
+    csub = conv.add_subparsers(dest="format", required=True)
+    l2c = csub.add_parser("llama2c", help="llama2.c checkpoint (.bin) + tokenizer.bin")
+    l2c.add_argument("checkpoint")
+    l2c.add_argument("--tokenizer", required=True)
+    l2c.add_argument("-o", "--output", required=True)
+    l2c.add_argument("--force", action="store_true", help="replace an existing output directory")
+    hf = csub.add_parser("hf", help="Hugging Face directory with PyTorch .bin or safetensors weights")
+    hf.add_argument("source")
+    hf.add_argument("-o", "--output", required=True)
+    hf.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
+    hf.add_argument("--max-shard-size", default="2GB")
+    hf.add_argument("--force", action="store_true", help="replace an existing output directory")
+    hf.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None)
+    srv.add_argument("--served-model-name", default=None)
+    srv.add_argument("--chat-template", default=None, help="Jinja chat template file")
+    srv.add_argument("--log-level", default="info")
+    return parser
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from rawpaged import LLM, SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                                top_k=a.top_k, n=a.n, seed=a.sample_seed, ignore_eos=a.ignore_eos, stop=a.stop)
+    except ValueError as e:
+        raise RawpagedError(str(e)) from None
+    llm = LLM(a.model, **engine_kwargs(a))
+    if a.prompt:
+        outs = llm.generate(a.prompt, params)
+    else:
+        bos = llm.tokenizer.bos_token_id
+        if bos is None:
+            raise RawpagedError("no prompt given and the tokenizer has no BOS token to start from")
+        outs = llm.generate(None, params, prompt_token_ids=[[bos]])
+    status = 0
+    for out in outs:
+        if out.error:
+            print(f"rawpaged: error: {out.error}", file=sys.stderr)
+            status = 1
+            continue
+        if a.json:
+            print(json.dumps({"prompt": out.prompt, "prompt_token_ids": out.prompt_token_ids,
+                              "outputs": [{"text": o.text, "token_ids": o.token_ids,
+                                           "finish_reason": o.finish_reason} for o in out.outputs]}))
+        else:
+            for o in out.outputs:
+                print((out.prompt or "") + o.text)
+    return status
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    if a.format == "llama2c":
+        from rawpaged.convert.llama2c import convert_llama2c
+        out = convert_llama2c(a.checkpoint, a.tokenizer, a.output, force=a.force)
+    else:
+        from rawpaged.convert.hf import convert_hf
+        out = convert_hf(a.source, a.output, dtype=a.dtype, max_shard_size=a.max_shard_size,
+                         force=a.force, progress=not a.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from rawpaged.server.app import run_server
+    except ImportError as e:
+        raise RawpagedError(f"the server needs the 'server' extra (pip install rawpaged[server]): {e}") from None
+    return run_server(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
+    except RawpagedError as e:
+        print(f"rawpaged: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

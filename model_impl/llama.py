@@ -26,9 +26,14 @@ class LlamaForCausalLM:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise RawpagedError(f"hidden_act {act!r} is not supported for {config.architecture} (only silu)")
-        if hf.get("rope_scaling"):
-            raise RawpagedError(f"rope_scaling {hf['rope_scaling']!r} in {config.path / 'config.json'} is not supported yet")
-        theta = float(hf.get("rope_theta", 10000.0))
+        # transformers >= 5 writes "rope_parameters": {"rope_type", "rope_theta"}; older files
+        # write top-level "rope_theta" and "rope_scaling".
+        rope = dict(hf.get("rope_parameters") or {})
+        rope.update(hf.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise RawpagedError(f"rope type {rope_type!r} in {config.path / 'config.json'} is not supported yet")
+        theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         rot_dim = int(config.head_dim * float(hf.get("partial_rotary_factor", 1.0)))
         self.cos_sin = backend.to_device(rope_cos_sin_cache(rot_dim, config.max_model_len, theta))
         self.scale = config.head_dim ** -0.5

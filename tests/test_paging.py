@@ -2,50 +2,25 @@
 import numpy as np
 import pytest
 
-from model_impl.llama import LlamaForCausalLM
-from rawpaged.backend import cpu
-from rawpaged.cache_engine import CacheEngine
-from rawpaged.model_runner import ScheduledSeq, prepare_inputs
+from paged_driver import PagedDriver, load_model
 from rawpaged.sequence import Sequence
 
 
 @pytest.fixture(scope="module")
 def model(stories260k_dir):
-    from rawpaged.config import ModelConfig
-    from rawpaged.loader import iter_tensors
-    cfg = ModelConfig.from_dir(stories260k_dir)
-    m = LlamaForCausalLM(cfg, cpu, np.float32)
-    m.load_weights(iter_tensors(stories260k_dir))
-    return m
+    return load_model(stories260k_dir)
 
 
 def run(model, prompts, block_size, shuffle_seed=None, decode_steps=6):
-    """Prefill a batch, then greedy-decode; returns the logits of every step, concatenated."""
-    num_blocks = 64
-    cache = CacheEngine(model.cfg, cpu, np.float32, block_size, num_blocks, 0)
-    order = np.arange(num_blocks)
-    if shuffle_seed is not None:
-        order = np.random.default_rng(shuffle_seed).permutation(num_blocks)
-    free = list(order)
+    """Prefill a batch, then greedy-decode; the logits of every step, concatenated."""
+    drv = PagedDriver(model, block_size=block_size, num_blocks=64, shuffle_seed=shuffle_seed)
     seqs = [Sequence(i, list(p)) for i, p in enumerate(prompts)]
-    tables = {s.seq_id: [] for s in seqs}
-
-    def ensure(seq, n):
-        while len(tables[seq.seq_id]) * block_size < n:
-            tables[seq.seq_id].append(int(free.pop(0)))
-
-    all_logits = []
     news = [s.num_tokens for s in seqs]
-    for step in range(decode_steps + 1):
-        for s, n in zip(seqs, news):
-            ensure(s, s.num_computed_tokens + n)
-        batch = [ScheduledSeq(s, n, tables[s.seq_id], sample=True) for s, n in zip(seqs, news)]
-        inp = prepare_inputs(batch, block_size)
-        hidden = model.forward(inp.input_ids, inp.positions, cache.device_cache, inp.meta)
-        logits = model.compute_logits(hidden)
+    all_logits = []
+    for _ in range(decode_steps + 1):
+        logits, _ = drv.step(seqs, news)
         all_logits.append(logits)
-        for s, n, row in zip(seqs, news, logits):
-            s.num_computed_tokens += n
+        for s, row in zip(seqs, logits):
             s.append_token(int(np.argmax(row)), 0.0)
         news = [1] * len(seqs)
     return np.concatenate(all_logits)

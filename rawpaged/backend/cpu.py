@@ -28,8 +28,7 @@ float_dtypes = (np.float32,)
 # --------------------------------------------------------------------------------------------
 # Paged attention (varlen, causal; prefill, chunked prefill, prefix-cached prefill and decode)
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
-def _paged_attention_kernel(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, out):
+def _paged_attention_impl(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, out):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
     block_size = kv_cache.shape[4]
@@ -81,6 +80,13 @@ def _paged_attention_kernel(q, kv_cache, layer, block_tables, seq_lens, query_st
                 out[t, h, d] = acc[g, d] * inv
 
 
+# NOTE: two compilations of one kernel. Numba's thread pool costs tens of microseconds per launch
+# (far more when the cores are busy), which dominates small decode batches; the serial one serves those.
+_paged_attention_parallel = njit(parallel=True, cache=True)(_paged_attention_impl)
+_paged_attention_serial = njit(cache=True)(_paged_attention_impl)
+_PARALLEL_MIN_WORK = 1 << 16     # query-head x key pairs below which one thread is faster
+
+
 def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
                     out=None, max_query_len=None, max_seq_len=None):
     """out[t, h] = softmax(q[t, h] . K[s, 0..pos]^T * scale) @ V[s, 0..pos], K/V read through the
@@ -88,7 +94,9 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
     _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc)
     if out is None:
         out = np.empty_like(q)
-    _paged_attention_kernel(q, kv_cache, int(layer), block_tables, seq_lens, query_start_loc,
+    work = q.shape[0] * q.shape[1] * (max_seq_len or int(seq_lens.max()))
+    kernel = _paged_attention_parallel if work >= _PARALLEL_MIN_WORK else _paged_attention_serial
+    kernel(q, kv_cache, int(layer), block_tables, seq_lens, query_start_loc,
                             np.float32(scale), out)
     return out
 
@@ -107,10 +115,11 @@ def _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc):
 # --------------------------------------------------------------------------------------------
 # Cache ops
 # --------------------------------------------------------------------------------------------
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _reshape_and_cache_kernel(k, v, kv_cache, layer, slot_mapping):
+    # NOTE: serial: a few kilobytes per token, never worth a thread pool launch.
     block_size = kv_cache.shape[4]
-    for t in prange(k.shape[0]):
+    for t in range(k.shape[0]):
         slot = slot_mapping[t]
         if slot < 0:                       # padding token: nothing to store
             continue

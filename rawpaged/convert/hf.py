@@ -122,7 +122,8 @@ def convert_chunk(chunk: np.ndarray, src: str, dst: str) -> np.ndarray:
     if dst == "F32":
         return x
     if dst == "F16":
-        return x.astype(np.float16)
+        with np.errstate(over="ignore"):  # beyond 65504 becomes inf, as in torch
+            return x.astype(np.float16)
     return float32_to_bf16(x)
 
 

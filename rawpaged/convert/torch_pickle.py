@@ -24,6 +24,7 @@ their bytes are streamed later, in chunks, by `TorchArchive.iter_chunks` (peak m
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import pickle
@@ -154,6 +155,13 @@ class _StateDictUnpickler(pickle.Unpickler):
         self.storages: dict[str, StorageRef] = {}
 
     def find_class(self, module: str, name: str):
+        # NOTE: protocol < 3 pickles written by Python 3 carry Python 2 names (`__builtin__.exec`,
+        # `commands.Popen`); map them as pickle's own find_class would, so the error names the
+        # global that would actually run.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         if (module, name) in ALLOWED_GLOBALS:
             return ALLOWED_GLOBALS[(module, name)]
         if module == "torch" and name in STORAGE_DTYPE:

@@ -494,3 +494,16 @@ def test_a_shard_that_reads_back_differently_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf, "write_shard", write_then_damage)
     refuses(bin_source(tmp_path, "opt-preln"), tmp_path / "out", "verification failed: tensor .* differs from its source")
+
+
+def test_hugely_expanded_view_is_refused(tmp_path):
+    """Zero strides let 4 stored floats describe 10^12 elements: refused before anything is made."""
+    w = _PickleWriter()
+    w.empty_ordered_dict()
+    w.op(pickle.MARK)
+    w.str_("w")
+    w.tensor("0", "FloatStorage", 4, (10**6, 10**6), stride=(0, 0))
+    w.op(pickle.SETITEMS)
+    w.op(pickle.STOP)
+    path = torch_zip(tmp_path / "src" / "pytorch_model.bin", w.out.getvalue(), {"0": bytes(16)})
+    refuses(model_dir_with(tmp_path, path), tmp_path / "out", "repeats a storage of 4 elements")

@@ -35,6 +35,8 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
+import os
 import re
 import shutil
 import sys
@@ -182,7 +184,7 @@ class SafetensorsFile:
         if dtype not in NUMPY_DTYPE:
             raise RawpagedError(f"{self.path}: unsupported dtype '{dtype}' for tensor '{name}' "
                                 f"(supported: {', '.join(NUMPY_DTYPE)})")
-        expected = int(np.prod(shape, dtype=np.int64)) * NUMPY_DTYPE[dtype].itemsize
+        expected = math.prod(shape) * NUMPY_DTYPE[dtype].itemsize
         if end - begin != expected:
             raise RawpagedError(f"{self.path}: tensor '{name}' of shape {list(shape)} {dtype} spans {end - begin} bytes, expected {expected}")
         if data_start + end > size:
@@ -233,7 +235,7 @@ def safetensors_header(tensors: list[tuple[str, str, tuple[int, ...]]]) -> bytes
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape in tensors:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * NUMPY_DTYPE[dtype].itemsize
+        nbytes = math.prod(shape) * NUMPY_DTYPE[dtype].itemsize
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -257,7 +259,7 @@ class SourceTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * NUMPY_DTYPE[self.dtype].itemsize
+        return math.prod(self.shape) * NUMPY_DTYPE[self.dtype].itemsize
 
     def chunks(self, chunk_bytes: int) -> Iterator[np.ndarray]:
         return self.reader.iter_chunks(self.ref, chunk_bytes)
@@ -363,7 +365,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * NUMPY_DTYPE[self.dtype].itemsize
+        return math.prod(self.shape) * NUMPY_DTYPE[self.dtype].itemsize
 
 
 def plan_shards(named: list[tuple[str, SourceTensor]], target: str | None, max_bytes: int) -> list[list[PlannedTensor]]:
@@ -468,6 +470,8 @@ def _read_config(src: Path) -> dict:
 def _check_paths(src: Path, dst: Path, force: bool) -> None:
     if not src.is_dir():
         raise RawpagedError(f"source {src} is not a directory")
+    if dst == dst.parent:
+        raise RawpagedError(f"bad output path {dst}")
     if not dst.parent.is_dir():
         raise RawpagedError(f"parent directory of output {dst} does not exist")
     if dst.exists() or dst.is_symlink():
@@ -501,7 +505,8 @@ def _replace(tmp: Path, dst: Path) -> None:
 def convert_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_size: str | int = "2GB",
                force: bool = False, progress: bool = True) -> Path:
     """Convert the HF model directory `src` into `dst` (see the module docstring); returns dst."""
-    src, dst = Path(src), Path(dst)
+    # NOTE: abspath, not resolve: "." or "x/.." get a real name and parent, a symlink stays a link.
+    src, dst = Path(src), Path(os.path.abspath(dst))
     target, max_bytes = parse_dtype(dtype), parse_size(max_shard_size)
     _check_paths(src, dst, force)
     config = _read_config(src)

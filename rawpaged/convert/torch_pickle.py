@@ -27,6 +27,7 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
+import math
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ STORAGE_DTYPE = {
     "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16", "CharStorage": "I8",
     "ByteStorage": "U8", "BoolStorage": "BOOL",
 }
+
+
+MAX_EXPANDED_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -127,6 +131,12 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> TensorR
         raise RawpagedError(
             f"malformed tensor record: view (offset {storage_offset}, size {shape}, stride {strides}) "
             f"reaches past its storage of {storage.numel} elements")
+    # NOTE: zero or overlapping strides (torch's expand) repeat storage elements, so a tiny storage
+    # can describe an astronomically large tensor; state dicts never need much of that.
+    if ref.numel > storage.numel and ref.nbytes > MAX_EXPANDED_BYTES:
+        raise RawpagedError(
+            f"refusing tensor of size {shape} (stride {strides}): it repeats a storage of {storage.numel} "
+            f"elements into {ref.nbytes} bytes")
     return ref
 
 
@@ -353,8 +363,10 @@ class _PickleWriter:
         self.op(pickle.EMPTY_TUPLE)
         self.op(pickle.REDUCE)
 
-    def tensor(self, key: str, storage_name: str, numel: int, shape: tuple[int, ...]) -> None:
-        strides = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
+    def tensor(self, key: str, storage_name: str, numel: int, shape: tuple[int, ...],
+               stride: tuple[int, ...] | None = None, offset: int = 0) -> None:
+        """`_rebuild_tensor_v2(storage, offset, shape, stride, False, OrderedDict())` (C order by default)."""
+        strides = stride if stride is not None else tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
         self.global_("torch._utils", "_rebuild_tensor_v2")
         self.op(pickle.MARK)
         self.op(pickle.MARK)  # persistent id ('storage', torch.XStorage, key, 'cpu', numel)
@@ -365,7 +377,7 @@ class _PickleWriter:
         self.int_(numel)
         self.op(pickle.TUPLE)
         self.op(pickle.BINPERSID)
-        self.int_(0)
+        self.int_(offset)
         self.int_tuple(shape)
         self.int_tuple(strides)
         self.op(pickle.NEWFALSE)

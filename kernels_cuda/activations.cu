@@ -1,0 +1,57 @@
+// activations.cu: the feed-forward nonlinearities, elementwise, fp32 math, storage type T.
+//
+//   silu_and_mul  x [rows, 2*I] -> out [rows, I] = silu(x[:, :I]) * x[:, I:]   (LLaMA's SwiGLU)
+//   gelu          out = x * Phi(x)                  (exact, erf)
+//   gelu_tanh     out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+//   relu          out = max(x, 0)                   (OPT)
+//
+// Launch: 1-D grid-stride loops, 256 threads a block; any number of elements. These kernels are
+// memory-bound and tiny; what matters is that each thread's accesses are coalesced, which a flat
+// index gives.
+#include "common.cuh"
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + __expf(-x)); }
+__device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float gelu_tanh_f(float x) {
+    const float c = 0.7978845608028654f;   // sqrt(2/pi)
+    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
+}
+
+// out[r, j] = silu(x[r, j]) * x[r, I + j]; one thread per output element.
+template <typename T>
+__device__ void silu_and_mul_impl(T* __restrict__ out, const T* __restrict__ x, long long rows, int inner) {
+    const long long n = rows * inner;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / inner;
+        const int j = (int)(i - r * inner);
+        const float gate = to_float(x[r * 2 * inner + j]);
+        const float up = to_float(x[r * 2 * inner + inner + j]);
+        out[i] = from_float<T>(silu(gate) * up);
+    }
+}
+
+// op: 0 = gelu (erf), 1 = gelu_tanh, 2 = relu.
+template <typename T>
+__device__ void unary_impl(T* __restrict__ out, const T* __restrict__ x, long long n, int op) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const float v = to_float(x[i]);
+        float y;
+        if (op == 0) y = gelu_erf(v);
+        else if (op == 1) y = gelu_tanh_f(v);
+        else y = fmaxf(v, 0.0f);
+        out[i] = from_float<T>(y);
+    }
+}
+
+// The instantiations cuda.py fetches by name: <op>_<dtype>.
+#define RP_ACTIVATIONS(T, NAME)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) silu_and_mul_##NAME(T* out, const T* x, long long rows, int inner) { \
+        silu_and_mul_impl<T>(out, x, rows, inner);                                                \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(256) unary_##NAME(T* out, const T* x, long long n, int op) {          \
+        unary_impl<T>(out, x, n, op);                                                             \
+    }
+
+RP_ACTIVATIONS(f16, f16)
+RP_ACTIVATIONS(bf16, bf16)
+RP_ACTIVATIONS(float, f32)

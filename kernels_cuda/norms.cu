@@ -1,0 +1,93 @@
+// norms.cu: RMSNorm, fused residual-add + RMSNorm, LayerNorm over the last axis.
+//
+// Shapes: x, residual, out [rows, hidden] (C-contiguous); weight, bias [hidden]; all type T.
+// Launch: one thread block per row (grid = rows), blockDim a multiple of 32 (cuda.py uses 256, or
+// 1024 for wide rows). Statistics are accumulated in fp32 and reduced across the block
+// (block_sum); each thread walks the row with stride blockDim.x, so a warp's loads are coalesced.
+// The row is read twice (statistics, then normalise); the second read hits L1/L2.
+#include "common.cuh"
+
+// out = x / sqrt(mean(x^2) + eps) * weight
+template <typename T>
+__device__ void rms_norm_impl(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ weight,
+                              float eps, int hidden) {
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * hidden;
+    T* outr = out + row * hidden;
+    float ss = 0.0f;                                  // this thread's sum of squares
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = to_float(xr[i]);
+        ss += v * v;
+    }
+    const float inv_rms = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        outr[i] = from_float<T>(to_float(xr[i]) * inv_rms * to_float(weight[i]));
+}
+
+// residual += x (stored in T); x = rms_norm(residual) * weight. Both arrays updated in place.
+// NOTE: the statistics use the residual as stored (rounded to T), so the fused op equals the
+// unfused pair `residual += x; x = rms_norm(residual)` bit for bit in fp32 and to rounding in fp16.
+template <typename T>
+__device__ void fused_add_rms_norm_impl(T* __restrict__ x, T* __restrict__ residual, const T* __restrict__ weight,
+                                        float eps, int hidden) {
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    T* xr = x + row * hidden;
+    T* rr = residual + row * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const T sum = from_float<T>(to_float(rr[i]) + to_float(xr[i]));
+        rr[i] = sum;
+        const float v = to_float(sum);
+        ss += v * v;
+    }
+    const float inv_rms = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    // Each thread re-reads only the elements it wrote itself: no barrier needed.
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        xr[i] = from_float<T>(to_float(rr[i]) * inv_rms * to_float(weight[i]));
+}
+
+// out = (x - mean) / sqrt(var + eps) * weight + bias; weight and bias may be null.
+// Two-pass variance (mean first, then mean of squared deviations): no cancellation.
+template <typename T>
+__device__ void layer_norm_impl(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ weight,
+                                const T* __restrict__ bias, float eps, int hidden) {
+    __shared__ float scratch[32];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * hidden;
+    T* outr = out + row * hidden;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) s += to_float(xr[i]);
+    const float mean = block_sum(s, scratch) / hidden;
+    float sq = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float d = to_float(xr[i]) - mean;
+        sq += d * d;
+    }
+    const float inv_std = rsqrtf(block_sum(sq, scratch) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float y = (to_float(xr[i]) - mean) * inv_std;
+        if (weight != nullptr) y *= to_float(weight[i]);
+        if (bias != nullptr) y += to_float(bias[i]);
+        outr[i] = from_float<T>(y);
+    }
+}
+
+#define RP_NORMS(T, NAME)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(1024) rms_norm_##NAME(T* out, const T* x, const T* weight,  \
+                                                                      float eps, int hidden) {              \
+        rms_norm_impl<T>(out, x, weight, eps, hidden);                                                     \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_##NAME(T* x, T* residual, const T* weight, \
+                                                                                float eps, int hidden) {    \
+        fused_add_rms_norm_impl<T>(x, residual, weight, eps, hidden);                                      \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(1024) layer_norm_##NAME(T* out, const T* x, const T* weight,\
+                                                                        const T* bias, float eps, int hidden) { \
+        layer_norm_impl<T>(out, x, weight, bias, eps, hidden);                                             \
+    }
+
+RP_NORMS(f16, f16)
+RP_NORMS(bf16, bf16)
+RP_NORMS(float, f32)

@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -24,6 +25,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -445,11 +447,18 @@ class RawpagedServer(uvicorn.Server):
         self._deadline: float | None = None
         self._aborted = False
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and sockets:
+            # NOTE: uvicorn logs its address only for sockets it bound itself.
+            host, port = sockets[0].getsockname()[:2]
+            logger.info("running on http://%s:%d (Ctrl+C to stop)", host if ":" not in host else f"[{host}]", port)
+
     def handle_exit(self, sig, frame) -> None:
         if self.state.draining:
             super().handle_exit(sig, frame)
             return
-        self.begin_drain(f"signal {sig}")
+        self.begin_drain(signal.Signals(sig).name)
 
     def begin_drain(self, why: str = "stop requested") -> None:
         """Thread-safe: the event loop's next tick (every 0.1 s) carries it on."""
@@ -503,7 +512,8 @@ def run_server(args) -> int:
                         format="%(levelname)s:     %(message)s")
     engine = LLMEngine(EngineConfig(model=args.model, **engine_kwargs(args)))
     logger.info("rawpaged serve: model %s on %s (%s), %d KV blocks of %d tokens (%d token slots), "
-                "max_model_len %d", args.model, engine.device, engine.dtype, engine.cache.num_device_blocks,
+                "max_model_len %d", args.model, engine.device, np.dtype(engine.dtype).name,
+                engine.cache.num_device_blocks,
                 engine.config.block_size, engine.cache.num_device_blocks * engine.config.block_size,
                 engine.max_model_len)
     config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key,

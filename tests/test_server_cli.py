@@ -1,0 +1,145 @@
+"""`rawpaged serve` as a user runs it: a subprocess, its log, its API key, its chat template file,
+and a clean stop on SIGTERM (new requests 503, the request in flight finishes, exit status 0)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rawpaged import LLM, SamplingParams
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+           "{% if add_generation_prompt %}assistant:{% endif %}"
+
+
+class Served:
+    """A `rawpaged serve` subprocess; its merged stdout/stderr lines are collected on a thread."""
+
+    def __init__(self, *args: str):
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "rawpaged.cli", "serve", *args], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            m = re.search(r"running on (http://\S+)", line)
+            if m:
+                self.url = m.group(1)
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        assert self._ready.wait(timeout), f"server did not start: {self.lines}"
+        assert self.url is not None, f"server exited: {self.lines}"
+        return self.url
+
+    def exit_status(self, timeout: float = 60.0) -> int:
+        """Wait for the process to end and for its output to be read."""
+        status = self.proc.wait(timeout)
+        self._reader.join(10)
+        return status
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def serve():
+    started: list[Served] = []
+
+    def start(*args: str) -> Served:
+        s = Served(*args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.close()
+
+
+def test_serve_key_template_and_sigterm(serve, stories260k_dir, tmp_path):
+    tpl = tmp_path / "chat.jinja"
+    tpl.write_text(TEMPLATE)
+    srv = serve("--model", str(stories260k_dir), "--device", "cpu", "--kv-cache-memory", str(8 << 20),
+                "--port", "0", "--api-key", "k3y", "--chat-template", str(tpl), "--served-model-name", "stories")
+    url = srv.wait_ready()
+    first = srv.lines[0]
+    assert str(stories260k_dir) in first and "cpu" in first and "409 KV blocks" in first, first
+    auth = {"Authorization": "Bearer k3y"}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 2}).status_code == 401
+        # the chat template file renders the messages (no BOS: the template writes none)
+        messages = [{"role": "user", "content": "Tell me a story."}]
+        r = c.post("/v1/chat/completions", headers=auth, json={"model": "stories", "messages": messages,
+                                                               "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        ref = LLM(stories260k_dir, device="cpu", kv_cache_memory=8 << 20)
+        ids = ref.tokenizer.encode("user: Tell me a story.\nassistant:", add_special_tokens=False)
+        want = ref.generate(None, SamplingParams(max_tokens=12, temperature=0), prompt_token_ids=[ids])[0]
+        assert r.json()["choices"][0]["message"]["content"] == want.outputs[0].text
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+
+        # a long stream is in flight when SIGTERM arrives (8 x 480 tokens take seconds here)
+        body = {"prompt": "Once upon a time", "max_tokens": 480, "n": 8, "temperature": 0.8, "seed": 1,
+                "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/v1/completions", headers=auth, json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(line for line in lines if line).startswith("data: {")
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)                                          # the signal is handled
+            with httpx.Client(base_url=url, timeout=30) as other:
+                r = other.post("/v1/completions", headers=auth, json={"prompt": "Once", "max_tokens": 2})
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "server_shutting_down"
+                assert other.get("/health").status_code == 503
+            events = [line[6:] for line in lines if line]
+        assert events[-1] == "[DONE]"
+        finish = {}
+        for e in events[:-1]:
+            for ch in json.loads(e)["choices"]:
+                if ch["finish_reason"]:
+                    finish[ch["index"]] = ch["finish_reason"]
+        assert finish == {i: "length" for i in range(8)}            # finished, not aborted
+    assert srv.exit_status(30) == 0
+    assert any("shutting down" in line for line in srv.lines)
+
+
+def test_serve_user_errors_are_one_line(serve, stories260k_dir, tmp_path):
+    missing = serve("--model", str(tmp_path / "nope"), "--device", "cpu", "--port", "0")
+    assert missing.exit_status() == 1
+    assert len(missing.lines) == 1 and missing.lines[0].startswith("rawpaged: error:"), missing.lines
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = str(busy.getsockname()[1])
+        taken = serve("--model", str(stories260k_dir), "--device", "cpu", "--kv-cache-memory", str(1 << 20),
+                      "--port", port)
+        assert taken.exit_status() == 1
+        assert taken.lines[-1].startswith("rawpaged: error: cannot listen on 127.0.0.1:" + port), taken.lines
+        bad_tpl = serve("--model", str(stories260k_dir), "--device", "cpu", "--kv-cache-memory", str(1 << 20),
+                        "--port", "0", "--chat-template", str(tmp_path / "missing.jinja"))
+        assert bad_tpl.exit_status() == 1
+        assert bad_tpl.lines[-1].startswith("rawpaged: error: chat template file not found"), bad_tpl.lines
+    finally:
+        busy.close()

@@ -7,6 +7,10 @@
 // file in place of the #include line, so CuPy's kernel cache (keyed by the source text) sees it.
 #pragma once
 
+#ifdef RP_HOST_EMULATION
+#include "host_emulation.h"   // tests only: run these kernels as C++ threads on the CPU
+#endif
+
 // 16-bit storage types. The bits are IEEE half (f16) or bfloat16 (bf16); arithmetic is fp32.
 struct f16 { unsigned short bits; };
 struct bf16 { unsigned short bits; };
@@ -20,9 +24,13 @@ struct bf16 { unsigned short bits; };
 __device__ __forceinline__ float to_float(float x) { return x; }
 
 __device__ __forceinline__ float to_float(f16 x) {
+#ifdef RP_HOST_EMULATION
+    return rp_emu_half_to_float(x.bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#endif
 }
 
 // bf16 is the top half of an fp32: widening is a shift.
@@ -34,7 +42,11 @@ template <> __device__ __forceinline__ float from_float<float>(float f) { return
 
 template <> __device__ __forceinline__ f16 from_float<f16>(float f) {
     f16 r;
+#ifdef RP_HOST_EMULATION
+    r.bits = rp_emu_float_to_half(f);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));   // round to nearest even
+#endif
     return r;
 }
 

@@ -371,6 +371,14 @@ __device__ __forceinline__ void paged_varlen_impl(
 // ==========================================================================================
 template <typename T> __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const unsigned* b);
 
+#ifdef RP_HOST_EMULATION
+template <> inline void mma_16816<f16>(float* c, const unsigned* a, const unsigned* b) {
+    rp_emu_mma(c, a, b, [](unsigned short h) { f16 x; x.bits = h; return to_float(x); });
+}
+template <> inline void mma_16816<bf16>(float* c, const unsigned* a, const unsigned* b) {
+    rp_emu_mma(c, a, b, [](unsigned short h) { bf16 x; x.bits = h; return to_float(x); });
+}
+#else
 template <> __device__ __forceinline__ void mma_16816<f16>(float* c, const unsigned* a, const unsigned* b) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -382,6 +390,7 @@ template <> __device__ __forceinline__ void mma_16816<bf16>(float* c, const unsi
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif
 
 constexpr int PF_BM = 64;     // query rows per block
 constexpr int PF_BN = 32;     // keys per tile

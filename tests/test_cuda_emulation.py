@@ -1,0 +1,427 @@
+"""The real CUDA kernels and cuda.py's launch code, executed on the CPU and compared with the CPU twins.
+
+No GPU here: kernels_cuda/host_emulation.h turns each .cu file into C++ where every CUDA thread is a
+fiber (a coroutine on one OS thread), __syncthreads and warp shuffles are barriers and mma.sync is computed from the 32 lanes'
+fragments as the PTX ISA lays them out. A NumPy-backed stand-in for CuPy (below) gives cuda.py what it
+calls (arrays with .data.ptr, RawModule, streams, memcpyAsync), so every op runs through the same
+argument checks, dispatch and argument marshalling as on a device. Outputs start as NaN (poisoned)
+and KV slots past each context are NaN, so a kernel that skips a write or reads past a context fails.
+
+What this cannot show: timing, real memory-model effects (no concurrency between blocks), NVRTC
+specifics, and anything the emulation itself gets wrong; tests/gpu checks the same ops on a device.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import re
+import shutil
+import subprocess
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rawpaged.backend import cpu
+from rawpaged.backend import cuda
+
+KERNEL_DIR = Path(cuda.__file__).resolve().parents[2] / "kernels_cuda"
+CXX = shutil.which("g++") or shutil.which("c++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) to build the host emulation")
+
+try:
+    import ml_dtypes  # noqa: F401
+    HAVE_BF16 = True
+except Exception:
+    HAVE_BF16 = False
+
+
+# --------------------------------------------------------------------------------------------
+# A NumPy-backed stand-in for the parts of CuPy that cuda.py uses
+# --------------------------------------------------------------------------------------------
+class EmuArray(np.ndarray):
+    """A 'device' array: a NumPy array whose .data.ptr is its host address."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+def _dev(a) -> EmuArray:
+    return np.asarray(a).view(EmuArray)
+
+
+def _poisoned(shape, dtype):
+    a = np.empty(shape, dtype=dtype)
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        a[...] = np.nan
+    return _dev(a)
+
+
+_BUILD_DIR = Path(tempfile.mkdtemp(prefix="rawpaged_emu_"))
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def _compile(code: str, options: tuple) -> ctypes.CDLL:
+    """Build one source text for the host emulation (cached by text and options)."""
+    key = hashlib.sha1((code + repr(options)).encode()).hexdigest()[:16]
+    if key not in _LIBS:
+        # Dynamic shared memory: `extern __shared__ T name[];` -> the emulator's per-block buffer.
+        text = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = (\1*)rp_emu_dyn_smem();", code)
+        src = _BUILD_DIR / f"{key}.cpp"
+        lib = _BUILD_DIR / f"{key}.so"
+        src.write_text(text)
+        defines = [o for o in options if o.startswith("-D")]
+        cmd = [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-DRP_HOST_EMULATION",
+               f"-I{KERNEL_DIR}", *defines, "-x", "c++", str(src), "-o", str(lib)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, f"host emulation build failed:\n{res.stderr[-4000:]}"
+        dll = ctypes.CDLL(str(lib))
+        dll.rp_emu_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 4 + [ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_void_p]
+        dll.rp_emu_launch.restype = ctypes.c_int
+        _LIBS[key] = dll
+    return _LIBS[key]
+
+
+def _split_args(args):
+    """Kernel arguments -> (integer-class values, float values) for rp_emu_launch's prototype."""
+    ints, floats = [], []
+    for a in args:
+        if isinstance(a, np.ndarray):
+            ints.append(a.ctypes.data)
+        elif isinstance(a, np.float32):
+            floats.append(float(a))
+        elif isinstance(a, (np.integer, int)):
+            ints.append(int(a))
+        else:
+            raise TypeError(f"unexpected kernel argument {type(a)}")
+    assert len(ints) <= 24 and len(floats) <= 8, (len(ints), len(floats))
+    return (ctypes.c_int64 * 24)(*ints), (ctypes.c_float * 8)(*floats)
+
+
+class EmuKernel:
+    def __init__(self, lib: ctypes.CDLL, name: str):
+        self.lib, self.name = lib, name
+        self.ptr = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+        self.function = types.SimpleNamespace(ptr=0)
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        assert block[1] == block[2] == 1 and block[0] % 32 == 0 and block[0] <= 1024, block
+        ints, floats = _split_args(args)
+        rc = self.lib.rp_emu_launch(self.ptr, grid[0], grid[1], grid[2], block[0], shared_mem, ints, floats)
+        assert rc == 0, f"{self.name}: a block deadlocked (threads waiting on barriers no one else reaches)"
+
+
+class EmuModule:
+    def __init__(self, code: str, options=()):
+        self.lib = _compile(code, tuple(options))
+
+    def get_function(self, name: str) -> EmuKernel:
+        return EmuKernel(self.lib, name)
+
+
+class _Stream:
+    ptr = 0
+
+    def synchronize(self):
+        pass
+
+    def record(self):
+        return _Event()
+
+    def wait_event(self, event):
+        pass
+
+
+class _Event:
+    def __init__(self, disable_timing=False):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+
+def _memcpy(dst, src, nbytes, kind, stream):
+    ctypes.memmove(dst, src, nbytes)
+
+
+fake_cupy = types.SimpleNamespace(
+    ndarray=EmuArray,
+    float32=np.float32,
+    empty=_poisoned,
+    empty_like=lambda a: _poisoned(a.shape, a.dtype),
+    asarray=lambda a: _dev(np.array(a, copy=True)),
+    ascontiguousarray=lambda a: _dev(np.ascontiguousarray(a)),
+    asnumpy=lambda a: np.asarray(a).view(np.ndarray).copy(),
+    diff=lambda a: _dev(np.diff(np.asarray(a))),
+    dot=lambda a, b: _dev(np.dot(np.asarray(a), np.asarray(b))),
+    RawModule=EmuModule,
+    cuda=types.SimpleNamespace(
+        get_current_stream=lambda: _Stream(),
+        Stream=lambda non_blocking=False: _Stream(),
+        Event=_Event,
+        Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": 4}, synchronize=lambda: None),
+        driver=types.SimpleNamespace(funcSetAttribute=lambda *a: None, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8),
+        runtime=types.SimpleNamespace(memcpyAsync=_memcpy, memcpyDefault=4, memGetInfo=lambda: (1 << 30, 1 << 31)),
+    ),
+)
+
+
+@pytest.fixture()
+def emu(monkeypatch):
+    """cuda.py running on the emulator: 4 'multiprocessors', fresh module caches."""
+    monkeypatch.setattr(cuda, "cupy", fake_cupy)
+    monkeypatch.setattr(cuda, "xp", fake_cupy)
+    monkeypatch.setattr(cuda, "num_sms", lambda: 4)
+    cuda._module.cache_clear()
+    cuda._kernel.cache_clear()
+    yield cuda
+    cuda._module.cache_clear()
+    cuda._kernel.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: random paged batches (never zeros), NaN in every slot no context covers
+# --------------------------------------------------------------------------------------------
+TOL = {"float16": dict(rtol=2e-3, atol=2e-3), "float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def _np_dtype(name):
+    if name == "bfloat16":
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def make_batch(rng, dtype, head_dim, block_size, num_heads, num_kv_heads, ctx_lens, q_lens, num_layers=2, layer=1):
+    """A paged KV cache with the contexts scattered over shuffled blocks, and the query tokens."""
+    dt = _np_dtype(dtype)
+    blocks_per_seq = [-(-c // block_size) for c in ctx_lens]
+    num_blocks = sum(blocks_per_seq) + 2                      # + a spare and a NaN 'trap' block
+    kv = rng.standard_normal((num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim)).astype(dt)
+    trap = num_blocks - 1
+    kv[trap] = np.nan
+    perm = rng.permutation(num_blocks - 1)
+    max_blocks = max(blocks_per_seq) + 1
+    tables = np.full((len(ctx_lens), max_blocks), trap, np.int32)   # unused entries -> NaN block
+    k = 0
+    for s, n in enumerate(blocks_per_seq):
+        tables[s, :n] = perm[k:k + n]
+        k += n
+        tail = ctx_lens[s] % block_size
+        if tail:                                               # slots past the context: NaN
+            kv[tables[s, n - 1], :, :, :, tail:, :] = np.nan
+    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = rng.standard_normal((int(qsl[-1]), num_heads, head_dim)).astype(dt)
+    return q, kv, tables, np.asarray(ctx_lens, np.int32), qsl, layer
+
+
+def reference_attention(q, kv, layer, tables, ctx, qsl, scale):
+    f32 = lambda a: np.ascontiguousarray(np.asarray(a).astype(np.float32))
+    return cpu.paged_attention(f32(q), f32(kv), layer, tables, ctx, qsl, scale)
+
+
+def run_attention(emu, q, kv, layer, tables, ctx, qsl, scale):
+    out = emu.paged_attention(_dev(q), _dev(kv), layer, tables, ctx, qsl, scale,
+                              max_query_len=int(np.diff(qsl).max()), max_seq_len=int(ctx.max()))
+    return np.asarray(out).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+DECODE_CASES = [
+    # dtype, head_dim, block_size, heads, kv heads, contexts (ending mid-block)
+    ("float16", 128, 16, 8, 2, [1, 17, 70]),       # fast path hd128, GQA 4 -> g4
+    ("float16", 80, 8, 2, 2, [9, 40]),             # hd 80: 10 packs on 16 lanes, MHA -> g1
+    ("float16", 64, 32, 16, 2, [33, 5]),           # GQA 8 -> g8, block 32
+    ("float16", 8, 16, 8, 4, [23, 64, 3]),         # stories260K's shape: generic path
+    ("float16", 72, 8, 6, 1, [19, 26]),            # odd head size, MQA group 6 -> g2 x 3 tiles
+    ("float32", 64, 16, 4, 2, [15, 31]),           # fp32 generic decode
+    ("float16", 12, 16, 4, 2, [13, 20]),           # head_dim % 8 != 0 -> varlen kernel
+]
+
+
+@pytest.mark.parametrize("dtype,head_dim,block_size,heads,kv_heads,ctx", DECODE_CASES)
+def test_decode_matches_cpu(emu, dtype, head_dim, block_size, heads, kv_heads, ctx):
+    rng = np.random.default_rng(head_dim * 1000 + block_size)
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, block_size, heads, kv_heads, ctx, [1] * len(ctx))
+    scale = head_dim ** -0.5
+    got = run_attention(emu, q, kv, layer, tables, ctx_a, qsl, scale)
+    want = reference_attention(q, kv, layer, tables, ctx_a, qsl, scale)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("partition", [16, 48])
+def test_decode_split_k_matches_cpu(emu, monkeypatch, partition):
+    """Partitions of 16/48 tokens: several per sequence, none at all for the short ones' tail."""
+    monkeypatch.setattr(cuda, "split_k_policy", "always")
+    monkeypatch.setattr(cuda, "PARTITION_SIZE", partition)
+    rng = np.random.default_rng(partition)
+    q, kv, tables, ctx, qsl, layer = make_batch(rng, "float16", 64, 16, 4, 1, [5, 100, 47], [1, 1, 1])
+    plan = cuda.select_decode_kernel(64, "float16", 16, 3, 4, 1, 100, 4)
+    assert plan.use_split_k and plan.num_partitions == -(-100 // partition)
+    got = run_attention(emu, q, kv, layer, tables, ctx, qsl, 0.125)
+    np.testing.assert_allclose(got, reference_attention(q, kv, layer, tables, ctx, qsl, 0.125), **TOL["float16"])
+
+
+PREFILL_CASES = [
+    # dtype, head_dim, block_size, heads, kv heads, contexts, new tokens (prefill, chunked prefill, decode)
+    ("float16", 64, 16, 4, 2, [70, 65, 33], [70, 20, 1]),
+    ("float16", 128, 8, 2, 1, [40, 3], [17, 3]),
+    ("float16", 80, 32, 2, 2, [66], [66]),
+]
+
+
+@pytest.mark.parametrize("policy", ["mma", "varlen"])
+@pytest.mark.parametrize("dtype,head_dim,block_size,heads,kv_heads,ctx,qlens", PREFILL_CASES)
+def test_prefill_matches_cpu(emu, monkeypatch, policy, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens):
+    monkeypatch.setattr(cuda, "prefill_policy", policy)
+    rng = np.random.default_rng(sum(ctx) + head_dim)
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens)
+    scale = head_dim ** -0.5
+    got = run_attention(emu, q, kv, layer, tables, ctx_a, qsl, scale)
+    want = reference_attention(q, kv, layer, tables, ctx_a, qsl, scale)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, **TOL[dtype])
+
+
+def test_prefill_fp32_uses_varlen_and_matches_cpu(emu):
+    rng = np.random.default_rng(7)
+    q, kv, tables, ctx, qsl, layer = make_batch(rng, "float32", 16, 8, 2, 1, [12, 9], [12, 4])
+    assert cuda.select_prefill_kernel(16, "float32", 8, 2, 2, 1, 16, 12).kernel == "paged_varlen_f32"
+    got = run_attention(emu, q, kv, layer, tables, ctx, qsl, 0.25)
+    np.testing.assert_allclose(got, reference_attention(q, kv, layer, tables, ctx, qsl, 0.25), **TOL["float32"])
+
+
+def test_attention_reads_q_through_a_strided_view(emu):
+    """q as a slice of a fused qkv projection [T, (H + 2 Hkv) * D]: the token stride is honoured."""
+    rng = np.random.default_rng(3)
+    q, kv, tables, ctx, qsl, layer = make_batch(rng, "float16", 64, 16, 4, 2, [30, 18], [1, 1])
+    qkv = rng.standard_normal((2, (4 + 2 * 2) * 64)).astype(np.float16)
+    qkv[:, : 4 * 64] = q.reshape(2, -1)
+    q_view = _dev(qkv)[:, : 4 * 64].reshape(2, 4, 64)
+    out = emu.paged_attention(q_view, _dev(kv), layer, tables, ctx, qsl, 0.125, max_query_len=1, max_seq_len=30)
+    np.testing.assert_allclose(np.asarray(out).astype(np.float32), reference_attention(q, kv, layer, tables, ctx, qsl, 0.125), **TOL["float16"])
+
+
+@pytest.mark.skipif(not HAVE_BF16, reason="ml_dtypes not installed: no bfloat16 arrays")
+@pytest.mark.parametrize("ctx,qlens", [([40, 9], [1, 1]), ([40, 9], [40, 2])])
+def test_bf16_attention_matches_cpu(emu, ctx, qlens):
+    rng = np.random.default_rng(11)
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, "bfloat16", 64, 16, 4, 2, ctx, qlens)
+    got = run_attention(emu, q, kv, layer, tables, ctx_a, qsl, 0.125)
+    np.testing.assert_allclose(got, reference_attention(q, kv, layer, tables, ctx_a, qsl, 0.125), **TOL["bfloat16"])
+
+
+# --------------------------------------------------------------------------------------------
+# Cache ops
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("head_dim", [64, 12])          # 16-byte path and element path
+def test_reshape_and_cache_matches_cpu(emu, head_dim):
+    rng = np.random.default_rng(head_dim)
+    T, Hkv, bs = 9, 2, 8
+    cache = rng.standard_normal((6, 3, 2, Hkv, bs, head_dim)).astype(np.float16)
+    # k and v as views of a fused qkv projection (token stride > Hkv * D)
+    qkv = rng.standard_normal((T, (4 + 2 * Hkv) * head_dim)).astype(np.float16)
+    k = qkv[:, 4 * head_dim: (4 + Hkv) * head_dim].reshape(T, Hkv, head_dim)
+    v = qkv[:, (4 + Hkv) * head_dim:].reshape(T, Hkv, head_dim)
+    slots = rng.permutation(6 * bs)[:T].astype(np.int64)
+    slots[3] = -1                                             # padding token: skipped
+    want = cache.astype(np.float32)
+    cpu.reshape_and_cache(k.astype(np.float32), v.astype(np.float32), want, 2, slots)
+    got = _dev(cache.copy())
+    emu.reshape_and_cache(_dev(qkv)[:, 4 * head_dim: (4 + Hkv) * head_dim].reshape(T, Hkv, head_dim),
+                          _dev(qkv)[:, (4 + Hkv) * head_dim:].reshape(T, Hkv, head_dim), got, 2, slots)
+    np.testing.assert_array_equal(np.asarray(got).astype(np.float32), want)
+
+
+def test_copy_blocks_and_swap_blocks_match_cpu(emu):
+    rng = np.random.default_rng(5)
+    cache = rng.standard_normal((8, 2, 2, 2, 16, 8)).astype(np.float16)
+    pairs = [(1, 5), (2, 6), (0, 7)]
+    want = cache.copy()
+    cpu.copy_blocks(want, pairs)
+    got = _dev(cache.copy())
+    emu.copy_blocks(got, pairs)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    host = np.full((4, 2, 2, 2, 16, 8), np.nan, np.float16)
+    swap_pairs = [(3, 0), (4, 1), (7, 3)]                     # two runs: (3..4 -> 0..1), (7 -> 3)
+    assert cuda.copy_runs(swap_pairs) == [(3, 0, 2), (7, 3, 1)]
+    want_host = host.copy()
+    cpu.swap_blocks(np.asarray(got), want_host, swap_pairs)
+    emu.swap_blocks(got, host, swap_pairs, stream=emu.swap_stream())
+    np.testing.assert_array_equal(host, want_host)
+
+
+# --------------------------------------------------------------------------------------------
+# Norms, rotary, activations
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_norms_match_cpu(emu, dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((5, 96)) * 3 + 0.5).astype(dtype)
+    res = rng.standard_normal((5, 96)).astype(dtype)
+    w = (rng.standard_normal(96) + 1).astype(dtype)
+    b = rng.standard_normal(96).astype(dtype)
+    f = lambda a: a.astype(np.float32)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(f(np.asarray(emu.rms_norm(_dev(x), _dev(w), 1e-5))), cpu.rms_norm(f(x), f(w), 1e-5), **tol)
+    for weight, bias in ((w, b), (None, None), (w, None)):
+        got = emu.layer_norm(_dev(x), None if weight is None else _dev(weight), None if bias is None else _dev(bias), 1e-5)
+        want = cpu.layer_norm(f(x), None if weight is None else f(weight), None if bias is None else f(bias), 1e-5)
+        np.testing.assert_allclose(f(np.asarray(got)), want, **tol)
+    xg, rg = _dev(x.copy()), _dev(res.copy())
+    out_x, out_r = emu.fused_add_rms_norm(xg, rg, _dev(w), 1e-5)
+    assert out_x is xg and out_r is rg                         # in place, both returned
+    rsum = (f(res) + f(x)).astype(dtype)                        # residual is stored in the model dtype
+    np.testing.assert_array_equal(np.asarray(rg), rsum)
+    np.testing.assert_allclose(f(np.asarray(xg)), cpu.rms_norm(f(rsum), f(w), 1e-5), **tol)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rot", [16, 8])                       # full and partial rotary
+def test_rotary_matches_cpu(emu, is_neox, rot):
+    rng = np.random.default_rng(rot + is_neox)
+    T, Hq, Hk, D = 6, 4, 2, 16
+    pos = rng.integers(0, 50, T).astype(np.int64)
+    inv = 10000.0 ** (-np.arange(0, rot, 2) / rot)
+    ang = np.arange(64)[:, None] * inv[None, :]
+    cache = np.concatenate([np.cos(ang), np.sin(ang)], axis=1).astype(np.float32)
+    qkv = rng.standard_normal((T, (Hq + 2 * Hk) * D)).astype(np.float16)
+    want_q = qkv[:, : Hq * D].reshape(T, Hq, D).astype(np.float32).copy()
+    want_k = qkv[:, Hq * D: (Hq + Hk) * D].reshape(T, Hk, D).astype(np.float32).copy()
+    cpu.rotary_embedding(pos, want_q, want_k, cache, is_neox)
+    g = _dev(qkv.copy())
+    qv = g[:, : Hq * D].reshape(T, Hq, D)
+    kv = g[:, Hq * D: (Hq + Hk) * D].reshape(T, Hk, D)
+    emu.rotary_embedding(pos, qv, kv, _dev(cache), is_neox)
+    np.testing.assert_allclose(np.asarray(qv).astype(np.float32), want_q, **TOL["float16"])
+    np.testing.assert_allclose(np.asarray(kv).astype(np.float32), want_k, **TOL["float16"])
+    np.testing.assert_array_equal(np.asarray(g)[:, (Hq + Hk) * D:], qkv[:, (Hq + Hk) * D:])   # v untouched
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_activations_match_cpu(emu, dtype):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((7, 40)) * 2).astype(dtype)
+    f = lambda a: np.asarray(a).astype(np.float32)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(f(emu.silu_and_mul(_dev(x))), cpu.silu_and_mul(f(x)), **tol)
+    np.testing.assert_allclose(f(emu.gelu(_dev(x))), cpu.gelu(f(x)), **tol)
+    np.testing.assert_allclose(f(emu.gelu_tanh(_dev(x))), cpu.gelu_tanh(f(x)), **tol)
+    np.testing.assert_array_equal(f(emu.relu(_dev(x))), cpu.relu(f(x)))
+
+
+def test_emulated_half_conversion_is_ieee(emu):
+    """The emulator's fp16 rounding agrees with NumPy's (so the fp16 checks above mean something)."""
+    lib = _compile("#include \"common.cuh\"\n", ())
+    lib.rp_emu_test_half_roundtrip.restype = ctypes.c_float
+    lib.rp_emu_test_half_roundtrip.argtypes = [ctypes.c_float]
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([rng.standard_normal(300) * 10.0 ** rng.integers(-8, 5, 300),
+                         [0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e-8, 6e-8, np.inf, -np.inf]]).astype(np.float32)
+    got = np.array([lib.rp_emu_test_half_roundtrip(float(x)) for x in xs], np.float32)
+    np.testing.assert_array_equal(got, xs.astype(np.float16).astype(np.float32))

@@ -175,6 +175,28 @@ def test_chat_logprobs_schema(gqa):
         assert item.bytes == list(item.token.encode("utf-8"))
 
 
+def test_chat_template_renders_like_transformers():
+    """llama-mqa-tied's Zephyr template (honours add_generation_prompt), golden text from transformers."""
+    from rawpaged.tokenizer import Tokenizer
+
+    path = GQA_DIR.parent / "llama-mqa-tied"
+    if not (path / "tokenizer_config.json").is_file():
+        pytest.skip(f"fixture {path} not found")
+    template = load_chat_template(Tokenizer.from_dir(path), None)
+    assert template.render(GQA_CHAT, add_generation_prompt=True) == (
+        "<|system|>\nBe brief.</s>\n<|user|>\nHello</s>\n<|assistant|>\nHi</s>\n<|user|>\nTell me a story.</s>\n"
+        "<|assistant|>\n")
+    assert not template.render(GQA_CHAT, add_generation_prompt=False).endswith("<|assistant|>\n")
+
+
+def test_chat_template_that_does_not_compile(tmp_path):
+    from rawpaged.errors import RawpagedError
+    from rawpaged.server.chat import ChatTemplate
+
+    with pytest.raises(RawpagedError, match="does not compile: line 1"):
+        ChatTemplate("{% if messages %}", "<s>", "</s>", origin="t.jinja")
+
+
 def test_chat_template_refusal_is_400(gqa):
     srv, _ = gqa
     r = httpx.post(srv.url + "/v1/chat/completions", timeout=30, json={
@@ -314,7 +336,7 @@ def test_200_concurrent_streams(server, ref):
 
 
 def test_disconnect_aborts_and_frees_blocks(server):
-    body = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0.8, "ignore_eos": True, "stream": True}
+    body = {"prompt": PROMPT, "max_tokens": 480, "temperature": 0.8, "ignore_eos": True, "stream": True}
     before = _stats(server)
     clients = [httpx.Client(base_url=server.url, timeout=60) for _ in range(4)]
     ctxs = [c.stream("POST", "/v1/completions", json={**body, "seed": i}) for i, c in enumerate(clients)]
@@ -349,13 +371,13 @@ def test_disconnect_non_streamed(server):
     def post():
         try:
             httpx.post(server.url + "/v1/completions", timeout=1.0,
-                       json={"prompt": PROMPT, "max_tokens": 400, "n": 4, "ignore_eos": True})
+                       json={"prompt": PROMPT, "max_tokens": 480, "n": 8, "ignore_eos": True})
         except httpx.TimeoutException:
             pass                                    # the client gives up: its connection closes
 
     t = threading.Thread(target=post)
     t.start()
-    # NOTE: 4 x 400 tokens take ~0.6 s here; park the engine as soon as it holds the request.
+    # NOTE: 8 x 480 tokens take over a second here; park the engine as soon as it holds the request.
     _wait_for(lambda: server.state.engine.submit(lambda e: len(e.groups)).result(10) == 1, what="the request")
     release = _gate(server)
     try:

@@ -57,7 +57,8 @@ class ChatTemplate:
         try:
             self._template = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
-            raise RawpagedError(f"chat template from {origin} does not compile: line {e.lineno}: {e.message}") from None
+            raise RawpagedError(f"chat template from {origin} does not compile: line {e.lineno}: "
+                                f"{e.message}") from None
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text; a template that refuses the chat (raise_exception) gives a 400."""

@@ -107,7 +107,8 @@ class ServerMetrics:
             # what prometheus-client itself writes).
             family(name, "counter", help, [f"{PREFIX}{name}_total {_num(value)}"])
 
-        gauge("num_sequences_running", "Sequences in the running batch (a request with n > 1 counts n).", stats["num_running"])
+        gauge("num_sequences_running", "Sequences in the running batch (a request with n > 1 counts n).",
+              stats["num_running"])
         gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats["num_waiting"])
         gauge("num_requests_swapped", "Requests swapped out to CPU memory.", stats["num_swapped"])
         gauge("kv_cache_usage_ratio", "Fraction of device KV cache blocks in use (0 to 1).", stats["kv_usage"])

@@ -590,3 +590,28 @@ def test_drain_timeout_aborts(stories260k_dir):
     finally:
         if srv.thread.is_alive():
             srv.stop()
+
+
+def test_engine_failure_is_500_and_serving_goes_on(stories260k_dir):
+    engine = _engine(stories260k_dir, kv=1 << 20)
+    real_step, failures = engine.step, []
+
+    def step():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected")
+        return real_step()
+
+    engine.step = step
+    with BackgroundServer(engine, ServerConfig("s")) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "stream": True}) as resp:
+            events = _sse(resp.iter_lines())
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        failures.clear()
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "stream": True}) as resp:
+            events = _sse(resp.iter_lines())
+        assert events[-1] == "[DONE]" and "error" in events[-2]
+        assert c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4}).status_code == 200
+        assert _blocks(srv)[0] == _blocks(srv)[1]

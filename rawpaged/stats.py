@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rawpaged.sequence import SequenceStatus
+
 
 @dataclass
 class EngineStats:
@@ -38,6 +40,8 @@ class EngineStats:
     def on_finish(self, group) -> None:
         if group.error is not None:
             self.num_refused += 1
+        elif any(s.status == SequenceStatus.FINISHED_ABORTED for s in group.seqs):
+            pass                                  # counted by LLMEngine.abort_request
         elif group.finished:
             self.num_finished += 1
             if group.first_token_time is not None and group.finished_time is not None:

@@ -38,10 +38,11 @@ def stories260k(out_root: Path) -> Path:
 
 
 def random_llama(out_root: Path, **kw) -> Path:
-    """The issues' random LLaMA: hidden 512, 8 layers, 8 heads, 4 KV heads, vocab 32000."""
+    """The issues' random LLaMA: hidden 512, 8 layers, 8 heads, 4 KV heads, vocab 32000 (overridable)."""
     from rawpaged.testing import make_random_llama
-    out = out_root / "random-llama-512"
+    shape = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, vocab_size=32000)
+    shape.update(kw)
+    out = out_root / f"random-llama-{shape['hidden_size']}x{shape['num_layers']}"
     if not out.exists():
-        make_random_llama(out, data_dir() / "tokenizers" / "llama-32k" / "tokenizer.json", hidden_size=512,
-                          num_layers=8, num_heads=8, num_kv_heads=4, vocab_size=32000, **kw)
+        make_random_llama(out, data_dir() / "tokenizers" / "llama-32k" / "tokenizer.json", **shape)
     return out

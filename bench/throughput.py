@@ -5,7 +5,8 @@
 Requests: real ShareGPT first-turn prompts (tokenized with the LLaMA tokenizer) with output lengths
 drawn from the ShareGPT length table; lengths are scaled by --scale and capped so prompt + output
 fits --max-len. Outputs have a fixed length (ignore_eos). Model: a random LLaMA (hidden 512,
-8 layers, 8 heads, 4 KV heads, vocab 32000) in fp32 on the CPU.
+8 layers, 8 heads, 4 KV heads, vocab 32000) in fp32 on the CPU, or with `--shape llama7b` LLaMA-7B's
+layer shapes with `--layers` layers (for `--device cuda`).
 
 The baseline (only when torch and transformers import; they are never rawpaged dependencies) runs
 the same weights through transformers' `generate`, FCFS batches of --hf-batch requests, left padding,
@@ -50,8 +51,8 @@ def make_workload(n: int, scale: float, max_len: int, seed: int = 0) -> list[tup
 
 def run_rawpaged(model_dir: Path, work, args) -> dict:
     from rawpaged import LLM, SamplingParams
-    llm = LLM(model_dir, device="cpu", kv_cache_memory=args.kv_memory, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(model_dir, device=args.device, kv_cache_memory=args.kv_memory if args.device == "cpu" else None,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     llm.generate(None, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
                  prompt_token_ids=[w[0][:8] for w in work[:4]])                 # warm-up (Numba)
     llm.engine.stats.__init__()
@@ -72,7 +73,9 @@ def run_transformers(model_dir: Path, work, args) -> dict | None:
     except ImportError:
         return None
     torch.set_num_threads(args.threads)
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    dev = "cuda" if args.device == "cuda" else "cpu"
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
     t = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(work), args.hf_batch):
@@ -84,7 +87,7 @@ def run_transformers(model_dir: Path, work, args) -> dict | None:
                 ids[j, L - len(p):] = torch.tensor(p)
                 mask[j, L - len(p):] = 1
             new = max(o for _, o in batch)
-            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+            model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=0)
     return {"seconds": time.perf_counter() - t}
 
@@ -99,8 +102,19 @@ def main() -> None:
     ap.add_argument("--kv-memory", type=int, default=512 << 20)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--shape", default="small", choices=["small", "llama7b"],
+                    help="small: hidden 512 x 8 layers; llama7b: LLaMA-7B's layer shapes (hidden 4096, "
+                         "32 heads, FFN 11008) with --layers layers, stored in fp16")
+    ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args()
-    model_dir = random_llama(Path(tempfile.mkdtemp(prefix="rawpaged-bench-")), max_position_embeddings=args.max_len)
+    root = Path(tempfile.mkdtemp(prefix="rawpaged-bench-"))
+    if args.shape == "small":
+        model_dir = random_llama(root, max_position_embeddings=args.max_len)
+    else:
+        model_dir = random_llama(root, hidden_size=4096, num_layers=args.layers, num_heads=32, num_kv_heads=32,
+                                 intermediate_size=11008, max_position_embeddings=max(args.max_len, 2048),
+                                 dtype="float16")
     work = make_workload(args.num_requests, args.scale, args.max_len)
     n_in, n_out = sum(len(p) for p, _ in work), sum(o for _, o in work)
     print(f"machine: {machine()}; commit {commit()}")

@@ -78,11 +78,13 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(config.model)
         self.backend = get_backend(config.device)
         self.device = self.backend.name
-        self.dtype = self.backend.resolve_dtype(config.dtype if config.dtype != "auto" else self.model_config.torch_dtype)
+        self.dtype = self.backend.resolve_dtype(config.dtype, torch_dtype=self.model_config.torch_dtype)
         self.model = self._load_model()
-        self.cache = self._init_cache()
-        self.max_model_len = self._max_model_len()
+        self.runner = ModelRunner(self.model, self.backend, config.block_size)
+        self.max_model_len = self._configured_max_model_len()
         max_tokens = config.max_num_batched_tokens or max(2048, 0 if config.enable_chunked_prefill else self.max_model_len)
+        self.cache = self._init_cache(max_tokens)
+        self.max_model_len = self._cap_to_cache(self.max_model_len)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens,
                             max_model_len=self.max_model_len, preemption_mode=config.preemption_mode,
@@ -90,7 +92,6 @@ class LLMEngine:
             BlockSpaceManager(config.block_size, self.cache.num_device_blocks, self.cache.num_cpu_blocks,
                               watermark=config.watermark, enable_prefix_caching=config.enable_prefix_caching))
         self.block_manager = self.scheduler.block_manager
-        self.runner = ModelRunner(self.model, self.backend, config.block_size)
         self.sampler = Sampler(self.backend.xp, seed=config.seed)
         self.eos_ids = set(self.model_config.eos_token_ids) or set(self.tokenizer.eos_token_ids)
         self.stats = EngineStats()
@@ -105,13 +106,13 @@ class LLMEngine:
         model.load_weights(iter_tensors(self.model_config.path), where=str(self.model_config.path))
         return model
 
-    def _init_cache(self) -> CacheEngine:
+    def _init_cache(self, max_batched_tokens: int) -> CacheEngine:
         c = self.config
         bb = block_bytes(self.model_config, c.block_size, self.dtype)
         if c.kv_cache_memory is not None:
             memory = c.kv_cache_memory
         elif self.device == "cuda":
-            memory = self.backend.kv_cache_budget(self.model, self.model_config, c)
+            memory = self._profile_kv_memory(min(max_batched_tokens, self.max_model_len))
         else:
             memory = CPU_DEFAULT_KV_MEMORY
         num_device = num_blocks_for(memory, self.model_config, c.block_size, self.dtype)
@@ -120,13 +121,35 @@ class LLMEngine:
         num_cpu = int(c.swap_space * GiB // bb)
         return CacheEngine(self.model_config, self.backend, self.dtype, c.block_size, num_device, num_cpu)
 
-    def _max_model_len(self) -> int:
+    def _profile_kv_memory(self, num_tokens: int) -> int:
+        """GPU: run the largest step once, then give the KV cache what the peak leaves of
+        gpu_memory_utilization * total memory (vLLM's profiling pass)."""
+        b, c = self.backend, self.config
+        blocks = -(-num_tokens // c.block_size)
+        scratch = CacheEngine(self.model_config, b, self.dtype, c.block_size, blocks, 0)
+        seq = Sequence(-1, [0] * num_tokens)
+        self.runner.execute([ScheduledSeq(seq, num_tokens, list(range(blocks)), sample=True)], scratch.device_cache)
+        b.synchronize()
+        del scratch
+        peak = b.total_device_memory() - b.free_device_memory()
+        # NOTE: the sampler holds fp32 logits for up to max_num_seqs rows at once.
+        logits = 4 * self.model_config.vocab_size * c.max_num_seqs * 4
+        budget = int(b.total_device_memory() * c.gpu_memory_utilization) - peak - logits
+        if budget <= 0:
+            raise RawpagedError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
+                                f"{c.gpu_memory_utilization} (weights and activations use {peak / GiB:.2f} GiB)")
+        return budget
+
+    def _configured_max_model_len(self) -> int:
         limit = self.model_config.max_model_len
         if self.config.max_model_len is not None:
             if self.config.max_model_len > limit:
                 raise RawpagedError(f"max_model_len={self.config.max_model_len} exceeds the model's "
                                     f"max_position_embeddings={limit}")
             limit = self.config.max_model_len
+        return limit
+
+    def _cap_to_cache(self, limit: int) -> int:
         # NOTE: a single sequence must always fit in the cache, or it could be preempted forever.
         watermark = int(self.config.watermark * self.cache.num_device_blocks)
         return min(limit, (self.cache.num_device_blocks - watermark) * self.config.block_size)

@@ -258,6 +258,6 @@ def synchronize():
     pass
 
 
-def resolve_dtype(dtype):
-    """The CPU backend computes in float32 whatever the checkpoint's dtype."""
+def resolve_dtype(dtype, torch_dtype=None):
+    """The CPU backend computes in float32 whatever the checkpoint's or the user's dtype."""
     return np.float32

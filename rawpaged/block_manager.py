@@ -13,6 +13,9 @@ hash_block(parent hash, its token ids), chained over the blocks before it. A new
 every cached leading full block of its tokens and computes only the rest. Unreferenced cached
 blocks stay reusable ("evictable") until an allocation finds the free list empty and evicts the
 least recently used one.
+
+Order of the copies one schedule() returns: perform every swap-out, then every swap-in, then the
+copy-on-write copies. Blocks a swap-out frees may be handed out again in the same step.
 """
 from __future__ import annotations
 

@@ -178,6 +178,14 @@ def test_lru_eviction_order():
     for head, hit in ((3, 0), (5, 2), (1, 2)):
         probe = make_group([head, head + 1, 9])
         assert bm._cached_prefix(probe.seqs[0].get_token_ids())[0] == ([cached[head]] if hit else [])
+    # A freed sequence's blocks turn evictable tail first: its prefix's head is evicted last.
+    bm.free(big.seqs[0])
+    chain = make_group([1, 2, 11, 12, 13])
+    admit(bm, chain)
+    compute(bm, chain.seqs[0])
+    head, tail = bm.get_block_table(chain.seqs[0])[:2]
+    bm.free(chain.seqs[0])
+    assert list(bm.device.evictable)[-2:] == [tail, head]
 
 
 def test_hash_collisions_are_checked(monkeypatch):

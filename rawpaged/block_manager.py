@@ -195,7 +195,7 @@ class BlockSpaceManager:
         NOTE: NEVER counts blocks without the prefix cache, so whether a request is refused does not
         depend on what happens to be cached; LATER counts the blocks a cache hit saves.
         """
-        total, from_free = self._blocks_needed(self._distinct_waiting(group))
+        total, from_free = self._blocks_needed(self._distinct_waiting(group), group.reuses_prefix_cache)
         if total > self.device.num_blocks - self.watermark_blocks:
             return AllocStatus.NEVER
         if self.device.num_free() - from_free < self.watermark_blocks:
@@ -214,14 +214,15 @@ class BlockSpaceManager:
             for seq in seqs:
                 if seq.seq_id in self.tables:
                     raise RuntimeError(f"block manager bug: seq {seq.seq_id} allocated twice")
-        _, from_free = self._blocks_needed(distinct)
+        use_cache = group.reuses_prefix_cache
+        _, from_free = self._blocks_needed(distinct, use_cache)
         if from_free > self.device.num_free():
             raise RuntimeError(f"block manager bug: allocate({group.request_id}) needs {from_free} "
                                f"device blocks, {self.device.num_free()} free")
         for seqs in distinct:
             tokens = seqs[0].get_token_ids()
-            hits, h = self._cached_prefix(tokens)
-            if self.enable_prefix_caching:
+            hits, h = self._cached_prefix(tokens, use_cache)
+            if self.enable_prefix_caching and use_cache:
                 self.prefix_cache_queries += self._num_cacheable(len(tokens))
                 self.prefix_cache_hits += len(hits)
             for block in hits:
@@ -241,12 +242,12 @@ class BlockSpaceManager:
             by_tokens.setdefault(tuple(seq.get_token_ids()), []).append(seq)
         return list(by_tokens.values())
 
-    def _blocks_needed(self, distinct: list[list[Sequence]]) -> tuple[int, int]:
+    def _blocks_needed(self, distinct: list[list[Sequence]], use_cache: bool = True) -> tuple[int, int]:
         """(blocks without any cache hit, blocks taken from the free + evictable count)."""
         total, new, hit_blocks = 0, 0, set()
         for seqs in distinct:
             n = _cdiv(seqs[0].num_tokens, self.block_size)
-            hits, _ = self._cached_prefix(seqs[0].get_token_ids())
+            hits, _ = self._cached_prefix(seqs[0].get_token_ids(), use_cache)
             total += n
             new += n - len(hits)
             hit_blocks.update(hits)
@@ -257,11 +258,11 @@ class BlockSpaceManager:
         # Full blocks that do not hold the last token (which is always recomputed).
         return max(0, (num_tokens - 1) // self.block_size)
 
-    def _cached_prefix(self, token_ids: list[int]) -> tuple[list[int], int | None]:
+    def _cached_prefix(self, token_ids: list[int], use_cache: bool = True) -> tuple[list[int], int | None]:
         """The cached device blocks holding the leading full blocks of token_ids, and the chain hash."""
         blocks: list[int] = []
         h = None
-        if not self.enable_prefix_caching:
+        if not (self.enable_prefix_caching and use_cache):
             return blocks, h
         bs = self.block_size
         for i in range(self._num_cacheable(len(token_ids))):

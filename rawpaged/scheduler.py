@@ -186,17 +186,12 @@ class Scheduler:
                     seq.status = SequenceStatus.FINISHED_IGNORED
                 out.ignored.append((group, why))
                 continue
-            if not budget.can_add(1, group.max_num_running_seqs()):
+            if not budget.can_add(1, group.max_num_running_seqs()) or not self._prompt_fits(seqs, budget):
                 break
             # Prefix caching may mark part of the prompt computed, so size the chunk after allocating.
             self.block_manager.allocate(group)
             tokens = self._tokens_for(seqs, budget)
-            if tokens is None:
-                # Nothing fits this step (chunking off and the prompt exceeds what is left).
-                for seq in seqs:
-                    self.block_manager.free(seq)
-                    seq.num_computed_tokens = 0
-                break
+            assert tokens is not None, "a prompt that fit before allocation must fit after it"
             self.waiting.popleft()
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
@@ -212,6 +207,16 @@ class Scheduler:
             return (f"prompt has {n} tokens, more than max_num_batched_tokens="
                     f"{self.config.max_num_batched_tokens} with chunked prefill disabled")
         return None
+
+    def _prompt_fits(self, seqs: list[Sequence], budget: _Budget) -> bool:
+        """Whether this step can take the group's prompt (a chunk of it, with chunked prefill),
+        counted before prefix-cache hits so the check needs no allocation."""
+        left = budget.remaining_tokens()
+        if left <= 0:
+            return False
+        if self.config.enable_chunked_prefill and len(seqs) == 1:
+            return True
+        return sum(s.num_uncomputed_tokens for s in seqs) <= left
 
     def _tokens_for(self, seqs: list[Sequence], budget: _Budget) -> dict[int, int] | None:
         """Tokens each sequence computes this step, or None when the budget cannot take them."""

@@ -162,6 +162,11 @@ class SequenceGroup:
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
 
+    @property
+    def reuses_prefix_cache(self) -> bool:
+        # NOTE: prompt logprobs need logits at every prompt position: no cached block may be skipped.
+        return self.sampling_params.prompt_logprobs is None
+
     def max_num_running_seqs(self) -> int:
         """Upper bound of sequences this group will run at once (for the sequence budget)."""
         sp = self.sampling_params

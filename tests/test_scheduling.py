@@ -254,6 +254,13 @@ def test_logprobs_and_prompt_logprobs(stories260k_dir):
     first = out.outputs[0].logprobs[0]
     assert int(np.argmax(lp[-1])) == out.outputs[0].token_ids[0]
     assert len(first) == 2 and first[out.outputs[0].token_ids[0]] == pytest.approx(lp[-1].max(), abs=1e-4)
+    # The same prompt again: its blocks are cached now, yet every prompt position keeps its logprob.
+    long_prompt = [1] + list(range(300, 340))
+    sp = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)
+    a, b = (llm.generate(None, sp, prompt_token_ids=[long_prompt])[0] for _ in range(2))
+    assert a.prompt_logprobs == b.prompt_logprobs
+    assert b.prompt_logprobs[0] is None and all(d is not None for d in b.prompt_logprobs[1:])
+    assert len(b.prompt_logprobs) == len(long_prompt)
 
 
 def test_abort_frees_blocks(stories260k_dir):

@@ -82,8 +82,11 @@ def _paged_attention_impl(q, kv_cache, layer, block_tables, seq_lens, query_star
 
 # NOTE: two compilations of one kernel. Numba's thread pool costs tens of microseconds per launch
 # (far more when the cores are busy), which dominates small decode batches; the serial one serves those.
-_paged_attention_parallel = njit(parallel=True, cache=True)(_paged_attention_impl)
-_paged_attention_serial = njit(cache=True)(_paged_attention_impl)
+# NOTE: fast-math without 'nnan'/'ninf': the running max starts at -inf and exp(-inf) must stay 0;
+# 'reassoc' lets LLVM vectorise the dot products over head_dim.
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_paged_attention_parallel = njit(parallel=True, cache=True, fastmath=_FAST)(_paged_attention_impl)
+_paged_attention_serial = njit(cache=True, fastmath=_FAST)(_paged_attention_impl)
 _PARALLEL_MIN_WORK = 1 << 16     # query-head x key pairs below which one thread is faster
 
 

@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, data_dir, machine, random_llama  # noqa: E402
 
+_OMP_BEFORE = __import__("os").environ.get("OMP_WAIT_POLICY")   # before rawpaged sets its default
+
 
 def make_workload(n: int, scale: float, max_len: int, seed: int = 0) -> list[tuple[list[int], int]]:
     from rawpaged.tokenizer import Tokenizer
@@ -67,15 +69,38 @@ def run_rawpaged(model_dir: Path, work, args) -> dict:
 
 
 def run_transformers(model_dir: Path, work, args) -> dict | None:
-    try:
-        import torch
-        from transformers import LlamaForCausalLM
-    except ImportError:
+    """The baseline runs in a child process with the caller's environment: rawpaged's CPU backend
+    sets OMP_WAIT_POLICY=PASSIVE for Numba, which would slow torch's OpenMP threads down."""
+    import os
+    import subprocess
+    env = dict(os.environ)
+    if _OMP_BEFORE is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = _OMP_BEFORE
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(work, f)
+    cmd = [sys.executable, __file__, "--baseline-child", f.name, "--model-dir", str(model_dir),
+           "--hf-batch", str(args.hf_batch), "--threads", str(args.threads), "--device", args.device]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"transformers baseline skipped: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _transformers_child(args) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+    model_dir = Path(args.model_dir)
+    work = [(p, o) for p, o in json.loads(Path(args.baseline_child).read_text())]
     torch.set_num_threads(args.threads)
     dev = "cuda" if args.device == "cuda" else "cpu"
     dtype = torch.float16 if dev == "cuda" else torch.float32
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev).eval()
+    with torch.inference_mode():                          # warm-up, as rawpaged gets one
+        model.generate(input_ids=torch.tensor([work[0][0][:8]], device=dev), max_new_tokens=2,
+                       min_new_tokens=2, do_sample=False, pad_token_id=0)
     t = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(work), args.hf_batch):
@@ -89,7 +114,9 @@ def run_transformers(model_dir: Path, work, args) -> dict | None:
             new = max(o for _, o in batch)
             model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=0)
-    return {"seconds": time.perf_counter() - t}
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"seconds": time.perf_counter() - t}))
 
 
 def main() -> None:
@@ -107,7 +134,11 @@ def main() -> None:
                     help="small: hidden 512 x 8 layers; llama7b: LLaMA-7B's layer shapes (hidden 4096, "
                          "32 heads, FFN 11008) with --layers layers, stored in fp16")
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--baseline-child", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.baseline_child:
+        return _transformers_child(args)
     root = Path(tempfile.mkdtemp(prefix="rawpaged-bench-"))
     if args.shape == "small":
         model_dir = random_llama(root, max_position_embeddings=args.max_len)

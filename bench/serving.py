@@ -10,7 +10,7 @@ Requests (seeded): real prompts from ../shared/data/workloads (RAWPAGED_TEST_DAT
   --dataset alpaca    Alpaca instruction (+ input) prompts; output length = the length of the record's
                       reference output (tokens with --tokenizer, else words * 4/3).
 With --tokenizer (the served model's directory) prompts are sent as token ids cut to --max-prompt-len
-and outputs capped so prompt + output fits the server's max_model_len; without it prompts are text
+and outputs capped so prompt + output fits the server's max_model_len (prompts at most half of it); without it prompts are text
 cut to --max-prompt-chars. Outputs are capped at --max-output-len either way.
 
 Arrivals: a Poisson process of --rate requests/s (exponential gaps), or all at once with --rate inf.
@@ -93,7 +93,7 @@ def load_requests(args, max_model_len: int) -> list[Request]:
     for text, n in pairs:
         n = min(n, args.max_output_len)
         if tok is not None:
-            ids = tok.encode(text)[:args.max_prompt_len]
+            ids = tok.encode(text)[:min(args.max_prompt_len, max_model_len // 2)]
             n = max(1, min(n, max_model_len - len(ids)))
             requests.append(Request(ids, len(ids), n))
         else:

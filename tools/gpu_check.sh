@@ -12,7 +12,8 @@
 #     stories      stories260K greedy on the GPU (fp16) vs its golden ids, via the llama2.c converter
 #     throughput   bench/throughput.py --device cuda --shape llama7b --layers 2 (LLaMA-7B layer shapes, 2 layers)
 # stories260K is read from $RAWPAGED_TEST_DATA (default ../shared/data, which does not travel to the
-# device: carry a copy in an ignored folder of the checkout and point RAWPAGED_TEST_DATA at it).
+# device: carry a copy of models/stories260K, tokenizers/llama-32k and workloads in an ignored folder of
+# the checkout and point RAWPAGED_TEST_DATA at it).  
 # Writes $OUT/report.md plus at most 5 logs (the device tool returns at most 8 files).
 set -u
 cd "$(dirname "$0")/.."

@@ -203,14 +203,12 @@ class LLMEngine:
             self._forget(group)
         self.cache.swap_out(out.blocks_to_swap_out)
         self.cache.swap_in(out.blocks_to_swap_in)
+        # NOTE: the compute stream waits for the swaps before the copies too: a block swapped in
+        # this step may be the source of a copy-on-write.
+        self.cache.wait_for_swaps()
         self.cache.copy(out.blocks_to_copy)
         if out.scheduled:
-            batch = [ScheduledSeq(seq, n, self.block_manager.get_block_table(seq),
-                                  sample=seq.num_computed_tokens + n == seq.num_tokens,
-                                  prompt_logits=self._wants_prompt_logprobs(sg.group, seq))
-                     for sg in out.scheduled for seq in sg.group.seqs if seq.seq_id in sg.num_new_tokens
-                     for n in (sg.num_new_tokens[seq.seq_id],)]
-            self.cache.wait_for_swaps()
+            batch = self._batch(out)
             logits, prompt_logits = self.runner.execute(batch, self.cache.device_cache)
             self._record_prompt_logprobs(batch, prompt_logits)
             for s in batch:
@@ -229,6 +227,18 @@ class LLMEngine:
         self.stats.on_step(self, out)
         return results
 
+    def _batch(self, out) -> list[ScheduledSeq]:
+        """One ScheduledSeq per sequence that computes tokens this step."""
+        batch = []
+        for sg in out.scheduled:
+            for seq in sg.group.seqs:
+                n = sg.num_new_tokens.get(seq.seq_id)
+                if n:
+                    batch.append(ScheduledSeq(seq, n, self.block_manager.get_block_table(seq),
+                                              sample=seq.num_computed_tokens + n == seq.num_tokens,
+                                              prompt_logits=self._wants_prompt_logprobs(sg.group, seq)))
+        return batch
+
     # -- sampling and output processing ------------------------------------------------------
     def _process_samples(self, batch: list[ScheduledSeq], logits) -> None:
         """Group the sampled rows by request, then sample, fork beams/samples and stop-check."""
@@ -245,9 +255,9 @@ class LLMEngine:
         plain_rows, plain_seqs = [], []
         for rid, entries in rows_by_group.items():
             group = groups[rid]
-            idx = xp.asarray([r for r, _ in entries])
             if group.sampling_params.use_beam_search:
-                self._beam_step(group, [seq for _, seq in entries], logits[idx])
+                rows = xp.asarray([r for r, _ in entries])
+                self._beam_step(group, [seq for _, seq in entries], logits[rows])
                 continue
             for r, seq in entries:
                 for target in self._fork_samples(group, seq):

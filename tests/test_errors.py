@@ -140,3 +140,28 @@ def test_cli_generate(stories260k_dir):
 def test_cli_help():
     r = run_cli("--help")
     assert r.returncode == 0 and "generate" in r.stdout and "convert" in r.stdout and "serve" in r.stdout
+
+
+def test_cli_convert(data_dir, tmp_path):
+    src = data_dir / "models" / "stories260K"
+    out = tmp_path / "s"
+    r = run_cli("convert", "llama2c", src / "stories260K.bin", "--tokenizer", src / "tok512.bin", "-o", out)
+    assert r.returncode == 0 and (out / "model.safetensors").is_file(), r.stderr
+    r = run_cli("convert", "llama2c", src / "stories260K.bin", "--tokenizer", src / "tok512.bin", "-o", out)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "exists" in r.stderr
+    r = run_cli("convert", "hf", out, "-o", tmp_path / "h", "--dtype", "bfloat16", "--quiet")
+    assert r.returncode == 0, r.stderr
+    from rawpaged.config import ModelConfig
+    assert ModelConfig.from_dir(tmp_path / "h").torch_dtype == "bfloat16"
+    r = run_cli("convert", "hf", tmp_path / "missing", "-o", tmp_path / "h2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("rawpaged: error:")
+    assert not (tmp_path / "h2").exists()
+    # The loader widens BF16 itself (safetensors' NumPy API cannot): values within bf16 rounding.
+    from rawpaged.loader import iter_tensors
+    fp32 = dict(iter_tensors(out))
+    bf16 = dict(iter_tensors(tmp_path / "h"))
+    assert fp32.keys() == bf16.keys()
+    for name, w in fp32.items():
+        assert bf16[name].dtype == np.float32
+        np.testing.assert_allclose(bf16[name], w, rtol=2 ** -8, atol=1e-30, err_msg=name)
+        assert not np.array_equal(bf16[name], w) or np.all(w == 1)

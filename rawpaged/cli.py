@@ -26,7 +26,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"])
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None,
+                   help="random seed (generate: the requests' sampling seed, reproducible sampling)")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -35,7 +36,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                 max_model_len=a.max_model_len, preemption_mode=a.preemption_mode,
                 enable_prefix_caching=not a.no_prefix_caching,
-                enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed)
+                enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--n", type=int, default=1)
-    gen.add_argument("--sample-seed", type=int, default=None, dest="sample_seed",
-                     help="per-request sampling seed (reproducible sampling)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--stop", action="append", default=[])
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
@@ -87,7 +86,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
     try:
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                                top_k=a.top_k, n=a.n, seed=a.sample_seed, ignore_eos=a.ignore_eos, stop=a.stop)
+                                top_k=a.top_k, n=a.n, seed=a.seed, ignore_eos=a.ignore_eos, stop=a.stop)
     except ValueError as e:
         raise RawpagedError(str(e)) from None
     llm = LLM(a.model, **engine_kwargs(a))

@@ -165,3 +165,12 @@ def test_cli_convert(data_dir, tmp_path):
         assert bf16[name].dtype == np.float32
         np.testing.assert_allclose(bf16[name], w, rtol=2 ** -8, atol=1e-30, err_msg=name)
         assert not np.array_equal(bf16[name], w) or np.all(w == 1)
+
+
+def test_cli_seeded_sampling_reproducible(stories260k_dir):
+    args = ("generate", "--model", stories260k_dir, "--device", "cpu", "--max-tokens", "24", "--temperature", "1.0",
+            "--json", "Once upon a time")
+    a, b, c = run_cli(*args, "--seed", "5"), run_cli(*args, "--seed", "5"), run_cli(*args, "--seed", "6")
+    assert a.returncode == b.returncode == c.returncode == 0, a.stderr
+    ids = [json.loads(r.stdout)["outputs"][0]["token_ids"] for r in (a, b, c)]
+    assert ids[0] == ids[1] and ids[0] != ids[2]

@@ -81,10 +81,12 @@ def test_stories260k_greedy_equals_golden(stories260k_dir, data_dir, dtype):
 
 def test_preemption_by_swap_changes_nothing(stories260k_dir):
     prompts = [[1] + [(7 * i + 3 * j) % 500 + 3 for j in range(5 + i % 7)] for i in range(24)]
-    params = SamplingParams(n=2, best_of=2, temperature=0.8, seed=1234, max_tokens=48, ignore_eos=True)
+    # NOTE: greedy, as the issue asks: sampled tokens could legitimately differ where cuBLAS rounds a
+    # differently sized batch differently; swapping itself must restore the KV bit for bit.
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     free = LLM(model=str(stories260k_dir), device="cuda", dtype="float16")
     want = [[o.token_ids for o in r.outputs] for r in free.generate(prompt_token_ids=prompts, sampling_params=params)]
-    # 48 blocks of 16 tokens for 24 groups of 2 sequences growing to ~60 tokens: swapping is forced
+    # 48 blocks of 16 tokens for 24 sequences growing to ~60 tokens: swapping is forced
     block_bytes = 5 * 2 * 4 * 16 * 8 * 2
     tight = LLM(model=str(stories260k_dir), device="cuda", dtype="float16", kv_cache_memory=48 * block_bytes,
                 preemption_mode="swap", swap_space=0.01)

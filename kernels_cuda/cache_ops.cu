@@ -10,8 +10,8 @@
 //   k, v          [T, Hkv, D], token strides k_stride / v_stride (a view of a fused qkv is fine)
 //   slot_mapping  int64 [T]; a negative slot (padding) is skipped
 // Launch: grid = T (one block per token), 128 threads over the token's Hkv*D features. When every
-// row is 16-byte aligned (vec = 1, checked by cuda.py) a thread moves 8 elements per 16-byte
-// load/store, else one element at a time.
+// row is 16-byte aligned (vec = 1, checked by cuda.py) a thread moves one 16-byte word per
+// load/store (8 fp16/bf16 or 4 fp32 elements), else one element at a time.
 template <typename T>
 __device__ void reshape_and_cache_impl(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kv_cache,
                                        const long long* __restrict__ slot_mapping, long long k_stride, long long v_stride,
@@ -29,8 +29,10 @@ __device__ void reshape_and_cache_impl(const T* __restrict__ k, const T* __restr
     const T* vt = v + t * v_stride;
     const int n = num_kv_heads * head_dim;
     if (vec) {
-        // 8 elements per step; head_dim % 8 == 0 so a pack never straddles two heads.
-        for (int e = threadIdx.x * 8; e < n; e += blockDim.x * 8) {
+        // One 16-byte word per step: 8 fp16/bf16 or 4 fp32 elements. head_dim % 8 == 0, so a
+        // word never straddles two heads.
+        constexpr int P = 16 / sizeof(T);
+        for (int e = threadIdx.x * P; e < n; e += blockDim.x * P) {
             const int h = e / head_dim, d = e - h * head_dim;
             *reinterpret_cast<uint4*>(k_base + h * tile + d) = *reinterpret_cast<const uint4*>(kt + e);
             *reinterpret_cast<uint4*>(v_base + h * tile + d) = *reinterpret_cast<const uint4*>(vt + e);

@@ -2,7 +2,7 @@
 
 No GPU here: kernels_cuda/host_emulation.h turns each .cu file into C++ where every CUDA thread is a
 fiber (a coroutine on one OS thread), __syncthreads and warp shuffles are barriers and mma.sync is computed from the 32 lanes'
-fragments as the PTX ISA lays them out. A NumPy-backed stand-in for CuPy (below) gives cuda.py what it
+fragments as the PTX ISA lays them out. A NumPy-backed stand-in for CuPy (tests/cuda_emulator.py) gives cuda.py what it
 calls (arrays with .data.ptr, RawModule, streams, memcpyAsync), so every op runs through the same
 argument checks, dispatch and argument marshalling as on a device. Outputs start as NaN (poisoned)
 and KV slots past each context are NaN, so a kernel that skips a write or reads past a context fails.
@@ -13,22 +13,14 @@ specifics, and anything the emulation itself gets wrong; tests/gpu checks the sa
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import re
-import shutil
-import subprocess
-import tempfile
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cuda_emulator import CXX, _dev, compile_source, install, uninstall_caches
 from rawpaged.backend import cpu
 from rawpaged.backend import cuda
 
-KERNEL_DIR = Path(cuda.__file__).resolve().parents[2] / "kernels_cuda"
-CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) to build the host emulation")
 
 try:
@@ -38,148 +30,11 @@ except Exception:
     HAVE_BF16 = False
 
 
-# --------------------------------------------------------------------------------------------
-# A NumPy-backed stand-in for the parts of CuPy that cuda.py uses
-# --------------------------------------------------------------------------------------------
-class EmuArray(np.ndarray):
-    """A 'device' array: a NumPy array whose .data.ptr is its host address."""
-
-    @property
-    def data(self):
-        return types.SimpleNamespace(ptr=self.ctypes.data)
-
-
-def _dev(a) -> EmuArray:
-    return np.asarray(a).view(EmuArray)
-
-
-def _poisoned(shape, dtype):
-    a = np.empty(shape, dtype=dtype)
-    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
-        a[...] = np.nan
-    return _dev(a)
-
-
-_BUILD_DIR = Path(tempfile.mkdtemp(prefix="rawpaged_emu_"))
-_LIBS: dict[str, ctypes.CDLL] = {}
-
-
-def _compile(code: str, options: tuple) -> ctypes.CDLL:
-    """Build one source text for the host emulation (cached by text and options)."""
-    key = hashlib.sha1((code + repr(options)).encode()).hexdigest()[:16]
-    if key not in _LIBS:
-        # Dynamic shared memory: `extern __shared__ T name[];` -> the emulator's per-block buffer.
-        text = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = (\1*)rp_emu_dyn_smem();", code)
-        src = _BUILD_DIR / f"{key}.cpp"
-        lib = _BUILD_DIR / f"{key}.so"
-        src.write_text(text)
-        defines = [o for o in options if o.startswith("-D")]
-        cmd = [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-DRP_HOST_EMULATION",
-               f"-I{KERNEL_DIR}", *defines, "-x", "c++", str(src), "-o", str(lib)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, f"host emulation build failed:\n{res.stderr[-4000:]}"
-        dll = ctypes.CDLL(str(lib))
-        dll.rp_emu_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 4 + [ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_void_p]
-        dll.rp_emu_launch.restype = ctypes.c_int
-        _LIBS[key] = dll
-    return _LIBS[key]
-
-
-def _split_args(args):
-    """Kernel arguments -> (integer-class values, float values) for rp_emu_launch's prototype."""
-    ints, floats = [], []
-    for a in args:
-        if isinstance(a, np.ndarray):
-            ints.append(a.ctypes.data)
-        elif isinstance(a, np.float32):
-            floats.append(float(a))
-        elif isinstance(a, (np.integer, int)):
-            ints.append(int(a))
-        else:
-            raise TypeError(f"unexpected kernel argument {type(a)}")
-    assert len(ints) <= 24 and len(floats) <= 8, (len(ints), len(floats))
-    return (ctypes.c_int64 * 24)(*ints), (ctypes.c_float * 8)(*floats)
-
-
-class EmuKernel:
-    def __init__(self, lib: ctypes.CDLL, name: str):
-        self.lib, self.name = lib, name
-        self.ptr = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-        self.function = types.SimpleNamespace(ptr=0)
-
-    def __call__(self, grid, block, args, shared_mem=0):
-        assert block[1] == block[2] == 1 and block[0] % 32 == 0 and block[0] <= 1024, block
-        ints, floats = _split_args(args)
-        rc = self.lib.rp_emu_launch(self.ptr, grid[0], grid[1], grid[2], block[0], shared_mem, ints, floats)
-        assert rc == 0, f"{self.name}: a block deadlocked (threads waiting on barriers no one else reaches)"
-
-
-class EmuModule:
-    def __init__(self, code: str, options=()):
-        self.lib = _compile(code, tuple(options))
-
-    def get_function(self, name: str) -> EmuKernel:
-        return EmuKernel(self.lib, name)
-
-
-class _Stream:
-    ptr = 0
-
-    def synchronize(self):
-        pass
-
-    def record(self):
-        return _Event()
-
-    def wait_event(self, event):
-        pass
-
-
-class _Event:
-    def __init__(self, disable_timing=False):
-        pass
-
-    def record(self, stream=None):
-        pass
-
-
-def _memcpy(dst, src, nbytes, kind, stream):
-    ctypes.memmove(dst, src, nbytes)
-
-
-fake_cupy = types.SimpleNamespace(
-    ndarray=EmuArray,
-    float32=np.float32,
-    empty=_poisoned,
-    empty_like=lambda a: _poisoned(a.shape, a.dtype),
-    asarray=lambda a: _dev(np.array(a, copy=True)),
-    ascontiguousarray=lambda a: _dev(np.ascontiguousarray(a)),
-    asnumpy=lambda a: np.asarray(a).view(np.ndarray).copy(),
-    diff=lambda a: _dev(np.diff(np.asarray(a))),
-    dot=lambda a, b: _dev(np.dot(np.asarray(a), np.asarray(b))),
-    RawModule=EmuModule,
-    cuda=types.SimpleNamespace(
-        get_current_stream=lambda: _Stream(),
-        Stream=lambda non_blocking=False: _Stream(),
-        Event=_Event,
-        Device=lambda *a: types.SimpleNamespace(attributes={"MultiProcessorCount": 4}, synchronize=lambda: None),
-        driver=types.SimpleNamespace(funcSetAttribute=lambda *a: None, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8),
-        runtime=types.SimpleNamespace(memcpyAsync=_memcpy, memcpyDefault=4, memGetInfo=lambda: (1 << 30, 1 << 31)),
-    ),
-)
-
-
 @pytest.fixture()
 def emu(monkeypatch):
-    """cuda.py running on the emulator: 4 'multiprocessors', fresh module caches."""
-    monkeypatch.setattr(cuda, "cupy", fake_cupy)
-    monkeypatch.setattr(cuda, "xp", fake_cupy)
-    monkeypatch.setattr(cuda, "num_sms", lambda: 4)
-    cuda._module.cache_clear()
-    cuda._kernel.cache_clear()
-    yield cuda
-    cuda._module.cache_clear()
-    cuda._kernel.cache_clear()
+    """cuda.py running on the emulator (tests/cuda_emulator.py): 4 'multiprocessors', fresh module caches."""
+    yield install(monkeypatch)
+    uninstall_caches()
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,13 +174,14 @@ def test_bf16_attention_matches_cpu(emu, ctx, qlens):
 # --------------------------------------------------------------------------------------------
 # Cache ops
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("head_dim", [64, 12])          # 16-byte path and element path
-def test_reshape_and_cache_matches_cpu(emu, head_dim):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("head_dim", [64, 8, 12])      # 16-byte path (8 or 4 elements a word) and element path
+def test_reshape_and_cache_matches_cpu(emu, head_dim, dtype):
     rng = np.random.default_rng(head_dim)
     T, Hkv, bs = 9, 2, 8
-    cache = rng.standard_normal((6, 3, 2, Hkv, bs, head_dim)).astype(np.float16)
+    cache = rng.standard_normal((6, 3, 2, Hkv, bs, head_dim)).astype(dtype)
     # k and v as views of a fused qkv projection (token stride > Hkv * D)
-    qkv = rng.standard_normal((T, (4 + 2 * Hkv) * head_dim)).astype(np.float16)
+    qkv = rng.standard_normal((T, (4 + 2 * Hkv) * head_dim)).astype(dtype)
     k = qkv[:, 4 * head_dim: (4 + Hkv) * head_dim].reshape(T, Hkv, head_dim)
     v = qkv[:, (4 + Hkv) * head_dim:].reshape(T, Hkv, head_dim)
     slots = rng.permutation(6 * bs)[:T].astype(np.int64)
@@ -417,7 +273,7 @@ def test_activations_match_cpu(emu, dtype):
 
 def test_emulated_half_conversion_is_ieee(emu):
     """The emulator's fp16 rounding agrees with NumPy's (so the fp16 checks above mean something)."""
-    lib = _compile("#include \"common.cuh\"\n", ())
+    lib = compile_source("#include \"common.cuh\"\n", ())
     lib.rp_emu_test_half_roundtrip.restype = ctypes.c_float
     lib.rp_emu_test_half_roundtrip.argtypes = [ctypes.c_float]
     rng = np.random.default_rng(0)

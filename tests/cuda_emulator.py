@@ -1,0 +1,398 @@
+"""A NumPy-backed stand-in for CuPy that runs the real kernels_cuda/*.cu on the CPU (tests only).
+
+kernels_cuda/host_emulation.h turns each .cu file into C++ where every CUDA thread is a fiber (a
+coroutine on one OS thread), __syncthreads and warp shuffles are barriers and mma.sync is computed
+from the 32 lanes' fragments as the PTX ISA lays them out. This module builds that C++ with g++ and
+gives rawpaged/backend/cuda.py (and, through `install`, the whole engine) what it calls from CuPy:
+
+  - `EmuArray`: a "device" array, a NumPy array whose `.data.ptr` is its host address. It behaves
+    like a cupy.ndarray where that matters for catching bugs: mixing it with a host NumPy array in
+    an operation raises TypeError (CuPy: "Unsupported type numpy.ndarray"), reductions and scalar
+    indexing give 0-d device arrays (not NumPy scalars), `.get()` copies to the host, argsort is
+    stable and accepts no other `kind`.
+  - the `cupy` module: the functions the engine uses, a fallback to NumPy for the other names CuPy
+    has too (`CUPY_NAMES`; a name outside it is an AttributeError, so code calling something CuPy
+    lacks fails here as it would on a device), RawModule over the host build, streams and events
+    (no-ops: one OS thread runs everything in order), memcpyAsync, memGetInfo (settable numbers).
+  - the `cupyx` module: `empty_pinned` (a plain NumPy array, as on a device).
+
+Device buffers from `empty` start as NaN (poisoned), so a kernel or an engine step that reads a
+value nobody wrote shows it.
+
+What this cannot show: timing, concurrency between blocks or streams, NVRTC specifics, cuBLAS
+rounding (matmul is NumPy's), parallel-scan rounding of cumsum, `np.asarray(device_array)` (CuPy
+refuses it; an ndarray subclass cannot), and anything the emulation itself gets wrong.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+
+KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels_cuda"
+CXX = shutil.which("g++") or shutil.which("c++")
+
+
+# --------------------------------------------------------------------------------------------
+# Device arrays
+# --------------------------------------------------------------------------------------------
+def _reject_host_arrays(where: str, obj) -> None:
+    """CuPy refuses host NumPy arrays (any ndim) as operands of device operations."""
+    if isinstance(obj, np.ndarray) and not isinstance(obj, EmuArray):
+        raise TypeError(f"emulated cupy.{where}: Unsupported type {type(obj)} (a host NumPy array "
+                        f"mixed into a device operation; CuPy raises here)")
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            _reject_host_arrays(where, o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _reject_host_arrays(where, o)
+
+
+def _host(obj):
+    """EmuArrays (also inside lists/tuples/dicts) -> plain NumPy views, for calling NumPy."""
+    if isinstance(obj, EmuArray):
+        return obj.view(np.ndarray)
+    if isinstance(obj, list):
+        return [_host(o) for o in obj]
+    if isinstance(obj, tuple):
+        return tuple(_host(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _host(v) for k, v in obj.items()}
+    return obj
+
+
+def _wrap(obj):
+    """NumPy results -> device arrays; NumPy scalars -> 0-d device arrays (what CuPy returns)."""
+    if isinstance(obj, np.ndarray):
+        return obj.view(EmuArray)
+    if isinstance(obj, np.generic):
+        return np.asarray(obj).view(EmuArray)
+    if isinstance(obj, tuple):
+        return tuple(_wrap(o) for o in obj)
+    if isinstance(obj, list):
+        return [_wrap(o) for o in obj]
+    return obj
+
+
+class EmuArray(np.ndarray):
+    """A 'device' array: a NumPy array whose .data.ptr is its host address."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.view(np.ndarray).ctypes.data)
+
+    def get(self, stream=None, order="C", out=None):
+        """Device -> host copy (cupy.ndarray.get)."""
+        return np.array(self.view(np.ndarray), copy=True, order=order)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        _reject_host_arrays(ufunc.__name__, inputs)
+        if out is not None:
+            _reject_host_arrays(ufunc.__name__, out)
+            kwargs["out"] = _host(out)
+        result = getattr(ufunc, method)(*_host(inputs), **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(result)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        _reject_host_arrays(func.__name__, (args, kwargs))
+        return _wrap(func(*_host(args), **_host(kwargs)))
+
+    def __getitem__(self, key):
+        return _wrap(super().__getitem__(_host(key)))
+
+    def __setitem__(self, key, value):
+        super().__setitem__(_host(key), _host(value))
+
+    def argsort(self, axis=-1, kind=None, order=None):
+        return _argsort(self, axis, kind)
+
+    def sort(self, axis=-1, kind=None, order=None):
+        if kind not in (None, "stable") or order is not None:
+            raise ValueError("emulated cupy: sort accepts kind=None or 'stable' only, and no order")
+        self.view(np.ndarray).sort(axis=axis, kind="stable")
+
+    def argmax(self, axis=None, out=None, keepdims=False):
+        return _wrap(self.view(np.ndarray).argmax(axis=axis, keepdims=keepdims))
+
+    def argmin(self, axis=None, out=None, keepdims=False):
+        return _wrap(self.view(np.ndarray).argmin(axis=axis, keepdims=keepdims))
+
+    def __iter__(self):                       # CuPy yields 0-d arrays, not NumPy scalars
+        for i in range(len(self)):
+            yield self[i]
+
+
+def _dev(a) -> EmuArray:
+    return np.asarray(a).view(EmuArray)
+
+
+def _poisoned(shape, dtype=np.float64, order="C"):
+    a = np.empty(shape, dtype=dtype, order=order)
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        a[...] = np.nan
+    return _dev(a)
+
+
+def _argsort(a, axis=-1, kind=None):
+    """cupy.argsort: always stable; kind may only be None or 'stable' (CuPy's documented rule)."""
+    if kind not in (None, "stable"):
+        raise ValueError(f"emulated cupy: argsort accepts kind=None or 'stable' only, got {kind!r}")
+    _reject_host_arrays("argsort", a)
+    return _wrap(np.argsort(_host(a), axis=axis, kind="stable"))
+
+
+def _asarray(a, dtype=None, order=None):
+    """Host data or a device array -> a device array (a device array of the same dtype is not copied)."""
+    if isinstance(a, EmuArray):
+        return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
+    return _dev(np.array(a, dtype=dtype, copy=True, order=order or "K"))
+
+
+def _asnumpy(a, stream=None, order="C"):
+    if isinstance(a, EmuArray):
+        return a.get(order=order)
+    return np.asarray(a, order=order)
+
+
+# NOTE: the NumPy names this stand-in forwards. Each is a function CuPy provides too (checked
+# against the CuPy API reference); anything else fails as AttributeError so that engine code using
+# a NumPy-only function is caught here rather than on the first GPU run.
+CUPY_NAMES = frozenset("""
+abs absolute add all allclose any arange argmax argmin around array_equal broadcast_to ceil clip
+concatenate copy cos count_nonzero cumsum diff divide dot einsum equal exp expand_dims flip floor
+floor_divide full full_like greater greater_equal isfinite isinf isnan less less_equal linspace log
+log1p logical_and logical_not logical_or matmul max maximum mean min minimum mod multiply negative
+nonzero not_equal ones ones_like outer power prod ravel repeat reshape round searchsorted sign sin
+sort sqrt square squeeze stack std subtract sum take take_along_axis tanh tile transpose tril triu
+true_divide unique var where zeros zeros_like bincount cumprod argwhere
+""".split())
+CUPY_CONSTANTS = frozenset("""
+float16 float32 float64 int8 int16 int32 int64 uint8 uint16 uint32 uint64 bool_ intp dtype newaxis
+inf nan pi e integer floating
+""".split())
+
+
+class FakeCupyModule(types.ModuleType):
+    """`import cupy` inside the tests: explicit functions below, NumPy's for CUPY_NAMES."""
+
+    def __getattr__(self, name):
+        if name in CUPY_CONSTANTS:
+            return getattr(np, name)
+        if name in CUPY_NAMES:
+            func = getattr(np, name)
+
+            def device_func(*args, **kwargs):
+                _reject_host_arrays(name, (args, kwargs))
+                return _wrap(func(*_host(args), **_host(kwargs)))
+            device_func.__name__ = name
+            return device_func
+        raise AttributeError(f"emulated cupy has no {name!r}: check that CuPy provides it, then add "
+                             f"it to tests/cuda_emulator.py's CUPY_NAMES")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels: the .cu sources built for the host emulation
+# --------------------------------------------------------------------------------------------
+_BUILD_DIR = Path(tempfile.mkdtemp(prefix="rawpaged_emu_"))
+_LIBS: dict[str, ctypes.CDLL] = {}
+
+
+def compile_source(code: str, options: tuple = ()) -> ctypes.CDLL:
+    """Build one source text for the host emulation (cached by text and options)."""
+    key = hashlib.sha1((code + repr(options)).encode()).hexdigest()[:16]
+    if key not in _LIBS:
+        # Dynamic shared memory: `extern __shared__ T name[];` -> the emulator's per-block buffer.
+        text = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = (\1*)rp_emu_dyn_smem();", code)
+        src = _BUILD_DIR / f"{key}.cpp"
+        lib = _BUILD_DIR / f"{key}.so"
+        src.write_text(text)
+        defines = [o for o in options if o.startswith("-D")]
+        cmd = [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-DRP_HOST_EMULATION",
+               f"-I{KERNEL_DIR}", *defines, "-x", "c++", str(src), "-o", str(lib)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, f"host emulation build failed:\n{res.stderr[-4000:]}"
+        dll = ctypes.CDLL(str(lib))
+        dll.rp_emu_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 4 + [ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_void_p]
+        dll.rp_emu_launch.restype = ctypes.c_int
+        _LIBS[key] = dll
+    return _LIBS[key]
+
+
+def _split_args(args):
+    """Kernel arguments -> (integer-class values, float values) for rp_emu_launch's prototype."""
+    ints, floats = [], []
+    for a in args:
+        if isinstance(a, EmuArray):
+            ints.append(a.data.ptr)
+        elif isinstance(a, np.ndarray):
+            # NOTE: CuPy would pass a host array's address to the kernel only by accident; a real
+            # device faults on it. Refuse it here so such a bug shows.
+            raise TypeError("kernel argument is a host NumPy array, not a device array")
+        elif isinstance(a, np.float32):
+            floats.append(float(a))
+        elif isinstance(a, (np.integer, int)):
+            ints.append(int(a))
+        else:
+            raise TypeError(f"unexpected kernel argument {type(a)}")
+    assert len(ints) <= 24 and len(floats) <= 8, (len(ints), len(floats))
+    return (ctypes.c_int64 * 24)(*ints), (ctypes.c_float * 8)(*floats)
+
+
+class EmuKernel:
+    def __init__(self, lib: ctypes.CDLL, name: str):
+        self.lib, self.name = lib, name
+        self.ptr = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+        self.function = types.SimpleNamespace(ptr=0)
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        assert block[1] == block[2] == 1 and block[0] % 32 == 0 and block[0] <= 1024, block
+        ints, floats = _split_args(args)
+        rc = self.lib.rp_emu_launch(self.ptr, grid[0], grid[1], grid[2], block[0], shared_mem, ints, floats)
+        assert rc == 0, f"{self.name}: a block deadlocked (threads waiting on barriers no one else reaches)"
+
+
+class EmuModule:
+    def __init__(self, code: str, options=()):
+        self.lib = compile_source(code, tuple(options))
+
+    def get_function(self, name: str) -> EmuKernel:
+        return EmuKernel(self.lib, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Streams, events, memory
+# --------------------------------------------------------------------------------------------
+class _Stream:
+    """Everything runs in order on one OS thread, so streams and events only record their use."""
+    _next_ptr = 1
+
+    def __init__(self, non_blocking=False, null=False):
+        if null:
+            self.ptr = 0
+        else:
+            self.ptr = _Stream._next_ptr
+            _Stream._next_ptr += 1
+        self.waited = 0
+
+    def synchronize(self):
+        pass
+
+    def record(self, event=None):
+        event = event or _Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        assert isinstance(event, _Event) and event.recorded, "wait_event on an event never recorded"
+        self.waited += 1
+
+
+class _Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def synchronize(self):
+        pass
+
+
+_NULL_STREAM = _Stream(null=True)
+
+
+def _memcpy(dst, src, nbytes, kind, stream):
+    ctypes.memmove(dst, src, nbytes)
+
+
+class MemInfo:
+    """What the fake cuda.runtime.memGetInfo reports: (free, total) bytes; tests set them."""
+    free = 1 << 30
+    total = 1 << 31
+
+
+def _mem_get_info():
+    return MemInfo.free, MemInfo.total
+
+
+def make_fake_cupy() -> types.ModuleType:
+    cp = FakeCupyModule("cupy")
+    cp.__file__ = __file__
+    cp.ndarray = EmuArray
+    cp.is_available = lambda: True
+    cp.empty = _poisoned
+    cp.empty_like = lambda a, dtype=None: _poisoned(a.shape, dtype or a.dtype)
+    cp.asarray = _asarray
+    cp.array = lambda a, dtype=None, copy=True: _dev(np.array(_host(a), dtype=dtype, copy=True))
+    cp.ascontiguousarray = lambda a, dtype=None: (_asarray(a, dtype) if isinstance(a, EmuArray) and a.flags.c_contiguous
+                                                  else _dev(np.ascontiguousarray(_host(a), dtype=dtype)))
+    cp.asnumpy = _asnumpy
+    cp.argsort = _argsort
+    cp.RawModule = EmuModule
+    cp.get_default_memory_pool = lambda: types.SimpleNamespace(used_bytes=lambda: 0, total_bytes=lambda: 0,
+                                                              free_all_blocks=lambda: None)
+    cp.get_default_pinned_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
+    device = types.SimpleNamespace(attributes={"MultiProcessorCount": 4}, synchronize=lambda: None, id=0,
+                                   compute_capability="80")
+    driver = types.SimpleNamespace(funcSetAttribute=lambda *a: None, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
+    runtime = types.SimpleNamespace(memcpyAsync=_memcpy, memcpyDefault=4, memGetInfo=_mem_get_info,
+                                    getDeviceCount=lambda: 1)
+    cuda_mod = types.ModuleType("cupy.cuda")
+    cuda_mod.get_current_stream = lambda: _NULL_STREAM
+    cuda_mod.Stream = _Stream
+    cuda_mod.Event = _Event
+    cuda_mod.Device = lambda *a: device
+    cuda_mod.driver = driver
+    cuda_mod.runtime = runtime
+    cp.cuda = cuda_mod
+    return cp
+
+
+def make_fake_cupyx() -> types.ModuleType:
+    x = types.ModuleType("cupyx")
+    # cupyx.empty_pinned returns a numpy.ndarray in page-locked memory: a host array, not a device one.
+    x.empty_pinned = lambda shape, dtype=np.float32, order="C": np.empty(shape, dtype=dtype, order=order)
+    x.zeros_pinned = lambda shape, dtype=np.float32, order="C": np.zeros(shape, dtype=dtype, order=order)
+    return x
+
+
+fake_cupy = make_fake_cupy()
+fake_cupyx = make_fake_cupyx()
+
+
+def install(monkeypatch):
+    """Make `import cupy` / `import cupyx` give the stand-ins and point rawpaged.backend.cuda at them.
+
+    Afterwards rawpaged.backend.cuda_available() is true (it imports cupy and asks is_available()),
+    so LLM(..., device="cuda") runs the engine on the emulated kernels. monkeypatch undoes all of it.
+    """
+    from rawpaged.backend import cuda
+
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", fake_cupy.cuda)
+    monkeypatch.setitem(sys.modules, "cupyx", fake_cupyx)
+    monkeypatch.setattr(cuda, "cupy", fake_cupy)
+    monkeypatch.setattr(cuda, "xp", fake_cupy)
+    monkeypatch.setattr(cuda, "num_sms", lambda: 4)
+    monkeypatch.setattr(MemInfo, "free", MemInfo.free)
+    monkeypatch.setattr(MemInfo, "total", MemInfo.total)
+    cuda._module.cache_clear()
+    cuda._kernel.cache_clear()
+    return cuda
+
+
+def uninstall_caches():
+    from rawpaged.backend import cuda
+    cuda._module.cache_clear()
+    cuda._kernel.cache_clear()

@@ -1,13 +1,14 @@
 """End to end on the GPU, through the public API (LLM / SamplingParams).
 
 - the four golden fixtures (tests/fixtures/*) in fp16 on the GPU agree with the same engine in fp32
-  on the CPU: prompt logprobs and decode logprobs within 1e-2 (absolute + relative);
+  on the CPU: prompt and decode logprobs within 3x what rounding the weights to fp16 alone causes;
 - stories260K (a real pretrained model) greedy on the GPU equals its golden 64 ids;
 - preemption by swap (tiny KV budget, many sequences) gives the same greedy outputs as no preemption.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,6 @@ from rawpaged import LLM, SamplingParams  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NAMES = ["llama-gqa", "llama-mqa-tied", "opt-preln", "opt-postln-proj"]
-TOL = 1e-2
 
 
 def _prompts(name: str) -> list[list[int]]:
@@ -31,37 +31,60 @@ def _prompts(name: str) -> list[list[int]]:
     return [flat[offs[i]: offs[i + 1]].tolist() for i in range(len(offs) - 1)]
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= TOL + TOL * abs(b)
+def _fp16_weights_copy(src: Path, dst: Path) -> Path:
+    """The model directory with every weight rounded to fp16 (stored back as fp32)."""
+    from safetensors.numpy import load_file, save_file
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        save_file({k: v.astype(np.float16).astype(np.float32) for k, v in load_file(str(f)).items()}, str(f))
+    return dst
 
 
-def _compare_dicts(got: dict, want: dict, where: str) -> None:
+def _gap(got: dict, want: dict) -> float:
     common = set(got) & set(want)
-    assert common, f"{where}: no token in common between GPU {sorted(got)} and CPU {sorted(want)}"
-    for tok in common:
-        assert _close(got[tok], want[tok]), f"{where} token {tok}: GPU {got[tok]} vs CPU {want[tok]}"
+    assert common, f"no token in common between {sorted(got)} and {sorted(want)}"
+    return max(abs(got[t] - want[t]) for t in common)
+
+
+def _logprob_gaps(got, want):
+    """Largest |logprob difference| over prompt positions and over decode steps up to the first
+    step where the greedy tokens part; and the partings (prompt, step, got token, want token, want lps)."""
+    worst, partings = 0.0, []
+    for p, (g, c) in enumerate(zip(got, want)):
+        for gd, cd in zip(g.prompt_logprobs or [], c.prompt_logprobs or []):
+            if gd is not None and cd is not None:
+                worst = max(worst, _gap(gd, cd))
+        go, co = g.outputs[0], c.outputs[0]
+        for step, (gt, ct) in enumerate(zip(go.token_ids, co.token_ids)):
+            worst = max(worst, _gap(go.logprobs[step], co.logprobs[step]))
+            if gt != ct:
+                partings.append((p, step, gt, ct, co.logprobs[step]))
+                break
+    return worst, partings
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fixture_fp16_gpu_matches_fp32_cpu(name):
+def test_fixture_fp16_gpu_matches_fp32_cpu(name, tmp_path):
+    """fp16 on the GPU stays as close to fp32 on the CPU as fp16 allows.
+
+    NOTE: a fixed 1e-2 is tighter than fp16 can be on these random fixtures (logits up to ~10):
+    rounding only the weights to fp16 already moves logprobs by 0.017-0.028 in fp32 arithmetic
+    (measured on the emulated backend, tests/test_cuda_emulation_e2e.py). The bound is measured per
+    fixture: the fp32 CPU engine on fp16-rounded weights gives the weight-rounding gap, and fp16
+    (weights and activations rounded) may be 3x that. A kernel bug moves logprobs by ~1.
+    """
     prompts = _prompts(name)
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=5, prompt_logprobs=5, ignore_eos=True)
-    model = str(FIXTURES / name)
-    gpu = LLM(model=model, device="cuda", dtype="float16").generate(prompt_token_ids=prompts, sampling_params=params)
-    cpu = LLM(model=model, device="cpu").generate(prompt_token_ids=prompts, sampling_params=params)
-    for p, (g, c) in enumerate(zip(gpu, cpu)):
-        for i, (gd, cd) in enumerate(zip(g.prompt_logprobs or [], c.prompt_logprobs or [])):
-            if gd is None or cd is None:
-                continue
-            _compare_dicts(gd, cd, f"{name} prompt {p} position {i}")
-        go, co = g.outputs[0], c.outputs[0]
-        for step, (gt, ct) in enumerate(zip(go.token_ids, co.token_ids)):
-            _compare_dicts(go.logprobs[step], co.logprobs[step], f"{name} prompt {p} decode step {step}")
-            if gt != ct:
-                # fp16 may break a near-tie the other way: then both choices must be (almost) tied on the CPU
-                lp = co.logprobs[step]
-                assert gt in lp and abs(lp[gt] - lp[ct]) <= 2 * TOL, f"{name} prompt {p} step {step}: GPU chose {gt}, CPU {ct} ({lp})"
-                break
+    model = FIXTURES / name
+    run_cpu = lambda path: LLM(model=str(path), device="cpu").generate(prompt_token_ids=prompts, sampling_params=params)  # noqa: E731
+    cpu = run_cpu(model)
+    weight_gap, _ = _logprob_gaps(run_cpu(_fp16_weights_copy(model, tmp_path / name)), cpu)
+    tol = 3 * max(weight_gap, 1e-3)
+    gpu = LLM(model=str(model), device="cuda", dtype="float16").generate(prompt_token_ids=prompts, sampling_params=params)
+    gap, partings = _logprob_gaps(gpu, cpu)
+    assert gap <= tol, f"{name}: GPU fp16 logprobs differ from CPU fp32 by {gap:.4f} (fp16 weights alone: {weight_gap:.4f})"
+    for p, step, gt, ct, lp in partings:       # fp16 may break a near-tie the other way, nothing more
+        assert gt in lp and abs(lp[gt] - lp[ct]) <= 2 * tol, f"{name} prompt {p} step {step}: GPU chose {gt}, CPU {ct} ({lp})"
 
 
 def _stories_reference(data_dir: Path) -> list[int]:

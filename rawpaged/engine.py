@@ -343,8 +343,7 @@ class LLMEngine:
             seq.append_token(c.token_id, c.logprob)
         for beam in beams:                                   # beams nobody continues are dropped
             if beam.seq_id not in used:
-                self.block_manager.free(beam)
-                group.remove(beam.seq_id)
+                self._drop(group, beam)
         self._prune_hypotheses(group)
         running = group.get_seqs(SequenceStatus.RUNNING)
         max_out = self._max_tokens(running[0], sp) if running else 0
@@ -353,16 +352,22 @@ class LLMEngine:
         if done_length or beam_search.is_done(hyps, running, sp, max_out):
             for seq in running:
                 seq.status = SequenceStatus.FINISHED_LENGTH if done_length else SequenceStatus.FINISHED_STOPPED
-                self.block_manager.free(seq)
-            if not done_length:                              # unfinished beams are not results
-                for seq in running:
-                    group.remove(seq.seq_id)
+                if done_length:
+                    self.block_manager.free(seq)
+                else:                                        # unfinished beams are not results
+                    self._drop(group, seq)
             self._prune_hypotheses(group)
             for seq in group.seqs:                           # beams are detokenized once, at the end
                 detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, sp.skip_special_tokens)
                 seq.output_text = detok.step(seq.output_token_ids) + detok.flush()
         if group.first_token_time is None:
             group.first_token_time = time.monotonic()
+
+    def _drop(self, group: SequenceGroup, seq: Sequence) -> None:
+        """A beam leaves its group: blocks freed, bookkeeping forgotten."""
+        self.block_manager.free(seq)
+        group.remove(seq.seq_id)
+        self._group_of.pop(seq.seq_id, None)
 
     @staticmethod
     def _prune_hypotheses(group: SequenceGroup) -> None:

@@ -45,7 +45,7 @@ def prepare_inputs(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
         p = np.arange(start, start + n, dtype=np.int64)
         table = np.asarray(s.block_table, dtype=np.int64)
         tables[i, :len(table)] = table
-        ids.append(np.asarray(s.seq.get_token_ids()[start:start + n], dtype=np.int64))
+        ids.append(np.asarray(s.seq.get_token_ids_range(start, start + n), dtype=np.int64))
         pos.append(p)
         slots.append(table[p // block_size] * block_size + p % block_size)
         q_lens.append(n)

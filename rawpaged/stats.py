@@ -69,17 +69,19 @@ class EngineStats:
 
     @staticmethod
     def _waste(bm, running) -> tuple[int, int]:
-        """(allocated - used slots, allocated slots) over the distinct blocks of running sequences.
-        Only a sequence's last block can be partly filled; shared blocks are counted once."""
+        """(allocated - used slots, allocated slots) of the device pool.
+
+        A table covers exactly its sequence's tokens, so only a sequence's last block can be partly
+        filled; a last block shared by forks is counted once. O(sequences), not O(blocks).
+        """
         bs = bm.block_size
-        blocks: dict[int, int] = {}                      # physical block -> slots used
+        allocated = (bm.num_device_blocks - bm.get_num_free_device_blocks()) * bs
+        empty: dict[int, int] = {}                       # last physical block -> empty slots
         for seq in running:
             table = bm.get_block_table(seq)
-            for i, b in enumerate(table):
-                used = min(bs, max(0, seq.num_tokens - i * bs))
-                blocks[b] = max(blocks.get(b, 0), used)
-        allocated = len(blocks) * bs
-        return allocated - sum(blocks.values()), allocated
+            if table:
+                empty[table[-1]] = min(empty.get(table[-1], bs), len(table) * bs - seq.num_tokens)
+        return sum(empty.values()), allocated
 
     def as_dict(self, engine) -> dict:
         bm, sched = engine.block_manager, engine.scheduler

@@ -69,6 +69,8 @@ def test_parallel_sampling_shares_prompt_blocks(stories260k_dir):
     assert all(t[:2] == tables[0][:2] for t in tables)       # full prompt blocks still shared
     assert len({t[2] for t in tables}) == 4                  # the partial block: one per sample (CoW)
     assert bm.num_device_blocks - bm.get_num_free_device_blocks() == 2 + 4
+    # Waste: each sample holds 43 tokens in 3 blocks (48 slots); the shared full blocks are counted once.
+    assert eng.stats.memory_waste_slots == 4 * (48 - 43)
     while eng.has_unfinished_requests():
         outs = eng.step()
     (out,) = outs
@@ -122,6 +124,7 @@ def test_beam_search_matches_naive(stories260k_dir):
         out = llm.generate(None, sp, prompt_token_ids=[prompt])[0]
         assert out.outputs[0].token_ids == naive_beam_search(model, prompt, 4, 12, llm.engine.eos_ids)
     assert_all_blocks_free(llm)
+    assert not llm.engine.groups and not llm.engine._group_of      # no bookkeeping left behind
 
 
 def test_beam_search_forks_share_blocks(stories260k_dir):

@@ -276,6 +276,16 @@ class _Cursor:
     started: bool = False
     done: bool = False
 
+    def skips(self, o) -> bool:
+        # NOTE: nothing to say before the first token (the prefill may still be running).
+        return self.done or (not o.token_ids and o.finish_reason is None)
+
+    def advance(self, o) -> int:
+        """Record what of output `o` was streamed; its token count once it finished, else 0."""
+        self.chars, self.tokens, self.started = len(o.text), len(o.token_ids), True
+        self.done = o.finish_reason is not None
+        return len(o.token_ids) if self.done else 0
+
 
 async def _completion_events(job: _Job, req: protocol.CompletionRequest):
     tt, n = job.state.token_text, req.params.n
@@ -287,8 +297,7 @@ async def _completion_events(job: _Job, req: protocol.CompletionRequest):
             _, ids = job.prompts[i]
             for o in out.outputs:
                 c = cursors.setdefault(i * n + o.index, _Cursor())
-                # NOTE: nothing to say before the first token (the prefill may still be running).
-                if c.done or (not o.token_ids and o.finish_reason is None):
+                if c.skips(o):
                     continue
                 text, lp = o.text[c.chars:], None
                 if not c.started and req.echo:
@@ -306,10 +315,7 @@ async def _completion_events(job: _Job, req: protocol.CompletionRequest):
                 if text or o.finish_reason is not None or (lp is not None and new_tokens):
                     yield R.sse(R.completion_chunk(job.rid, job.created, job.model, R.completion_choice(
                         i * n + o.index, text, lp, o.finish_reason, o.stop_reason)))
-                c.chars, c.tokens, c.started = len(o.text), len(o.token_ids), True
-                if o.finish_reason is not None:
-                    c.done = True
-                    completion_tokens += len(o.token_ids)
+                completion_tokens += c.advance(o)
     except (ApiError, EngineFailed) as e:
         yield sse_error(e)
     if req.include_usage:
@@ -361,7 +367,7 @@ async def _chat_events(job: _Job, req: protocol.ChatRequest):
             check_refused(out)
             for o in out.outputs:
                 c = cursors.setdefault(o.index, _Cursor())
-                if c.done or (not o.token_ids and o.finish_reason is None):
+                if c.skips(o):
                     continue
                 text = o.text[c.chars:]
                 delta = {"role": "assistant", "content": text} if not c.started else \
@@ -373,10 +379,7 @@ async def _chat_events(job: _Job, req: protocol.ChatRequest):
                 if delta or lp is not None or o.finish_reason is not None:
                     yield R.sse(R.chat_chunk(job.rid, job.created, job.model, [R.chat_delta_choice(
                         o.index, delta, lp, o.finish_reason, o.stop_reason)]))
-                c.chars, c.tokens, c.started = len(o.text), len(o.token_ids), True
-                if o.finish_reason is not None:
-                    c.done = True
-                    completion_tokens += len(o.token_ids)
+                completion_tokens += c.advance(o)
     except (ApiError, EngineFailed) as e:
         yield sse_error(e)
     if req.include_usage:

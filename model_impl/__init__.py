@@ -3,7 +3,7 @@
 Each model takes the flattened varlen batch (no padding) and reaches its KV only through the paged
 cache and the block tables in `AttentionMetadata`.
 """
-from model_impl.layers import AttentionMetadata
+from rawpaged.worker.model_runner import AttentionMetadata
 from model_impl.llama import LlamaForCausalLM
 from model_impl.opt import OPTForCausalLM
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_impl.layers import AttentionMetadata, WeightSet, attention, rope_cos_sin_cache
+from model_impl.layers import WeightSet, attention, rope_cos_sin_cache
+from rawpaged.worker.model_runner import AttentionMetadata
 from rawpaged.config import ModelConfig
 from rawpaged.errors import RawpagedError
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_impl.layers import AttentionMetadata, WeightSet, attention
+from model_impl.layers import WeightSet, attention
+from rawpaged.worker.model_runner import AttentionMetadata
 from rawpaged.config import ModelConfig
 from rawpaged.errors import RawpagedError
 

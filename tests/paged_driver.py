@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from rawpaged.backend import cpu
-from rawpaged.cache_engine import CacheEngine
+from rawpaged.worker.cache_engine import CacheEngine
 from rawpaged.config import ModelConfig
 from rawpaged.loader import iter_tensors
-from rawpaged.model_runner import ModelRunner, ScheduledSeq
+from rawpaged.worker.model_runner import ModelRunner, ScheduledSeq
 from rawpaged.sequence import Sequence
 from model_impl import get_model_class
 

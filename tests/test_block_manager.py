@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from rawpaged import block_manager as bm_mod
-from rawpaged.block_manager import AllocStatus, BlockSpaceManager
+from rawpaged.core import block_manager as bm_mod
+from rawpaged.core.block_manager import AllocStatus, BlockSpaceManager
 from rawpaged.errors import RawpagedError
 from rawpaged.sampling_params import SamplingParams
 from rawpaged.sequence import Sequence, SequenceGroup, SequenceStatus, next_seq_id

@@ -222,10 +222,10 @@ def test_bf16_output_is_a_standard_safetensors_file(tmp_path):
 def prompt_logits(model_dir: Path, prompt: list[int]) -> np.ndarray:
     from model_impl import get_model_class
     from rawpaged.backend import cpu
-    from rawpaged.cache_engine import CacheEngine
+    from rawpaged.worker.cache_engine import CacheEngine
     from rawpaged.config import ModelConfig
     from rawpaged.loader import iter_tensors
-    from rawpaged.model_runner import ScheduledSeq, prepare_inputs
+    from rawpaged.worker.model_runner import ScheduledSeq, prepare_inputs
     from rawpaged.sequence import Sequence
     cfg = ModelConfig.from_dir(model_dir)
     model = get_model_class(cfg.family)(cfg, cpu, np.float32)

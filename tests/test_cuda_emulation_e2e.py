@@ -21,7 +21,7 @@ import pytest
 
 from cuda_emulator import CXX, MemInfo, install, uninstall_caches
 from rawpaged import LLM, SamplingParams
-from rawpaged.cache_engine import block_bytes
+from rawpaged.worker.cache_engine import block_bytes
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) to build the host emulation")
 

@@ -5,7 +5,7 @@ import pytest
 
 from paged_driver import PagedDriver, load_model
 from rawpaged import LLM, SamplingParams
-from rawpaged.cache_engine import block_bytes
+from rawpaged.worker.cache_engine import block_bytes
 from rawpaged.sequence import Sequence
 
 

@@ -26,8 +26,8 @@ def test_greedy_64_tokens_from_bos(llm, golden):
 
 
 def test_position0_logits(llm, golden):
-    from model_impl.layers import AttentionMetadata
-    from rawpaged.model_runner import ScheduledSeq, prepare_inputs
+    from rawpaged.worker.model_runner import AttentionMetadata
+    from rawpaged.worker.model_runner import ScheduledSeq, prepare_inputs
     from rawpaged.sequence import Sequence
 
     eng = llm.engine

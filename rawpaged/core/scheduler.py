@@ -16,7 +16,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from rawpaged.block_manager import AllocStatus, BlockSpaceManager
+from rawpaged.core.block_manager import AllocStatus, BlockSpaceManager
 from rawpaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 

@@ -11,8 +11,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_impl.layers import AttentionMetadata
 from rawpaged.sequence import Sequence
+
+
+@dataclass
+class AttentionMetadata:
+    """The flattened batch of one step (DESIGN.md, "The batch the model sees").
+
+    T tokens from S sequences; sequence s owns tokens query_start_loc[s]:query_start_loc[s+1].
+    """
+    slot_mapping: object      # int64 [T]     where each new token's K/V goes
+    block_tables: object      # int32 [S, B]  logical block -> physical block per sequence
+    seq_lens: object          # int32 [S]     context length including this step's tokens
+    query_start_loc: object   # int32 [S+1]
+    max_query_len: int = 0
+    max_seq_len: int = 0
 
 
 @dataclass

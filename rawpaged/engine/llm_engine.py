@@ -18,18 +18,18 @@ import numpy as np
 from model_impl import get_model_class
 from rawpaged import beam_search
 from rawpaged.backend import get_backend
-from rawpaged.block_manager import BlockSpaceManager
-from rawpaged.cache_engine import CacheEngine, block_bytes, num_blocks_for
+from rawpaged.core.block_manager import BlockSpaceManager
+from rawpaged.worker.cache_engine import CacheEngine, block_bytes, num_blocks_for
 from rawpaged.config import ModelConfig
 from rawpaged.errors import RawpagedError
 from rawpaged.loader import iter_tensors
-from rawpaged.model_runner import ModelRunner, ScheduledSeq
+from rawpaged.worker.model_runner import ModelRunner, ScheduledSeq
 from rawpaged.outputs import CompletionOutput, RequestOutput
 from rawpaged.sampler import Sampler, SamplingRow, verify_for_vocab
 from rawpaged.sampling_params import SamplingParams
-from rawpaged.scheduler import Scheduler, SchedulerConfig
+from rawpaged.core.scheduler import Scheduler, SchedulerConfig
 from rawpaged.sequence import Sequence, SequenceGroup, SequenceStatus, next_seq_id
-from rawpaged.stats import EngineStats
+from rawpaged.engine.stats import EngineStats
 from rawpaged.stop import StopChecker
 from rawpaged.tokenizer import IncrementalDetokenizer, Tokenizer
 

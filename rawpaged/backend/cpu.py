@@ -160,6 +160,25 @@ def swap_blocks(src, dst, pairs, stream=None):
         dst[pairs[:, 1]] = src[pairs[:, 0]]
 
 
+# NOTE: on the CPU the "device" pool and the swap pool are both host memory and every copy is
+# synchronous, so the swap stream and its events are None and waiting is a no-op.
+def alloc_pinned(shape, dtype):
+    """The swap pool: plain host memory."""
+    return np.empty(tuple(shape), dtype=dtype)
+
+
+def swap_stream():
+    return None
+
+
+def record_event(stream):
+    return None
+
+
+def wait_event(event):
+    pass
+
+
 # --------------------------------------------------------------------------------------------
 # Norms, rotary embedding, activations
 # --------------------------------------------------------------------------------------------
@@ -266,6 +285,15 @@ def to_host(array):
 
 def synchronize():
     pass
+
+
+def free_device_memory() -> int:
+    """Bytes of host memory available (the CPU backend's device is the host)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def total_device_memory() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def resolve_dtype(dtype, torch_dtype=None):

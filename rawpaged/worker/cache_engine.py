@@ -43,10 +43,8 @@ class CacheEngine:
         # NOTE: empty, not zeros: a kernel that reads a slot nobody wrote is a bug, and stale
         # values (or NaN on the GPU tests' poisoned caches) make it visible.
         self.device_cache = backend.xp.empty((num_device_blocks, *shape), dtype=dtype)
-        alloc_host = getattr(backend, "alloc_pinned", None)
-        host_shape = (num_cpu_blocks, *shape)
-        self.cpu_cache = alloc_host(host_shape, dtype) if alloc_host else np.empty(host_shape, dtype=dtype)
-        self._stream = backend.swap_stream() if hasattr(backend, "swap_stream") else None
+        self.cpu_cache = backend.alloc_pinned((num_cpu_blocks, *shape), dtype)
+        self._stream = backend.swap_stream()
         self._pending_event = None
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
@@ -73,5 +71,4 @@ class CacheEngine:
             self._pending_event = None
 
     def _record(self) -> None:
-        if self._stream is not None:
-            self._pending_event = self.backend.record_event(self._stream)
+        self._pending_event = self.backend.record_event(self._stream)

@@ -28,7 +28,7 @@ class LLM:
 
     def get_stats(self) -> dict:
         """The engine's statistics (running/waiting/swapped, KV usage, preemptions, prefix hits...)."""
-        return self.engine.stats.as_dict(self.engine)
+        return self.engine.get_stats()
 
     def generate(self, prompts: str | Seq[str] | None = None,
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,

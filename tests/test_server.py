@@ -83,7 +83,7 @@ def _blocks(srv: BackgroundServer) -> tuple[int, int]:
 
 
 def _stats(srv: BackgroundServer) -> dict:
-    return srv.state.engine.submit(lambda e: e.stats.as_dict(e)).result(10)
+    return srv.state.engine.submit(lambda e: e.get_stats()).result(10)
 
 
 def _gate(srv: BackgroundServer) -> threading.Event:

@@ -192,6 +192,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def get_stats(self) -> dict:
+        """Counters, and gauges read live from the scheduler (so an abort shows at once)."""
+        return self.stats.as_dict(self)
+
     # -- one iteration -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()

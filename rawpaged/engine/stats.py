@@ -86,9 +86,12 @@ class EngineStats:
     def as_dict(self, engine) -> dict:
         bm, sched = engine.block_manager, engine.scheduler
         q = bm.prefix_cache_queries
+        # NOTE: gauges are read live, not from the last step: after aborts with nothing left to run
+        # no step follows, and /metrics must not keep showing the aborted requests.
         return {
-            "num_running": self.num_running, "num_waiting": self.num_waiting, "num_swapped": self.num_swapped,
-            "kv_usage": self.kv_usage, "num_free_blocks": bm.get_num_free_device_blocks(),
+            "num_running": sum(len(g.get_unfinished_seqs()) for g in sched.running),
+            "num_waiting": len(sched.waiting), "num_swapped": len(sched.swapped),
+            "kv_usage": bm.usage(), "num_free_blocks": bm.get_num_free_device_blocks(),
             "num_device_blocks": bm.num_device_blocks, "num_cpu_blocks": bm.num_cpu_blocks,
             "num_preemptions_recompute": sched.num_preemptions["recompute"],
             "num_preemptions_swap": sched.num_preemptions["swap"],

@@ -97,7 +97,7 @@ class AsyncEngine:
     def __init__(self, engine, on_finished: Callable[[RequestOutput], None] | None = None):
         self.engine = engine
         self.on_finished = on_finished            # called on the engine thread (metrics)
-        self.stats: dict = engine.stats.as_dict(engine)
+        self.stats: dict = engine.get_stats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}      # event-loop side only
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,7 +179,7 @@ class AsyncEngine:
                 break
             if engine.has_unfinished_requests():
                 self._step()
-            self.stats = engine.stats.as_dict(engine)
+            self.stats = engine.get_stats()
         self._abort_everything()
         logger.debug("engine thread stopped")
 

@@ -8,43 +8,18 @@ import argparse
 import json
 import sys
 
+import rawpaged
+from rawpaged.engine.config import EngineConfig
 from rawpaged.errors import RawpagedError
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", required=True, help="Hugging Face model directory")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32])
-    g.add_argument("--kv-cache-memory", type=int, default=None, help="bytes for the KV cache pool")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.90)
-    g.add_argument("--swap-space", type=float, default=1.0, help="GiB of CPU swap space")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--preemption-mode", default="auto", choices=["auto", "recompute", "swap"])
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--no-chunked-prefill", action="store_true")
-    g.add_argument("--seed", type=int, default=None,
-                   help="random seed (generate: the requests' sampling seed, reproducible sampling)")
-
-
-def engine_kwargs(a: argparse.Namespace) -> dict:
-    return dict(device=a.device, dtype=a.dtype, block_size=a.block_size, kv_cache_memory=a.kv_cache_memory,
-                gpu_memory_utilization=a.gpu_memory_utilization, swap_space=a.swap_space,
-                max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                max_model_len=a.max_model_len, preemption_mode=a.preemption_mode,
-                enable_prefix_caching=not a.no_prefix_caching,
-                enable_chunked_prefill=not a.no_chunked_prefill, seed=a.seed or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rawpaged", description="PagedAttention LLM serving without PyTorch")
+    parser.add_argument("--version", action="version", version=f"rawpaged {rawpaged.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a prompt")
-    _engine_args(gen)
+    EngineConfig.add_cli_args(gen)
     gen.add_argument("prompt", nargs="*", help="prompt text (several prompts run as one batch); none: BOS only")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -71,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--quiet", action="store_true", help="no progress bar")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _engine_args(srv)
+    srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                     help="the model to serve (as --model; vllm serve's form)")
+    EngineConfig.add_cli_args(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None)
@@ -89,7 +66,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
                                 top_k=a.top_k, n=a.n, seed=a.seed, ignore_eos=a.ignore_eos, stop=a.stop)
     except ValueError as e:
         raise RawpagedError(str(e)) from None
-    llm = LLM(a.model, **engine_kwargs(a))
+    llm = LLM(**vars(EngineConfig.from_cli_args(a)))
     if a.prompt:
         outs = llm.generate(a.prompt, params)
     else:
@@ -126,6 +103,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    if a.model_tag is not None:
+        if a.model is not None and a.model != a.model_tag:
+            raise RawpagedError(f"two models given: {a.model_tag!r} and --model {a.model!r}")
+        a.model = a.model_tag
     try:
         from rawpaged.server.app import run_server
     except ImportError as e:

@@ -4,6 +4,8 @@
     llm = LLM(model="path/to/hf_dir", device="auto", block_size=16)
     outs = llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=32))
     outs[0].outputs[0].text
+
+Every option of EngineConfig is a keyword argument.
 """
 from __future__ import annotations
 
@@ -16,10 +18,9 @@ from rawpaged.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, device: str = "auto", block_size: int = 16,
-                 kv_cache_memory: int | None = None, **engine_args):
-        self.engine = LLMEngine(EngineConfig(model=str(model), device=device, block_size=block_size,
-                                             kv_cache_memory=kv_cache_memory, **engine_args))
+    def __init__(self, model: str | None = None, **engine_args):
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=None if model is None else str(model),
+                                                         **engine_args))
         self._next_id = 0
 
     @property
@@ -33,7 +34,9 @@ class LLM:
     def generate(self, prompts: str | Seq[str] | None = None,
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  prompt_token_ids: Seq[Seq[int]] | None = None) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Requests run with continuous batching."""
+        """One RequestOutput per prompt, in order. Requests run with continuous batching.
+
+        Every request is checked before any is queued: a bad one raises and none runs."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if prompts is None and prompt_token_ids is None:
@@ -47,14 +50,15 @@ class LLM:
             sampling_params = [sampling_params] * n
         if len(sampling_params) != n:
             raise RawpagedError(f"{len(sampling_params)} sampling params for {n} prompts")
-        ids = []
+        groups = []
         for i in range(n):
-            rid = f"gen-{self._next_id}"
-            self._next_id += 1
-            self.engine.add_request(rid, prompts[i] if prompts is not None else None, sampling_params[i],
-                                    prompt_token_ids=prompt_token_ids[i] if prompt_token_ids is not None else None)
-            ids.append(rid)
-        return self._run(ids)
+            groups.append(self.engine.make_group(
+                f"gen-{self._next_id + i}", prompts[i] if prompts is not None else None, sampling_params[i],
+                prompt_token_ids=prompt_token_ids[i] if prompt_token_ids is not None else None))
+        self._next_id += n
+        for group in groups:
+            self.engine.enqueue(group)
+        return self._run([g.request_id for g in groups])
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         wanted = set(ids)

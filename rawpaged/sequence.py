@@ -3,14 +3,18 @@
 A request (SequenceGroup) owns one or more Sequences (parallel samples or beams). A sequence is a
 prompt plus the tokens generated so far; `num_computed_tokens` says how many of them already have
 their K/V in the paged cache. The block tables that map a sequence's logical blocks to physical
-ones live in the BlockSpaceManager, keyed by `seq_id`: the scheduler and the block manager never
-touch arrays, and the model runner asks the block manager for the tables it flattens.
+ones live in the KV cache manager, keyed by `seq_id`: the scheduler and the block manager never
+touch arrays. Each step the scheduler hands out one `ScheduledSeq` per sequence that computes tokens
+(with its group and its block table); the model runner flattens them, the output processor reads
+the group from them.
 """
 from __future__ import annotations
 
 import enum
 import itertools
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from rawpaged.sampling_params import SamplingParams
 
@@ -58,6 +62,8 @@ class Sequence:
     output_text: str = ""
     detok_state: object = None
     stop_reason: int | str | None = None
+    # The request's seeded generator for this sample (None: the sampler's own).
+    generator: np.random.Generator | None = None
 
     # -- token bookkeeping ------------------------------------------------------------------
     @property
@@ -124,6 +130,7 @@ class Sequence:
             output_text=self.output_text,
             detok_state=_copy_state(self.detok_state),
             stop_reason=self.stop_reason,
+            # NOTE: no generator: a parallel sample gets its own (seed, index) one when it starts.
         )
 
 
@@ -176,6 +183,11 @@ class SequenceGroup:
         # NOTE: prompt logprobs need logits at every prompt position: no cached block may be skipped.
         return self.sampling_params.prompt_logprobs is None
 
+    def wants_prompt_logprobs(self, seq: Sequence) -> bool:
+        """The group's first sequence, still in its first prefill, returns prompt logprobs."""
+        return (self.sampling_params.prompt_logprobs is not None and seq is self.seqs[0]
+                and seq.is_prefill and seq.num_output_tokens == 0)
+
     def max_num_running_seqs(self) -> int:
         """Upper bound of sequences this group will run at once (for the sequence budget)."""
         sp = self.sampling_params
@@ -184,3 +196,14 @@ class SequenceGroup:
         if not any(s.output_token_ids for s in self.seqs) and len(self.seqs) == 1:
             return sp.best_of     # will fork into best_of after the prompt
         return len(self.get_unfinished_seqs())
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's work in one step: the scheduler's output, the model runner's input."""
+    seq: Sequence
+    num_new_tokens: int           # tokens computed this step, starting at seq.num_computed_tokens
+    block_table: list[int]
+    sample: bool                  # this step ends with the sequence's next token
+    prompt_logits: bool = False   # also return logits at every computed prompt position
+    group: SequenceGroup | None = None   # the request (the output processor's key)

@@ -11,7 +11,8 @@ from rawpaged.backend import cpu
 from rawpaged.worker.cache_engine import CacheEngine
 from rawpaged.config import ModelConfig
 from rawpaged.loader import iter_tensors
-from rawpaged.worker.model_runner import ModelRunner, ScheduledSeq
+from rawpaged.sequence import ScheduledSeq
+from rawpaged.worker.model_runner import ModelRunner
 from rawpaged.sequence import Sequence
 from model_impl import get_model_class
 

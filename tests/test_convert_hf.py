@@ -225,7 +225,8 @@ def prompt_logits(model_dir: Path, prompt: list[int]) -> np.ndarray:
     from rawpaged.worker.cache_engine import CacheEngine
     from rawpaged.config import ModelConfig
     from rawpaged.loader import iter_tensors
-    from rawpaged.worker.model_runner import ScheduledSeq, prepare_inputs
+    from rawpaged.sequence import ScheduledSeq
+    from rawpaged.worker.model_runner import prepare_inputs
     from rawpaged.sequence import Sequence
     cfg = ModelConfig.from_dir(model_dir)
     model = get_model_class(cfg.family)(cfg, cpu, np.float32)

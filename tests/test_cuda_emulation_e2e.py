@@ -89,7 +89,7 @@ def test_stories260k_greedy_equals_golden(emu, stories260k_dir, data_dir, dtype)
     want = _stories_golden(data_dir)
     llm = LLM(str(stories260k_dir), device="cuda", dtype=dtype, kv_cache_memory=1 << 20, swap_space=0.001)
     assert llm.engine.device == "cuda" and llm.engine.dtype == np.dtype(dtype)
-    assert type(llm.engine.cache.device_cache).__name__ == "EmuArray"
+    assert type(llm.engine.executor.cache.device_cache).__name__ == "EmuArray"
     out = llm.generate(prompt_token_ids=[[1]], sampling_params=SamplingParams(max_tokens=64, **GREEDY))
     assert out[0].outputs[0].token_ids == want
 
@@ -147,8 +147,8 @@ def test_preemption_by_swap_changes_nothing(emu, stories260k_dir):
     got = _ids(tight.generate(prompt_token_ids=prompts, sampling_params=params))
     stats = tight.get_stats()
     assert stats["num_preemptions_swap"] > 0, stats
-    assert type(tight.engine.cache.cpu_cache) is np.ndarray          # the pinned pool is host memory
-    assert tight.engine.cache._stream.waited > 0                     # compute waited on the swap stream
+    assert type(tight.engine.executor.cache.cpu_cache) is np.ndarray          # the pinned pool is host memory
+    assert tight.engine.executor.cache._stream.waited > 0                     # compute waited on the swap stream
     assert got == want
 
 
@@ -165,8 +165,8 @@ def test_gpu_memory_utilization_sizes_the_cache(emu, stories260k_dir, monkeypatc
     cfg = eng.model_config
     logits = 4 * cfg.vocab_size * 16 * 4
     budget = int(64 * MiB * 0.5) - 8 * MiB - logits
-    assert eng.cache.num_device_blocks == budget // block_bytes(cfg, 16, np.float32)
-    assert eng.cache.device_cache.shape[0] == eng.cache.num_device_blocks
+    assert eng.executor.cache.num_device_blocks == budget // block_bytes(cfg, 16, np.float32)
+    assert eng.executor.cache.device_cache.shape[0] == eng.executor.cache.num_device_blocks
     out = llm.generate(prompt_token_ids=[[1]], sampling_params=SamplingParams(max_tokens=8, **GREEDY))
     assert len(out[0].outputs[0].token_ids) == 8
 

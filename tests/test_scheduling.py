@@ -122,9 +122,10 @@ def test_beam_search_matches_naive(stories260k_dir):
     for prompt in ([1, 403, 407, 261], [1, 300, 301, 302, 303, 304]):
         sp = SamplingParams(use_beam_search=True, best_of=4, n=1, temperature=0, max_tokens=12)
         out = llm.generate(None, sp, prompt_token_ids=[prompt])[0]
-        assert out.outputs[0].token_ids == naive_beam_search(model, prompt, 4, 12, llm.engine.eos_ids)
+        assert out.outputs[0].token_ids == naive_beam_search(model, prompt, 4, 12, llm.engine.output_processor.eos_ids)
     assert_all_blocks_free(llm)
-    assert not llm.engine.groups and not llm.engine._group_of      # no bookkeeping left behind
+    bm = llm.engine.block_manager                                  # no bookkeeping left behind
+    assert not llm.engine.groups and bm.get_num_free_device_blocks() == bm.num_device_blocks
 
 
 def test_beam_search_forks_share_blocks(stories260k_dir):

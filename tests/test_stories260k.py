@@ -27,14 +27,15 @@ def test_greedy_64_tokens_from_bos(llm, golden):
 
 def test_position0_logits(llm, golden):
     from rawpaged.worker.model_runner import AttentionMetadata
-    from rawpaged.worker.model_runner import ScheduledSeq, prepare_inputs
+    from rawpaged.sequence import ScheduledSeq
+    from rawpaged.worker.model_runner import prepare_inputs
     from rawpaged.sequence import Sequence
 
     eng = llm.engine
     seq = Sequence(10**9, [golden["start_token"]])
     inputs = prepare_inputs([ScheduledSeq(seq, 1, [0], sample=True)], eng.config.block_size)
-    hidden = eng.model.forward(inputs.input_ids, inputs.positions, eng.cache.device_cache, inputs.meta)
-    logits = eng.model.compute_logits(hidden)[0]
+    hidden = eng.executor.model.forward(inputs.input_ids, inputs.positions, eng.executor.cache.device_cache, inputs.meta)
+    logits = eng.executor.model.compute_logits(hidden)[0]
     np.testing.assert_allclose(logits[:8], golden["logits_pos0_first8"], rtol=1e-4, atol=1e-4)
     assert isinstance(inputs.meta, AttentionMetadata)
 

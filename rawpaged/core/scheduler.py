@@ -7,8 +7,9 @@ budget (`max_num_batched_tokens`) and a sequence budget (`max_num_seqs`):
      (single-sequence groups) or swapped to CPU memory (multi-sequence groups);
   2. swapped groups come back before any new group is admitted;
   3. waiting groups are admitted first-come-first-served while blocks and budgets allow.
-A request that can never fit is returned in `ignored` and the engine finishes it with an error.
-The scheduler only does bookkeeping: the engine performs the swaps and copies it returns.
+A request that can never fit is refused at admission (`why_never_fits`), or returned in
+`ignored` and finished with an error. The scheduler only does bookkeeping: the executor performs the
+swaps and copies it returns, and the output processor frees and forks sequences through it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rawpaged.core.block_manager import AllocStatus, BlockSpaceManager
-from rawpaged.sequence import Sequence, SequenceGroup, SequenceStatus
+from rawpaged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
 
 
 class PreemptionMode(enum.Enum):
@@ -27,6 +28,8 @@ class PreemptionMode(enum.Enum):
 
 @dataclass
 class SchedulerConfig:
+    """The scheduler's limits. The engine builds it from EngineConfig, with max_model_len and
+    max_num_batched_tokens resolved against the model and the cache."""
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
@@ -41,8 +44,26 @@ class ScheduledGroup:
 
 
 @dataclass
+class SchedulerStats:
+    """A snapshot of the queues and the KV pool, read live (what /metrics and get_stats show)."""
+    num_running_seqs: int
+    num_waiting: int
+    num_swapped: int
+    kv_usage: float
+    num_free_blocks: int
+    num_device_blocks: int
+    num_cpu_blocks: int
+    num_preemptions: dict
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    waste_slots: int               # allocated device slots not holding a token
+    allocated_slots: int
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledGroup] = field(default_factory=list)
+    batch: list[ScheduledSeq] = field(default_factory=list)   # one per sequence computing tokens
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)    # (cpu, device)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device, cpu)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)       # (src, dst) on device
@@ -100,12 +121,88 @@ class Scheduler:
         for seq in group.seqs:
             self.block_manager.free(seq)
 
+    def free_seq(self, seq: Sequence) -> None:
+        """A sequence finished or left its group: its blocks go back to the pool."""
+        self.block_manager.free(seq)
+
+    def fork_seq(self, parent: Sequence, child: Sequence) -> None:
+        """A new sample or beam shares every block of its parent (copy-on-write later)."""
+        self.block_manager.fork(parent, child)
+
     def free_finished(self) -> None:
         """Drop finished groups from the running queue (their blocks are freed as seqs finish)."""
         self.running = deque(g for g in self.running if not g.finished)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
+
+    def why_never_fits(self, group: SequenceGroup) -> str | None:
+        """Why this request can never run to completion here, or None (checked before admission;
+        the engine finishes such a group with an error output)."""
+        c = self.config
+        n = group.seqs[0].num_tokens                     # the prompt, or everything after a recompute
+        if n > c.max_model_len:
+            return f"prompt has {n} tokens, more than the maximum model length {c.max_model_len}"
+        if not c.enable_chunked_prefill and n > c.max_num_batched_tokens:
+            return (f"prompt has {n} tokens, more than max_num_batched_tokens="
+                    f"{c.max_num_batched_tokens} with chunked prefill disabled")
+        return self.why_too_wide(group)
+
+    def why_too_wide(self, group: SequenceGroup) -> str | None:
+        """Why this request's sequences can never all run, or None (the engine refuses it at once).
+
+        NOTE: a group wider than max_num_seqs would wait forever, and one whose sequences cannot all
+        reach their maximum length in the cache at once would preempt itself forever.
+        """
+        c, sp = self.config, group.sampling_params
+        prompt = group.seqs[0].num_prompt_tokens
+        width = group.max_num_running_seqs()
+        if width > c.max_num_seqs:
+            what = "beam width" if sp.use_beam_search else "best_of" if sp.best_of > sp.n else "n"
+            return f"{what}={width} is more than max_num_seqs={c.max_num_seqs} sequences a step can run"
+        if width > 1:
+            max_len = min(c.max_model_len, prompt + (sp.max_tokens or c.max_model_len))
+            bs = self.block_manager.block_size
+            # The prompt's full blocks stay shared; each sequence may own every block after them.
+            need = prompt // bs + width * (-(-max_len // bs) - prompt // bs)
+            room = self.block_manager.num_device_blocks - self.block_manager.watermark_blocks
+            if need > room:
+                return (f"{width} sequences of up to {max_len} tokens need up to {need} KV blocks, more than "
+                        f"the cache's {room}: lower n/best_of or max_tokens")
+        return None
+
+    def on_step_done(self, out: SchedulerOutput) -> None:
+        """After the model ran: the batch's tokens are in the cache (prefix caching may register them)."""
+        for s in out.batch:
+            s.seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.mark_computed(s.seq)
+
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        running = [s for g in self.running for s in g.get_unfinished_seqs()]
+        waste, allocated = self._kv_waste(running)
+        return SchedulerStats(
+            num_running_seqs=len(running), waste_slots=waste, allocated_slots=allocated,
+            num_waiting=len(self.waiting), num_swapped=len(self.swapped), kv_usage=bm.usage(),
+            num_free_blocks=bm.get_num_free_device_blocks(), num_device_blocks=bm.num_device_blocks,
+            num_cpu_blocks=bm.num_cpu_blocks, num_preemptions=dict(self.num_preemptions),
+            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits)
+
+    def _kv_waste(self, running: list[Sequence]) -> tuple[int, int]:
+        """(allocated - used slots, allocated slots) of the device pool.
+
+        A table covers exactly its sequence's tokens, so only a sequence's last block can be partly
+        filled; a last block shared by forks is counted once. O(sequences), not O(blocks).
+        """
+        bm = self.block_manager
+        bs = bm.block_size
+        allocated = (bm.num_device_blocks - bm.get_num_free_device_blocks()) * bs
+        empty: dict[int, int] = {}                       # last physical block -> empty slots
+        for seq in running:
+            table = bm.get_block_table(seq)
+            if table:
+                empty[table[-1]] = min(empty.get(table[-1], bs), len(table) * bs - seq.num_tokens)
+        return sum(empty.values()), allocated
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -117,7 +214,21 @@ class Scheduler:
         if not preempted and not self.swapped:
             self._schedule_waiting(out, budget)
         out.num_batched_tokens = budget.tokens
+        out.batch = self._flatten(out.scheduled)
         return out
+
+    def _flatten(self, scheduled: list[ScheduledGroup]) -> list[ScheduledSeq]:
+        """One ScheduledSeq per sequence that computes tokens this step, carrying its group."""
+        batch = []
+        for sg in scheduled:
+            group = sg.group
+            for seq in group.seqs:
+                n = sg.num_new_tokens.get(seq.seq_id)
+                if n:
+                    batch.append(ScheduledSeq(seq, n, self.block_manager.get_block_table(seq),
+                                              sample=seq.num_computed_tokens + n == seq.num_tokens,
+                                              prompt_logits=group.wants_prompt_logprobs(seq), group=group))
+        return batch
 
     def _schedule_running(self, out: SchedulerOutput, budget: _Budget) -> bool:
         """Keep running groups going; preempt the latest arrivals when blocks run out."""
@@ -172,7 +283,7 @@ class Scheduler:
         while self.waiting:
             group = self.waiting[0]
             seqs = group.get_seqs(SequenceStatus.WAITING)
-            why = self._never_fits(group)
+            why = self.why_never_fits(group)
             if why is None:
                 status = self.block_manager.can_allocate(group)
                 if status == AllocStatus.NEVER:
@@ -199,15 +310,6 @@ class Scheduler:
             self.running.append(group)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _never_fits(self, group: SequenceGroup) -> str | None:
-        n = group.seqs[0].num_tokens
-        if n > self.config.max_model_len:
-            return f"prompt has {n} tokens, more than the maximum model length {self.config.max_model_len}"
-        if not self.config.enable_chunked_prefill and n > self.config.max_num_batched_tokens:
-            return (f"prompt has {n} tokens, more than max_num_batched_tokens="
-                    f"{self.config.max_num_batched_tokens} with chunked prefill disabled")
-        return None
-
     def _prompt_fits(self, seqs: list[Sequence], budget: _Budget) -> bool:
         """Whether this step can take the group's prompt (a chunk of it, with chunked prefill),
         counted before prefix-cache hits so the check needs no allocation."""

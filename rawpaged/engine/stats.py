@@ -1,7 +1,8 @@
 """Engine statistics: what the server's /metrics and the benchmarks read.
 
-Counters only grow; gauges describe the latest step. Memory waste follows the paper's definition:
-token slots allocated in the KV cache minus the slots holding real tokens.
+Counters only grow; gauges come from the scheduler's live snapshot (`Scheduler.stats()`). Memory
+waste follows the paper's definition: token slots allocated in the KV cache minus the slots holding
+real tokens.
 """
 from __future__ import annotations
 
@@ -20,14 +21,9 @@ class EngineStats:
     num_refused: int = 0
     prompt_tokens: int = 0             # prompt tokens computed (prefix-cache hits excluded)
     generation_tokens: int = 0         # tokens sampled
-    # gauges (latest step)
-    num_running: int = 0
-    num_waiting: int = 0
-    num_swapped: int = 0
-    kv_usage: float = 0.0              # fraction of device blocks in use
-    num_free_blocks: int = 0
-    memory_waste_slots: int = 0        # allocated slots - used slots, this step
+    # the latest step
     batched_tokens: int = 0
+    memory_waste_slots: int = 0        # allocated slots - used slots
     # running means
     sum_running_seqs: int = 0
     sum_waste_fraction: float = 0.0
@@ -48,59 +44,36 @@ class EngineStats:
                 self.time_to_first_token.append(group.first_token_time - group.arrival_time)
                 self.e2e_latency.append(group.finished_time - group.arrival_time)
 
-    def on_step(self, engine, out) -> None:
-        sched, bm = engine.scheduler, engine.block_manager
+    def on_step(self, out, snapshot) -> None:
+        """After a step: `out` is the SchedulerOutput it ran, `snapshot` the scheduler's stats()."""
         self.num_steps += 1
         self.batched_tokens = out.num_batched_tokens
-        for sg in out.scheduled:
-            for seq in sg.group.seqs:
-                n = sg.num_new_tokens.get(seq.seq_id, 0)
-                # tokens computed now that were prompt tokens (the others are decode inputs)
-                self.prompt_tokens += max(0, min(n, seq.num_prompt_tokens - (seq.num_computed_tokens - n)))
-        running = [s for g in sched.running for s in g.get_unfinished_seqs()]
-        self.num_running = len(running)
-        self.num_waiting = len(sched.waiting)
-        self.num_swapped = len(sched.swapped)
-        self.kv_usage = bm.usage()
-        self.num_free_blocks = bm.get_num_free_device_blocks()
-        self.memory_waste_slots, allocated = self._waste(bm, running)
-        self.sum_running_seqs += self.num_running
-        self.sum_waste_fraction += self.memory_waste_slots / allocated if allocated else 0.0
+        for s in out.batch:
+            # tokens computed now that were prompt tokens (the others are decode inputs)
+            seq, n = s.seq, s.num_new_tokens
+            self.prompt_tokens += max(0, min(n, seq.num_prompt_tokens - (seq.num_computed_tokens - n)))
+        self.memory_waste_slots = snapshot.waste_slots
+        self.sum_running_seqs += snapshot.num_running_seqs
+        if snapshot.allocated_slots:
+            self.sum_waste_fraction += snapshot.waste_slots / snapshot.allocated_slots
 
-    @staticmethod
-    def _waste(bm, running) -> tuple[int, int]:
-        """(allocated - used slots, allocated slots) of the device pool.
-
-        A table covers exactly its sequence's tokens, so only a sequence's last block can be partly
-        filled; a last block shared by forks is counted once. O(sequences), not O(blocks).
-        """
-        bs = bm.block_size
-        allocated = (bm.num_device_blocks - bm.get_num_free_device_blocks()) * bs
-        empty: dict[int, int] = {}                       # last physical block -> empty slots
-        for seq in running:
-            table = bm.get_block_table(seq)
-            if table:
-                empty[table[-1]] = min(empty.get(table[-1], bs), len(table) * bs - seq.num_tokens)
-        return sum(empty.values()), allocated
-
-    def as_dict(self, engine) -> dict:
-        bm, sched = engine.block_manager, engine.scheduler
-        q = bm.prefix_cache_queries
-        # NOTE: gauges are read live, not from the last step: after aborts with nothing left to run
-        # no step follows, and /metrics must not keep showing the aborted requests.
+    def as_dict(self, snapshot) -> dict:
+        """Counters and means, with the gauges of the scheduler's live `snapshot`."""
+        q = snapshot.prefix_cache_queries
+        steps = self.num_steps
         return {
-            "num_running": sum(len(g.get_unfinished_seqs()) for g in sched.running),
-            "num_waiting": len(sched.waiting), "num_swapped": len(sched.swapped),
-            "kv_usage": bm.usage(), "num_free_blocks": bm.get_num_free_device_blocks(),
-            "num_device_blocks": bm.num_device_blocks, "num_cpu_blocks": bm.num_cpu_blocks,
-            "num_preemptions_recompute": sched.num_preemptions["recompute"],
-            "num_preemptions_swap": sched.num_preemptions["swap"],
-            "prefix_cache_queries": q, "prefix_cache_hits": bm.prefix_cache_hits,
-            "prefix_cache_hit_rate": bm.prefix_cache_hits / q if q else 0.0,
+            "num_running": snapshot.num_running_seqs, "num_waiting": snapshot.num_waiting,
+            "num_swapped": snapshot.num_swapped, "kv_usage": snapshot.kv_usage,
+            "num_free_blocks": snapshot.num_free_blocks, "num_device_blocks": snapshot.num_device_blocks,
+            "num_cpu_blocks": snapshot.num_cpu_blocks,
+            "num_preemptions_recompute": snapshot.num_preemptions["recompute"],
+            "num_preemptions_swap": snapshot.num_preemptions["swap"],
+            "prefix_cache_queries": q, "prefix_cache_hits": snapshot.prefix_cache_hits,
+            "prefix_cache_hit_rate": snapshot.prefix_cache_hits / q if q else 0.0,
             "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
             "num_requests": self.num_requests, "num_finished": self.num_finished,
             "num_aborted": self.num_aborted, "num_refused": self.num_refused,
-            "num_steps": self.num_steps, "memory_waste_slots": self.memory_waste_slots,
-            "mean_running_seqs": self.sum_running_seqs / self.num_steps if self.num_steps else 0.0,
-            "mean_waste_fraction": self.sum_waste_fraction / self.num_steps if self.num_steps else 0.0,
+            "num_steps": steps, "memory_waste_slots": self.memory_waste_slots,
+            "mean_running_seqs": self.sum_running_seqs / steps if steps else 0.0,
+            "mean_waste_fraction": self.sum_waste_fraction / steps if steps else 0.0,
         }

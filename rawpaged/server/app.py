@@ -505,7 +505,6 @@ def _uvicorn_config(app, log_level: str, access_log: bool) -> uvicorn.Config:
 
 def run_server(args) -> int:
     """`rawpaged serve`: load the engine, log what was loaded, serve until SIGINT/SIGTERM."""
-    from rawpaged.cli import engine_kwargs
     from rawpaged.engine import EngineConfig, LLMEngine
 
     level = str(args.log_level).lower()
@@ -513,12 +512,11 @@ def run_server(args) -> int:
         raise RawpagedError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
     logging.basicConfig(level=logging.DEBUG if level == "trace" else level.upper(),
                         format="%(levelname)s:     %(message)s")
-    engine = LLMEngine(EngineConfig(model=args.model, **engine_kwargs(args)))
+    engine = LLMEngine(EngineConfig.from_cli_args(args))
+    blocks = engine.cache_size.num_device_blocks
     logger.info("rawpaged serve: model %s on %s (%s), %d KV blocks of %d tokens (%d token slots), "
-                "max_model_len %d", args.model, engine.device, np.dtype(engine.dtype).name,
-                engine.cache.num_device_blocks,
-                engine.config.block_size, engine.cache.num_device_blocks * engine.config.block_size,
-                engine.max_model_len)
+                "max_model_len %d", args.model, engine.device, np.dtype(engine.dtype).name, blocks,
+                engine.config.block_size, blocks * engine.config.block_size, engine.max_model_len)
     config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key,
                           chat_template=load_chat_template(engine.tokenizer, args.chat_template))
     if config.chat_template is None:

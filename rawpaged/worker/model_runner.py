@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rawpaged.sequence import Sequence
+from rawpaged.sequence import ScheduledSeq
 
 
 @dataclass
@@ -26,15 +26,6 @@ class AttentionMetadata:
     query_start_loc: object   # int32 [S+1]
     max_query_len: int = 0
     max_seq_len: int = 0
-
-
-@dataclass
-class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int          # tokens computed this step, starting at seq.num_computed_tokens
-    block_table: list[int]
-    sample: bool                 # this step ends with the sequence's next token
-    prompt_logits: bool = False  # also return logits at every computed prompt position
 
 
 @dataclass

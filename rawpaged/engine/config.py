@@ -1,0 +1,126 @@
+"""EngineConfig: every engine option in one dataclass; the CLI, the server and LLM(...) read it.
+
+Each field carries its command-line help in its metadata, so `add_cli_args` writes the flags
+(`--block-size`, `--enable-prefix-caching/--no-enable-prefix-caching`, ...) and `from_cli_args`
+reads them back: a new option is one field here (as vLLM's EngineArgs.add_cli_args/from_cli_args).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import typing
+from dataclasses import dataclass, field, fields
+
+from rawpaged.errors import RawpagedError
+
+BLOCK_SIZES = (8, 16, 32)
+
+
+def parse_size(text) -> int:
+    """'4GB' (10^9), '4GiB' (2^30), '512M', '1.5g', '1048576' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GB, 512MiB, 1073741824)")
+    number, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
+    power = "kmgt".index(unit) + 1 if unit else 0
+    return int(number * ((1024 if binary or not unit else 1000) ** power))
+
+
+def _opt(default, help: str, **cli):
+    """A field with its command-line help (and choices / type / flag name / aliases)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = _opt(None, "Hugging Face model directory, or a hub name such as "
+                                   "facebook/opt-125m (default: the demo model shipped with rawpaged)")
+    revision: str | None = _opt(None, "hub revision (branch, tag or commit) of --model")
+    hf_token: str | None = _opt(None, "Hugging Face token for gated or private models (default: HF_TOKEN)")
+    device: str = _opt("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
+    dtype: str = _opt("auto", "weights and KV cache dtype (auto: the checkpoint's on the GPU; the CPU "
+                              "computes in float32)", choices=("auto", "float32", "float16", "bfloat16"))
+    block_size: int = _opt(16, "tokens per KV cache block", choices=BLOCK_SIZES)
+    kv_cache_memory: int | None = _opt(None, "bytes for the KV cache pool, e.g. 4GB or 512MiB "
+                                             "(default: 1 GiB on the CPU; GPU: gpu_memory_utilization)",
+                                       type=parse_size)
+    gpu_memory_utilization: float = _opt(0.90, "fraction of GPU memory for weights, activations and KV cache")
+    swap_space: float = _opt(1.0, "GiB of CPU memory for swapped-out KV blocks")
+    max_num_seqs: int = _opt(256, "sequences a step may run at once")
+    max_num_batched_tokens: int | None = _opt(None, "tokens a step may compute (default: "
+                                                    "max(2048, max_model_len without chunked prefill))")
+    max_model_len: int | None = _opt(None, "longest prompt + output (default: the model's, capped to the cache)")
+    preemption_mode: str = _opt("auto", "how to preempt when blocks run out (auto: recompute single "
+                                        "sequences, swap groups)", choices=("auto", "recompute", "swap"))
+    enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of prompts' shared prefixes")
+    enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
+    watermark: float = _opt(0.01, "fraction of KV blocks kept free when admitting requests")
+    seed: int = _opt(0, "random seed (generate: also the requests' sampling seed)")
+
+    def __post_init__(self):
+        self.verify()
+
+    def verify(self) -> None:
+        def bad(msg: str):
+            raise RawpagedError(msg)
+
+        if self.block_size not in BLOCK_SIZES:
+            bad(f"block_size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if self.preemption_mode not in ("auto", "recompute", "swap"):
+            bad(f"preemption_mode must be auto, recompute or swap, got {self.preemption_mode!r}")
+        if self.max_num_seqs < 1:
+            bad(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            bad(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            bad(f"max_model_len must be at least 1, got {self.max_model_len}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            bad(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.swap_space < 0:
+            bad(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            bad(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0.0 <= self.watermark < 1.0:
+            bad(f"watermark must be in [0, 1), got {self.watermark}")
+
+    # -- the command line --------------------------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        group = parser.add_argument_group("engine")
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if f.name in skip:
+                continue
+            meta = dict(f.metadata)
+            flag = "--" + f.name.replace("_", "-")
+            kwargs = {"default": f.default, "help": meta.pop("help"), "dest": f.name}
+            kind = _base_type(hints[f.name])
+            if kind is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = meta.pop("type", kind)
+                kwargs.update(meta)
+            group.add_argument(flag, **kwargs)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides) -> "EngineConfig":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """LLM(model, **kwargs): an unknown option is a one-line error naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise RawpagedError(f"unknown engine option {unknown[0]!r}: choose from {', '.join(sorted(known))}")
+        return cls(**kwargs)
+
+
+def _base_type(hint):
+    """int | None -> int."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint

@@ -14,27 +14,23 @@ swaps and copies it returns, and the output processor frees and forks sequences 
 from __future__ import annotations
 
 import enum
+import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rawpaged.core.block_manager import AllocStatus, BlockSpaceManager
 from rawpaged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
+
+if TYPE_CHECKING:
+    from rawpaged.engine.config import EngineConfig
+
+logger = logging.getLogger("rawpaged.scheduler")
 
 
 class PreemptionMode(enum.Enum):
     RECOMPUTE = "recompute"
     SWAP = "swap"
-
-
-@dataclass
-class SchedulerConfig:
-    """The scheduler's limits. The engine builds it from EngineConfig, with max_model_len and
-    max_num_batched_tokens resolved against the model and the cache."""
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
-    preemption_mode: str = "auto"          # auto | recompute | swap
-    enable_chunked_prefill: bool = True
 
 
 @dataclass
@@ -94,7 +90,10 @@ class _Budget:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockSpaceManager):
+    def __init__(self, config: EngineConfig, block_manager: BlockSpaceManager):
+        """`config` is the engine's, with max_model_len and max_num_batched_tokens resolved against
+        the model and the cache; the scheduler reads max_num_seqs, preemption_mode and
+        enable_chunked_prefill from it too (one config path: a new option is one field there)."""
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[SequenceGroup] = deque()
@@ -157,9 +156,12 @@ class Scheduler:
         c, sp = self.config, group.sampling_params
         prompt = group.seqs[0].num_prompt_tokens
         width = group.max_num_running_seqs()
+        what = "beam width" if sp.use_beam_search else "best_of" if sp.best_of > sp.n else "n"
         if width > c.max_num_seqs:
-            what = "beam width" if sp.use_beam_search else "best_of" if sp.best_of > sp.n else "n"
             return f"{what}={width} is more than max_num_seqs={c.max_num_seqs} sequences a step can run"
+        if width > c.max_num_batched_tokens:
+            return (f"{what}={width} is more than max_num_batched_tokens={c.max_num_batched_tokens}: "
+                    f"its sequences could never decode in one step")
         if width > 1:
             max_len = min(c.max_model_len, prompt + (sp.max_tokens or c.max_model_len))
             bs = self.block_manager.block_size
@@ -215,7 +217,25 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         out.num_batched_tokens = budget.tokens
         out.batch = self._flatten(out.scheduled)
+        if out.is_empty and not out.ignored and not self.running:
+            self._refuse_stuck(out)
         return out
+
+    def _refuse_stuck(self, out: SchedulerOutput) -> None:
+        """Nothing runs and nothing could be scheduled: the head of the queues can never start.
+
+        NOTE: admission checks make this unreachable; it is the safety net that turns a would-be
+        endless loop of empty steps into an error for the one request at the head.
+        """
+        queue = self.swapped or self.waiting
+        if not queue:
+            return
+        group = queue.popleft()
+        logger.error("scheduler: request %s can never be scheduled; refusing it", group.request_id)
+        for seq in group.get_unfinished_seqs():
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED_IGNORED
+        out.ignored.append((group, "the scheduler could not place this request in the KV cache"))
 
     def _flatten(self, scheduled: list[ScheduledGroup]) -> list[ScheduledSeq]:
         """One ScheduledSeq per sequence that computes tokens this step, carrying its group."""
@@ -255,7 +275,8 @@ class Scheduler:
             if group is None:
                 break
             for seq in seqs:
-                out.blocks_to_copy += self.block_manager.append_slots(seq, tokens[seq.seq_id])
+                if seq.seq_id in tokens:
+                    out.blocks_to_copy += self.block_manager.append_slots(seq, tokens[seq.seq_id])
             self._add(out, budget, group, tokens)
             kept.append(group)
         # Keep arrival order in the running queue.
@@ -275,7 +296,8 @@ class Scheduler:
             out.blocks_to_swap_in += self.block_manager.swap_in(group)
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
-                out.blocks_to_copy += self.block_manager.append_slots(seq, tokens[seq.seq_id])
+                if seq.seq_id in tokens:
+                    out.blocks_to_copy += self.block_manager.append_slots(seq, tokens[seq.seq_id])
             self._add(out, budget, group, tokens)
             self.running.append(group)
 
@@ -302,35 +324,40 @@ class Scheduler:
             # Prefix caching may mark part of the prompt computed, so size the chunk after allocating.
             self.block_manager.allocate(group)
             tokens = self._tokens_for(seqs, budget)
-            assert tokens is not None, "a prompt that fit before allocation must fit after it"
             self.waiting.popleft()
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
-            self._add(out, budget, group, tokens)
+            if tokens is not None:     # NOTE: None only when cache hits left a chunk no seq can take
+                self._add(out, budget, group, tokens)
             self.running.append(group)
 
     # -- helpers -----------------------------------------------------------------------------
     def _prompt_fits(self, seqs: list[Sequence], budget: _Budget) -> bool:
         """Whether this step can take the group's prompt (a chunk of it, with chunked prefill),
         counted before prefix-cache hits so the check needs no allocation."""
-        left = budget.remaining_tokens()
-        if left <= 0:
-            return False
-        if self.config.enable_chunked_prefill and len(seqs) == 1:
-            return True
-        return sum(s.num_uncomputed_tokens for s in seqs) <= left
+        return self._tokens_for(seqs, budget) is not None
 
     def _tokens_for(self, seqs: list[Sequence], budget: _Budget) -> dict[int, int] | None:
-        """Tokens each sequence computes this step, or None when the budget cannot take them."""
+        """Tokens each sequence computes this step, or None when the budget cannot take any.
+
+        With chunked prefill a group that does not fit computes a chunk: its sequences advance
+        through their uncomputed tokens (a prompt, or everything after a recompute), but none reaches
+        its last token, the one that samples, unless all of them do. NOTE: a group samples together
+        (beam search ranks every beam's candidates in one step).
+        """
         need = {s.seq_id: s.num_uncomputed_tokens for s in seqs}
-        total = sum(need.values())
         left = budget.remaining_tokens()
-        if total <= left:
+        if sum(need.values()) <= left:
             return need
-        if not self.config.enable_chunked_prefill or len(seqs) != 1 or left <= 0:
+        if not self.config.enable_chunked_prefill:
             return None
-        (seq,) = seqs
-        return {seq.seq_id: left}                                # a prefill chunk
+        chunk = {}
+        for seq_id, n in need.items():
+            take = min(n - 1, left)
+            if take > 0:
+                chunk[seq_id] = take
+                left -= take
+        return chunk or None
 
     def _add(self, out: SchedulerOutput, budget: _Budget, group: SequenceGroup, tokens: dict[int, int]) -> None:
         budget.add(sum(tokens.values()), len(tokens))

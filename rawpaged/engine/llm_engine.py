@@ -7,12 +7,13 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
 from rawpaged.config import ModelConfig
 from rawpaged.core.block_manager import BlockSpaceManager
-from rawpaged.core.scheduler import Scheduler, SchedulerConfig
+from rawpaged.core.scheduler import Scheduler
 from rawpaged.engine.config import EngineConfig
 from rawpaged.engine.output_processor import OutputProcessor
 from rawpaged.engine.stats import EngineStats
@@ -41,10 +42,8 @@ class LLMEngine:
         block_manager = BlockSpaceManager(config.block_size, size.num_device_blocks, size.num_cpu_blocks,
                                           watermark=config.watermark,
                                           enable_prefix_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=max_tokens, max_model_len=self.max_model_len,
-            preemption_mode=config.preemption_mode, enable_chunked_prefill=config.enable_chunked_prefill),
-            block_manager)
+        self.scheduler = Scheduler(dataclasses.replace(config, max_model_len=self.max_model_len,
+                                                       max_num_batched_tokens=max_tokens), block_manager)
         self.stats = EngineStats()
         eos_ids = set(self.model_config.eos_token_ids) or set(self.tokenizer.eos_token_ids)
         self.output_processor = OutputProcessor(self.scheduler, Sampler(self.executor.xp, seed=config.seed),

@@ -16,7 +16,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from rawpaged.core.block_manager import AllocStatus, BlockSpaceManager
+from rawpaged.core.interface import AllocStatus, KVCacheManager
 from rawpaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 
@@ -73,7 +73,7 @@ class _Budget:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockSpaceManager):
+    def __init__(self, config: SchedulerConfig, block_manager: KVCacheManager):
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[SequenceGroup] = deque()

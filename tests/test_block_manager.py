@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from rawpaged.core import block_manager as bm_mod
+from rawpaged.core import prefix_cache as pc_mod
+from rawpaged.core.block_allocator import BlockAllocator
 from rawpaged.core.block_manager import AllocStatus, BlockSpaceManager
+from rawpaged.core.prefix_cache import PrefixCache
 from rawpaged.errors import RawpagedError
 from rawpaged.sampling_params import SamplingParams
 from rawpaged.sequence import Sequence, SequenceGroup, SequenceStatus, next_seq_id
@@ -63,7 +65,7 @@ def test_copy_on_write_after_fork():
     assert len(copies) == 1 and copies[0][0] == shared[1]
     assert bm.get_block_table(parent) == [shared[0], copies[0][1]]
     assert bm.get_block_table(child) == shared
-    assert bm.device.refcounts[shared[0]] == 2 and bm.device.refcounts[shared[1]] == 1
+    assert bm.device.blocks[shared[0]].ref_count == 2 and bm.device.blocks[shared[1]].ref_count == 1
     assert compute(bm, child) == []                       # now the child is the only owner
     assert used(bm) == 3
 
@@ -78,7 +80,7 @@ def test_parallel_sampling_uses_prompt_blocks_once():
         group.add(child)
         bm.fork(group.seqs[0], child)
     assert used(bm) == 3
-    assert [bm.device.refcounts[b] for b in bm.get_block_table(group.seqs[0])] == [4, 4, 4]
+    assert [bm.device.blocks[b].ref_count for b in bm.get_block_table(group.seqs[0])] == [4, 4, 4]
     copies = []
     for i, seq in enumerate(group.seqs):
         seq.append_token(1000 + i, 0.0)
@@ -147,10 +149,10 @@ def test_rewriting_registered_tokens_never_touches_a_shared_block():
     assert bm.get_block_table(b.seqs[0])[:2] == ta[:2]
     b.seqs[0].num_computed_tokens = 2                     # the engine recomputes registered tokens
     copies = bm.append_slots(b.seqs[0], 3)
-    assert copies == [(ta[1], bm.get_block_table(b.seqs[0])[1])] and ta[1] in bm.device.cached
+    assert copies == [(ta[1], bm.get_block_table(b.seqs[0])[1])] and bm.device.blocks[ta[1]].is_cached
     a.seqs[0].num_computed_tokens = 2                     # a alone owns ta[1] now: rewritten in place
     assert bm.append_slots(a.seqs[0], 3) == []
-    assert ta[1] not in bm.device.cached and ta[0] in bm.device.cached
+    assert not bm.device.blocks[ta[1]].is_cached and bm.device.blocks[ta[0]].is_cached
     probe = make_group([1, 2, 3, 4, 9])
     assert bm._cached_prefix(probe.seqs[0].get_token_ids())[0] == [ta[0]]
 
@@ -164,17 +166,17 @@ def test_lru_eviction_order():
         compute(bm, g.seqs[0])
         cached[head] = bm.get_block_table(g.seqs[0])[0]
         bm.free(g.seqs[0])
-    assert list(bm.device.evictable) == [cached[1], cached[3], cached[5]]
+    assert bm.prefix_cache.evictable == [cached[1], cached[3], cached[5]]
     assert bm.get_num_free_device_blocks() == 6 and bm.usage() == 0.0
     g = make_group([1, 2, 7])                             # touch block of head 1
     admit(bm, g)
     assert g.seqs[0].num_computed_tokens == 2
     bm.free(g.seqs[0])
-    assert list(bm.device.evictable) == [cached[3], cached[5], cached[1]]
+    assert bm.prefix_cache.evictable == [cached[3], cached[5], cached[1]]
     big = make_group(range(100, 108))                     # 4 blocks: 3 free + 1 eviction
     admit(bm, big)
     assert cached[3] in bm.get_block_table(big.seqs[0])
-    assert list(bm.device.evictable) == [cached[5], cached[1]]
+    assert bm.prefix_cache.evictable == [cached[5], cached[1]]
     for head, hit in ((3, 0), (5, 2), (1, 2)):
         probe = make_group([head, head + 1, 9])
         assert bm._cached_prefix(probe.seqs[0].get_token_ids())[0] == ([cached[head]] if hit else [])
@@ -185,17 +187,17 @@ def test_lru_eviction_order():
     compute(bm, chain.seqs[0])
     head, tail = bm.get_block_table(chain.seqs[0])[:2]
     bm.free(chain.seqs[0])
-    assert list(bm.device.evictable)[-2:] == [tail, head]
+    assert bm.prefix_cache.evictable[-2:] == [tail, head]
 
 
 def test_hash_collisions_are_checked(monkeypatch):
-    monkeypatch.setattr(bm_mod, "hash_block", lambda parent_hash, token_ids: 0)
+    monkeypatch.setattr(pc_mod, "hash_block", lambda parent_hash, token_ids: 0)
     bm = BlockSpaceManager(block_size=2, num_device_blocks=32, num_cpu_blocks=0)
     a = make_group([1, 2, 3, 4, 5])
     admit(bm, a)
     compute(bm, a.seqs[0])
     ta = bm.get_block_table(a.seqs[0])
-    assert len(bm.device.buckets[0]) == 2                 # both full blocks cached under one hash
+    assert len(bm.prefix_cache.buckets[0]) == 2           # both full blocks cached under one hash
     for prompt, want in (([9, 9, 3, 4, 5], 0),            # same second block, other first block
                          ([3, 4, 1, 2, 5], 0),            # a's second block's tokens, at the start
                          ([1, 2, 8, 8, 5], 2),
@@ -207,21 +209,22 @@ def test_hash_collisions_are_checked(monkeypatch):
         compute(bm, g.seqs[0])
     # Every distinct (parent, tokens) block lives side by side under hash 0: a's two, two each for
     # [9,9 | 3,4] and [3,4 | 1,2], and [8,8] after a's first block.
-    assert len(bm.device.buckets[0]) == 7
+    assert len(bm.prefix_cache.buckets[0]) == 7
 
 
 def test_uncaching_a_block_uncaches_its_descendants():
-    pool = bm_mod.BlockAllocator("device", 4)
+    pool = BlockAllocator("device", 4)
+    cache = PrefixCache(pool, block_size=1)
     blocks = [pool.allocate() for _ in range(3)]
     for level, block in enumerate(blocks):                # a chain: 0 <- 1 <- 2
-        pool.register(block, level, blocks[level - 1] if level else None, (level,))
+        cache.register(block, level, blocks[level - 1] if level else None, (level,))
     for block in reversed(blocks):
-        pool.decref(block)
-    assert list(pool.evictable) == [blocks[2], blocks[1], blocks[0]] and pool.num_free() == 4
-    pool.uncache(blocks[1])                               # its child can no longer be trusted
-    assert list(pool.cached) == [blocks[0]] and list(pool.evictable) == [blocks[0]]
-    assert sorted(pool.free_list) == sorted(set(range(4)) - {blocks[0]})
-    assert pool.lookup(2, blocks[1], (2,)) is None and pool.lookup(0, None, (0,)) == blocks[0]
+        cache.release(block)
+    assert cache.evictable == [blocks[2], blocks[1], blocks[0]] and pool.num_free() == 4
+    cache.uncache(blocks[1])                              # its child can no longer be trusted
+    assert list(cache.cached_blocks()) == [blocks[0]] and cache.evictable == [blocks[0]]
+    assert sorted(pool.free_ids) == sorted(set(range(4)) - {blocks[0]})
+    assert cache.lookup(2, blocks[1], (2,)) is None and cache.lookup(0, None, (0,)) == blocks[0]
 
 
 def test_can_allocate_with_watermark():
@@ -279,12 +282,12 @@ def test_swap_is_all_or_nothing_and_keeps_sharing():
         seq.status = SWAPPED
     assert len(pairs) == 3 and bm.get_num_free_cpu_blocks() == 1 and bm.get_num_free_device_blocks() == free_dev + 3
     cpu_tables = [bm.get_block_table(s) for s in group.seqs]
-    assert cpu_tables[0][0] == cpu_tables[1][0] and bm.cpu.refcounts[cpu_tables[0][0]] == 2
+    assert cpu_tables[0][0] == cpu_tables[1][0] and bm.cpu.blocks[cpu_tables[0][0]].ref_count == 2
     assert bm.can_swap_in(group)
     back = bm.swap_in(group)
     assert sorted(d for _, d in pairs) == sorted(c for c, _ in back)
     dev_tables = [bm.get_block_table(s) for s in group.seqs]
-    assert dev_tables[0][0] == dev_tables[1][0] and bm.device.refcounts[dev_tables[0][0]] == 2
+    assert dev_tables[0][0] == dev_tables[1][0] and bm.device.blocks[dev_tables[0][0]].ref_count == 2
     assert bm.get_num_free_cpu_blocks() == 4
 
 
@@ -351,7 +354,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         total = sum(-(-len(t) // self.bs) for t in distinct)
         assert (status == AllocStatus.NEVER) == (total > self.bm.num_device_blocks - self.bm.watermark_blocks)
         if status == AllocStatus.OK:
-            free, evictable = self.bm.get_num_free_device_blocks(), len(self.bm.device.evictable)
+            free, evictable = self.bm.get_num_free_device_blocks(), self.bm.device.num_idle()
             admit(self.bm, group)
             assert free - self.bm.get_num_free_device_blocks() <= total
             assert self.bm.get_num_free_device_blocks() >= self.bm.watermark_blocks
@@ -360,7 +363,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 assert n % self.bs == 0 and n <= max(0, seq.num_tokens - 1)
                 if n:
                     event("prefix cache hit")
-            if len(self.bm.device.evictable) < evictable and not self.bm.device.free_list:
+            if self.bm.device.num_idle() < evictable and not self.bm.device.free_ids:
                 event("eviction")
         return status
 
@@ -391,7 +394,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         table, dev, tokens = self.bm.get_block_table(seq), self.bm.device, seq.get_token_ids()
         for p in range(start, start + n):
             block = table[p // self.bs]
-            assert dev.refcounts[block] == 1 and block not in dev.cached, "write into a shared block"
+            assert dev.blocks[block].ref_count == 1 and not dev.blocks[block].is_cached, "write into a shared block"
             self.kv["device"].setdefault(block, [None] * self.bs)[p % self.bs] = tuple(tokens[:p + 1])
         seq.num_computed_tokens = start + n
 
@@ -485,30 +488,32 @@ class BlockManagerMachine(RuleBasedStateMachine):
         bm = self.bm
         for name, pool in (("device", bm.device), ("cpu", bm.cpu)):
             refs = [0] * pool.num_blocks
-            for seq_id, table in bm.tables.items():
-                if (seq_id in bm.swapped) == (name == "cpu"):
-                    for block in table:
+            for s in bm.seqs.values():
+                if s.pool is pool:
+                    for block in s.table:
                         refs[block] += 1
-            assert refs == pool.refcounts, name
-            free, evictable = list(pool.free_list), list(pool.evictable)
+            assert refs == [b.ref_count for b in pool.blocks], name
+            cached = {b.block_id for b in pool.blocks if b.is_cached}
+            free = list(pool.free_ids)
+            evictable = bm.prefix_cache.evictable if pool is bm.device else sorted(cached - set(free))
             assert len(set(free)) == len(free) and not set(free) & set(evictable)
             idle = set(free) | set(evictable)
             assert idle == {b for b in range(pool.num_blocks) if refs[b] == 0}
-            assert set(evictable) <= set(pool.cached) and not set(free) & set(pool.cached)
+            assert set(evictable) <= cached and not set(free) & cached
             assert pool.num_free() + sum(r > 0 for r in refs) == pool.num_blocks
         assert 0.0 <= bm.usage() <= 1.0
 
     @invariant()
     def sequences_read_back_their_tokens(self):
         live = {s.seq_id for g in self.groups for s in g.seqs if s.status in (RUNNING, SWAPPED)}
-        assert live == set(self.bm.tables)
+        assert live == set(self.bm.seqs)
         for group in self.groups:
             for seq in group.seqs:
                 if seq.status not in (RUNNING, SWAPPED):
                     continue
                 pool = "cpu" if seq.status == SWAPPED else "device"
-                assert (seq.seq_id in self.bm.swapped) == (pool == "cpu")
-                table, tokens = self.bm.tables[seq.seq_id], seq.get_token_ids()
+                assert (self.bm.seqs[seq.seq_id].pool is self.bm.cpu) == (pool == "cpu")
+                table, tokens = self.bm.seqs[seq.seq_id].table, seq.get_token_ids()
                 assert len(table) * self.bs >= seq.num_computed_tokens
                 for p in range(seq.num_computed_tokens):
                     got = self.kv[pool][table[p // self.bs]][p % self.bs]
@@ -516,13 +521,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def cached_blocks_hold_their_prefix(self):
-        dev = self.bm.device
-        for block, entry in dev.cached.items():
+        cached = self.bm.prefix_cache.cached_blocks()
+        for block, entry in cached.items():
             chain = []
             b = block
             while b is not None:
-                chain.append(dev.cached[b].token_ids)      # a cached block's parent is cached
-                b = dev.cached[b].parent
+                chain.append(cached[b].token_ids)          # a cached block's parent is cached
+                b = cached[b].parent
             prefix = [t for toks in reversed(chain) for t in toks]
             start = len(prefix) - self.bs
             assert self.kv["device"][block] == [tuple(prefix[:start + j + 1]) for j in range(self.bs)]
@@ -533,10 +538,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 if seq.status in (RUNNING, SWAPPED):
                     self.finish(group, seq)
         bm = self.bm
-        assert not bm.tables and not bm.swapped
+        assert not bm.seqs
         assert bm.get_num_free_device_blocks() == bm.num_device_blocks
         assert bm.get_num_free_cpu_blocks() == bm.num_cpu_blocks
-        assert not any(bm.device.refcounts) and not any(bm.cpu.refcounts)
+        assert not any(b.ref_count for b in bm.device.blocks) and not any(b.ref_count for b in bm.cpu.blocks)
 
 
 class CollidingHashMachine(BlockManagerMachine):
@@ -545,15 +550,15 @@ class CollidingHashMachine(BlockManagerMachine):
     @initialize(block_size=st.integers(2, 4), num_device=st.integers(6, 24), num_cpu=st.integers(0, 16),
                 watermark=st.sampled_from([0.0, 0.1]))
     def setup(self, block_size, num_device, num_cpu, watermark):
-        self.real_hash = bm_mod.hash_block
-        bm_mod.hash_block = lambda parent_hash, token_ids: sum(token_ids) % 3
+        self.real_hash = pc_mod.hash_block
+        pc_mod.hash_block = lambda parent_hash, token_ids: sum(token_ids) % 3
         super().setup(block_size, num_device, num_cpu, True, watermark)
 
     def teardown(self):
         try:
             super().teardown()
         finally:
-            bm_mod.hash_block = self.real_hash
+            pc_mod.hash_block = self.real_hash
 
 
 def _settings(n):

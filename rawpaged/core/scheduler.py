@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rawpaged.core.block_manager import AllocStatus, BlockSpaceManager
+from rawpaged.core.interface import AllocStatus, KVCacheManager
 from rawpaged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class _Budget:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockSpaceManager):
+    def __init__(self, config: EngineConfig, block_manager: KVCacheManager):
         """`config` is the engine's, with max_model_len and max_num_batched_tokens resolved against
         the model and the cache; the scheduler reads max_num_seqs, preemption_mode and
         enable_chunked_prefill from it too (one config path: a new option is one field there)."""
@@ -181,30 +181,14 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         bm = self.block_manager
-        running = [s for g in self.running for s in g.get_unfinished_seqs()]
-        waste, allocated = self._kv_waste(running)
+        kv = bm.slot_accounting()
         return SchedulerStats(
-            num_running_seqs=len(running), waste_slots=waste, allocated_slots=allocated,
+            num_running_seqs=sum(len(g.get_unfinished_seqs()) for g in self.running),
+            waste_slots=kv.allocated - kv.real_tokens, allocated_slots=kv.allocated,
             num_waiting=len(self.waiting), num_swapped=len(self.swapped), kv_usage=bm.usage(),
             num_free_blocks=bm.get_num_free_device_blocks(), num_device_blocks=bm.num_device_blocks,
             num_cpu_blocks=bm.num_cpu_blocks, num_preemptions=dict(self.num_preemptions),
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits)
-
-    def _kv_waste(self, running: list[Sequence]) -> tuple[int, int]:
-        """(allocated - used slots, allocated slots) of the device pool.
-
-        A table covers exactly its sequence's tokens, so only a sequence's last block can be partly
-        filled; a last block shared by forks is counted once. O(sequences), not O(blocks).
-        """
-        bm = self.block_manager
-        bs = bm.block_size
-        allocated = (bm.num_device_blocks - bm.get_num_free_device_blocks()) * bs
-        empty: dict[int, int] = {}                       # last physical block -> empty slots
-        for seq in running:
-            table = bm.get_block_table(seq)
-            if table:
-                empty[table[-1]] = min(empty.get(table[-1], bs), len(table) * bs - seq.num_tokens)
-        return sum(empty.values()), allocated
 
     # -- one step ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -9,11 +9,12 @@ import json
 import sys
 
 from rawpaged.errors import RawpagedError
+from rawpaged.hub import use_demo_model_if_unset
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", required=True, help="Hugging Face model directory")
+    g.add_argument("--model", default=None, help="Hugging Face model directory or org/name (default: the demo model)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     g.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32])
@@ -135,6 +136,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_demo_model_if_unset(args)    # hub.py: no --model means the packaged demo model, said on stderr
     try:
         return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
     except RawpagedError as e:

@@ -22,6 +22,7 @@ from rawpaged.core.block_manager import BlockSpaceManager
 from rawpaged.worker.cache_engine import CacheEngine, block_bytes, num_blocks_for
 from rawpaged.config import ModelConfig
 from rawpaged.errors import RawpagedError
+from rawpaged.hub import resolve_model
 from rawpaged.loader import iter_tensors
 from rawpaged.worker.model_runner import ModelRunner, ScheduledSeq
 from rawpaged.outputs import CompletionOutput, RequestOutput
@@ -74,8 +75,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         config.verify()
         self.config = config
-        self.model_config = ModelConfig.from_dir(config.model)
-        self.tokenizer = Tokenizer.from_dir(config.model)
+        model_dir = resolve_model(config.model)   # hub.py: a directory, an org/name (HF cache first), None: demo
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
         self.backend = get_backend(config.device)
         self.device = self.backend.name
         self.dtype = self.backend.resolve_dtype(config.dtype, torch_dtype=self.model_config.torch_dtype)

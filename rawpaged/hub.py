@@ -215,5 +215,5 @@ def use_demo_model_if_unset(args) -> None:
     if getattr(args, "served_model_name", "") is None:
         args.served_model_name = DEMO_MODEL_NAME
     print(f"rawpaged: no --model given: using the demo model {DEMO_MODEL_NAME} (a 260K-parameter TinyStories "
-          f"model shipped with rawpaged, {DEMO_MODEL}); serve another with --model org/name or "
+          f"model shipped with rawpaged, {DEMO_MODEL}); for another model pass --model org/name or "
           "--model DIRECTORY", file=sys.stderr)

@@ -13,6 +13,7 @@ HF_TOKEN are read at each call, so a process (or a test) may change them.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -93,8 +94,6 @@ def weights_format(snapshot: Path) -> str | None:
 
 def _index_shards(index: Path) -> list[str]:
     """The shard files a *.index.json names ([] when there is no readable index)."""
-    import json
-
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return sorted(set(weight_map.values()))
@@ -103,13 +102,23 @@ def _index_shards(index: Path) -> list[str]:
 
 
 def select_files(repo_files: list[str]) -> list[str]:
-    """The files of a repository listing that rawpaged reads: top level only, safetensors over .bin."""
+    """The files of a repository listing that rawpaged reads, weights last: top level only, safetensors
+    over .bin. A sharded checkpoint is represented by its index; its shards are what the index names.
+
+    NOTE: not every *.safetensors: repositories such as Mistral's also hold a consolidated copy of the
+    same weights, which would double the download.
+    """
     top = [f for f in repo_files if "/" not in f]
     wanted = [f for f in top if f in CONFIG_FILES or f in TOKENIZER_FILES]
-    safetensors = [f for f in top if f.endswith(".safetensors") or f == SAFETENSORS_INDEX]
-    if any(f.endswith(".safetensors") for f in safetensors):
-        return wanted + safetensors
-    return wanted + [f for f in top if (f.startswith("pytorch_model") and f.endswith(".bin")) or f == BIN_INDEX]
+    for index, single, suffix in ((SAFETENSORS_INDEX, "model.safetensors", ".safetensors"),
+                                  (BIN_INDEX, "pytorch_model.bin", ".bin")):
+        if index in top:
+            return wanted + [index]
+        if single in top:
+            return wanted + [single]
+        if suffix == ".safetensors" and any(f.endswith(suffix) for f in top):
+            return wanted + [f for f in top if f.endswith(suffix)]
+    return wanted
 
 
 # -- the Hub ----------------------------------------------------------------------------------------
@@ -176,17 +185,25 @@ def _download(repo_id: str, revision: str | None, token: str | None, cache: Path
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
-    try:
-        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
-        files = select_files([s.rfilename for s in info.siblings or []])
-        size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename in files)
-        print(f"rawpaged: downloading {len(files)} files ({size / 1e6:.1f} MB) of {repo_id} into {cache}",
-              file=sys.stderr)
+
+    def fetch(files: list[str]) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, token=token,
                                       allow_patterns=files, endpoint=endpoint))
+
+    try:
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
+        sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
+        files = select_files(list(sizes))
+        if files and files[-1] in (SAFETENSORS_INDEX, BIN_INDEX):
+            files += _index_shards(fetch([files[-1]]) / files[-1])     # the index first, then its shards
+        megabytes = sum(sizes.get(f, 0) for f in files) / 1e6
+        print(f"rawpaged: downloading {repo_id} ({len(files)} files, {megabytes:.1f} MB) into {cache}",
+              file=sys.stderr)
+        return fetch(files)
     except GatedRepoError:
         raise RawpagedError(f"model {repo_id!r} is gated on the Hugging Face Hub: accept its terms on "
-                            f"https://huggingface.co/{repo_id}, then log in ('hf auth login') or set HF_TOKEN") from None
+                            f"https://huggingface.co/{repo_id}, then log in ('hf auth login') or set "
+                            "HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise RawpagedError(f"model {repo_id!r} is neither a local directory nor a model on the Hugging Face Hub "
                             "(a private one needs 'hf auth login' or HF_TOKEN)") from None

@@ -158,7 +158,8 @@ def _named_special_tokens(tcfg: dict) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
-def _added_tokens(vocab: dict[str, int], tcfg: dict, path: Path, extra: list[tuple[int, str, bool]] = ()) -> list[dict]:
+def _added_tokens(vocab: dict[str, int], tcfg: dict, path: Path,
+                  extra: list[tuple[int, str, bool]] = ()) -> list[dict]:
     """tokenizer.json's added_tokens: the config's special tokens, added_tokens_decoder, added_tokens.json.
 
     A token already in the vocabulary keeps its id; others take the id their config gives.
@@ -237,7 +238,8 @@ def read_merges(path: Path) -> list[list[str]]:
     return merges
 
 
-def byte_level_bpe_tokenizer_json(vocab_file: Path, merges_file: Path, tcfg: dict, path: Path) -> tuple[dict, dict]:
+def byte_level_bpe_tokenizer_json(vocab_file: Path, merges_file: Path, tcfg: dict,
+                                  path: Path) -> tuple[dict, dict]:
     """What transformers' GPT2Converter builds: byte-level pre-tokenizer and decoder, BPE without unk,
     the bos token prepended when add_bos_token (OPT) and the ByteLevel post-processor otherwise.
 
@@ -250,15 +252,15 @@ def byte_level_bpe_tokenizer_json(vocab_file: Path, merges_file: Path, tcfg: dic
     merges = read_merges(merges_file)
     unknown = next((m for m in merges if m[0] + m[1] not in vocab), None)
     if unknown is not None:
-        raise RawpagedError(f"{merges_file}: merge {' '.join(unknown)!r} makes a token missing from {vocab_file.name} "
-                            "(vocab.json and merges.txt of different tokenizers?)")
+        raise RawpagedError(f"{merges_file}: merge {' '.join(unknown)!r} makes a token missing from "
+                            f"{vocab_file.name} (vocab.json and merges.txt of different tokenizers?)")
     prefix_space = bool(tcfg.get("add_prefix_space"))
     byte_level = {"type": "ByteLevel", "add_prefix_space": prefix_space, "trim_offsets": True, "use_regex": True}
     post = _bos_eos_template(tcfg, vocab) or {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
                                               "use_regex": True}
+    decoder = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
     return _tokenizer_json(_bpe_model(vocab, merges, unk=None, byte_fallback=False),
-                           _added_tokens(vocab, tcfg, path), None, byte_level, post,
-                           {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}), tcfg
+                           _added_tokens(vocab, tcfg, path), None, byte_level, post, decoder), tcfg
 
 
 # -- SentencePiece tokenizer.model (LlamaTokenizer) ----------------------------------------------

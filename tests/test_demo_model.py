@@ -63,7 +63,8 @@ def test_is_what_origin_md_says(stories260k_dir):
     """The packaged files equal a fresh `rawpaged convert llama2c` of the shared checkpoint."""
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         assert json.loads((DEMO_MODEL / name).read_text()) == json.loads((stories260k_dir / name).read_text()), name
-    ours, fresh = load_file(str(DEMO_MODEL / "model.safetensors")), load_file(str(stories260k_dir / "model.safetensors"))
+    ours = load_file(str(DEMO_MODEL / "model.safetensors"))
+    fresh = load_file(str(stories260k_dir / "model.safetensors"))
     assert sorted(ours) == sorted(fresh)
     for name in ours:
         np.testing.assert_array_equal(ours[name], fresh[name], err_msg=name)

@@ -199,18 +199,22 @@ def test_unreachable_hub(cache):
 
 
 def test_online_download_fetches_only_what_rawpaged_reads(cache, monkeypatch):
-    """The download path with huggingface_hub's two network calls replaced: what is asked for, and how
-    the result is checked."""
+    """The download path with huggingface_hub's two network calls replaced by a fake Hub: what is asked
+    for (the index before its shards; no consolidated copy, no .bin, no subfolder) and what comes back."""
     import huggingface_hub
     from huggingface_hub.hf_api import ModelInfo
 
-    listing = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "model.safetensors", "pytorch_model.bin", "README.md", "original/consolidated.00.pth"]
-    asked = {}
+    weights = (DEMO_MODEL / "model.safetensors").read_bytes()
+    remote = {**demo_files(model__safetensors=None), "README.md": b"# card",
+              "model-00001-of-00002.safetensors": weights, "model-00002-of-00002.safetensors": weights,
+              "model.safetensors.index.json": json.dumps({"weight_map": {
+                  "x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}).encode(),
+              "consolidated.safetensors": weights, "pytorch_model.bin": b"", "original/consolidated.00.pth": b""}
+    asked = []
 
     def model_info(self, repo_id, revision=None, files_metadata=False, **kw):
-        asked["info"] = (repo_id, revision)
-        return ModelInfo(id=repo_id, sha=MAIN, siblings=[{"rfilename": f, "size": 10} for f in listing])
+        asked.append(("info", repo_id, revision))
+        return ModelInfo(id=repo_id, sha=MAIN, siblings=[{"rfilename": f, "size": len(d)} for f, d in remote.items()])
 
     real_snapshot_download = huggingface_hub.snapshot_download
 
@@ -218,26 +222,38 @@ def test_online_download_fetches_only_what_rawpaged_reads(cache, monkeypatch):
         if kw.get("local_files_only"):          # the cache look-up: the real one (the cache is empty)
             return real_snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
                                           allow_patterns=allow_patterns, **kw)
-        asked["download"] = (repo_id, revision, token, sorted(allow_patterns))
-        return str(lay_out(Path(cache_dir), repo_id, MAIN, demo_files()))
+        asked.append(("download", repo_id, revision, token, sorted(allow_patterns)))
+        snap = Path(cache_dir) / "models--acme--tiny-stories" / "snapshots" / MAIN
+        new = {f: remote[f] for f in allow_patterns if not (snap / f).exists()}
+        return str(lay_out(Path(cache_dir), repo_id, MAIN, new))
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     snap = resolve_model(REPO, revision="main", token="hf_x")
     assert snap == cache / "models--acme--tiny-stories" / "snapshots" / MAIN
-    assert asked["info"] == (REPO, "main")
-    assert asked["download"] == (REPO, "main", "hf_x", ["config.json", "generation_config.json",
-                                                         "model.safetensors", "tokenizer.json",
-                                                         "tokenizer_config.json"])
+    index, shards = "model.safetensors.index.json", ["model-00001-of-00002.safetensors",
+                                                     "model-00002-of-00002.safetensors"]
+    assert asked == [("info", REPO, "main"),
+                     ("download", REPO, "main", "hf_x", [index]),
+                     ("download", REPO, "main", "hf_x", sorted(["config.json", "generation_config.json", index,
+                                                                "tokenizer.json", "tokenizer_config.json"] + shards))]
+    assert sorted(p.name for p in snap.iterdir()) == sorted(["config.json", "generation_config.json", index,
+                                                              "tokenizer.json", "tokenizer_config.json"] + shards)
+    assert resolve_model(REPO) == snap and len(asked) == 3            # cached now: the Hub is not asked again
 
 
 def test_select_files():
     tok = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+    index = "model.safetensors.index.json"
     assert select_files(["config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                         "model.safetensors.index.json", "pytorch_model.bin", "README.md", ".gitattributes",
-                         "original/model.safetensors"] + tok) == \
-        ["config.json"] + tok + ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                                  "model.safetensors.index.json"]
+                         index, "consolidated.safetensors", "pytorch_model.bin", "README.md", ".gitattributes",
+                         "original/model.safetensors"] + tok) == ["config.json"] + tok + [index]
+    assert select_files(["config.json", "model.safetensors", "consolidated.safetensors"]) == \
+        ["config.json", "model.safetensors"]
+    assert select_files(["config.json", "weights.safetensors"]) == ["config.json", "weights.safetensors"]
     # no safetensors: the .bin weights (to convert), never other checkpoints
     assert select_files(["config.json", "vocab.json", "merges.txt", "pytorch_model.bin", "tf_model.h5",
                          "flax_model.msgpack"]) == ["config.json", "vocab.json", "merges.txt", "pytorch_model.bin"]
+    assert select_files(["config.json", "pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin"]) == \
+        ["config.json", "pytorch_model.bin.index.json"]
+    assert select_files(["README.md"]) == []

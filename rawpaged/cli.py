@@ -11,6 +11,7 @@ import sys
 import rawpaged
 from rawpaged.engine.config import EngineConfig
 from rawpaged.errors import RawpagedError
+from rawpaged.hub import use_demo_model_if_unset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,10 +104,6 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    if a.model_tag is not None:
-        if a.model is not None and a.model != a.model_tag:
-            raise RawpagedError(f"two models given: {a.model_tag!r} and --model {a.model!r}")
-        a.model = a.model_tag
     try:
         from rawpaged.server.app import run_server
     except ImportError as e:
@@ -117,6 +114,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "model_tag", None) is not None:       # `rawpaged serve MODEL`
+            if args.model is not None and args.model != args.model_tag:
+                raise RawpagedError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+            args.model = args.model_tag
+        use_demo_model_if_unset(args)    # hub.py: no --model means the packaged demo model, said on stderr
         return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
     except RawpagedError as e:
         print(f"rawpaged: error: {e}", file=sys.stderr)

@@ -1,17 +1,22 @@
 """Tokenizers: a thin wrapper over Hugging Face `tokenizers`, and incremental detokenization.
 
 `Tokenizer.from_dir(model_dir)` reads what a Hugging Face model directory says about tokenization:
-  tokenizer.json          the tokenizer itself (required)
+  tokenizer.json          the tokenizer itself; without it, the tokenizer is built (as transformers'
+                          slow->fast conversion does) from
+    tokenizer.model         a SentencePiece BPE model (LLaMA/Mistral: byte fallback, "▁" for spaces), or
+    vocab.json, merges.txt  a GPT-2 style byte-level BPE (GPT-2, OPT)
   tokenizer_config.json   bos/eos tokens, add_bos_token / add_eos_token, chat_template (optional)
+  special_tokens_map.json bos/eos/unk/pad tokens; like transformers, they win over tokenizer_config.json
   generation_config.json  extra end-of-sequence ids, an int or a list (optional)
   config.json             bos/eos ids, used only when generation_config.json is absent (optional)
   chat_template.jinja     the chat template, when tokenizer_config.json does not hold one (optional)
 
+`write_tokenizer_json(model_dir, out_file)` writes the tokenizer a directory loads as tokenizer.json
+(the building is in tokenizer_build.py, the .model reader in sentencepiece_model.py).
 `IncrementalDetokenizer` turns the tokens a sequence generates into text deltas for streaming.
 """
 from __future__ import annotations
 
-import json
 import numbers
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,34 +24,11 @@ from typing import Iterable, Sequence
 import tokenizers
 
 from rawpaged.errors import RawpagedError
+from rawpaged.tokenizer_build import load_backend, read_json, token_content
+from rawpaged.tokenizer_build import write_tokenizer_json  # noqa: F401  (re-exported)
 
 # Token strings tried, in order, when no config file names the end-of-sequence token.
 _EOS_GUESSES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
-
-
-def _one_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-def _read_json(path: Path) -> dict | None:
-    """Read an optional JSON file: None when absent, RawpagedError when unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RawpagedError(f"{path}: not valid JSON: {_one_line(err)}") from None
-    if not isinstance(obj, dict):
-        raise RawpagedError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
-
-
-def _token_content(value) -> str | None:
-    """tokenizer_config.json writes special tokens as a string or as {"content": ...}."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def _as_id_list(value) -> list[int]:
@@ -104,24 +86,18 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir():
             raise RawpagedError(f"tokenizer directory not found: {path}")
-        tok_file = path / "tokenizer.json"
-        if not tok_file.is_file():
-            raise RawpagedError(f"{tok_file}: missing (rawpaged needs a `tokenizers` tokenizer.json)")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(tok_file))
-        except Exception as err:   # NOTE: `tokenizers` raises a bare Exception on a bad file
-            raise RawpagedError(f"{tok_file}: cannot load: {_one_line(err)}") from None
+        backend, tokenizer_config = load_backend(path)
         template_file = path / "chat_template.jinja"
         template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
         if template is None:
-            template = _pick_chat_template((_read_json(path / "chat_template.json") or {})
+            template = _pick_chat_template((read_json(path / "chat_template.json") or {})
                                            .get("chat_template"))
-        generation_config = _read_json(path / "generation_config.json")
+        generation_config = read_json(path / "generation_config.json")
         return cls(backend,
-                   tokenizer_config=_read_json(path / "tokenizer_config.json"),
+                   tokenizer_config=tokenizer_config,
                    generation_config=generation_config,
                    # NOTE: like transformers, config.json ids count only without a generation config.
-                   model_config=None if generation_config is not None else _read_json(path / "config.json"),
+                   model_config=None if generation_config is not None else read_json(path / "config.json"),
                    chat_template=template,
                    source=str(path))
 
@@ -135,7 +111,7 @@ class Tokenizer:
         return [], []
 
     def _special_id(self, tcfg: dict, key: str) -> int | None:
-        content = _token_content(tcfg.get(key))
+        content = token_content(tcfg.get(key))
         if content is None:
             return None
         tid = self.backend.token_to_id(content)

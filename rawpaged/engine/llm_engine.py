@@ -19,6 +19,7 @@ from rawpaged.engine.output_processor import OutputProcessor
 from rawpaged.engine.stats import EngineStats
 from rawpaged.errors import RawpagedError
 from rawpaged.executor.local import LocalExecutor
+from rawpaged.hub import resolve_model
 from rawpaged.outputs import RequestOutput
 from rawpaged.sampler import Sampler, verify_for_vocab
 from rawpaged.sampling_params import SamplingParams
@@ -29,8 +30,9 @@ from rawpaged.tokenizer import Tokenizer
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor_class=LocalExecutor):
         self.config = config
-        self.model_config = ModelConfig.from_dir(config.model)
-        self.tokenizer = Tokenizer.from_dir(self.model_config.path)
+        model_dir = resolve_model(config.model, revision=config.revision, token=config.hf_token)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
         self.executor = executor_class(config, self.model_config)
         self.device, self.dtype = self.executor.device, self.executor.dtype
         max_model_len = self._configured_max_model_len()

@@ -154,6 +154,24 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path, case):
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
+@pytest.mark.parametrize("case", ["memo", "bytes8"])
+def test_pickle_that_makes_the_unpickler_allocate_is_refused(tmp_path, case):
+    """18 bytes of pickle: the C unpickler sizes its memo by the largest PUT index (3.2 GB here), and
+    allocates a BINBYTES8 of its declared length before reading it."""
+    if case == "memo":
+        pkl = pickle.PROTO + b"\x02" + pickle.EMPTY_DICT + pickle.LONG_BINPUT + struct.pack("<I", 200_000_000) \
+            + pickle.STOP
+        needle = "memo index 200000000"
+    else:
+        pkl = pickle.PROTO + b"\x04" + pickle.BINBYTES8 + struct.pack("<Q", 3 << 30) + b"x"
+        needle = "malformed pickle"
+    src = bin_model_dir(tmp_path, [stored("archive/data.pkl", pkl), stored("archive/byteorder", b"little")])
+    r = run_limited("convert", "hf", src, "-o", tmp_path / "out", "--quiet")
+    msg = assert_one_line_error(r, needle, "data.pkl")
+    assert "MemoryError" not in msg
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_expanded_views_are_refused_before_writing(tmp_path):
     """Three stride-0 views of three floats: ~1 KB of input describing 3 GiB of output."""
     side = 1 << 14                                   # each view: 2^28 floats = 1 GiB
@@ -366,6 +384,19 @@ def test_converter_and_loader_refuse_shared_bytes_alike(tmp_path, case):
     except Exception:
         refused = True
     assert refused == official_refuses
+
+
+def test_too_many_dimensions_are_refused(tmp_path):
+    """numpy stops at 64 dimensions (a traceback where a reader builds the array): 32 at most."""
+    shape = [1] * 40
+    path = _safetensors(tmp_path / "a" / "model.safetensors",
+                        {"w": {"dtype": "BF16", "shape": shape, "data_offsets": [0, 2]}}, bytes(2))
+    with pytest.raises(RawpagedError, match="corrupt header entry for tensor 'w'"):
+        SafetensorsFile(path)
+    pkl = state_dict_pickle([("w", "0", 1, tuple(shape), tuple(shape))])
+    src = bin_model_dir(tmp_path / "b", [stored("archive/data.pkl", pkl), stored("archive/data/0", bytes(4))])
+    with pytest.raises(RawpagedError, match="malformed tensor record"):
+        convert_hf(src, tmp_path / "b" / "out", progress=False)
 
 
 # ---- config.json ------------------------------------------------------------------------------------

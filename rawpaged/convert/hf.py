@@ -54,7 +54,7 @@ import numpy as np
 
 from rawpaged.convert.paths import check_model_files, model_file
 from rawpaged.convert.progress import Progress
-from rawpaged.convert.torch_pickle import DEFAULT_MAX_EXPANSION, NUMPY_DTYPE, TensorRef, TorchArchive
+from rawpaged.convert.torch_pickle import DEFAULT_MAX_EXPANSION, MAX_DIMS, NUMPY_DTYPE, TensorRef, TorchArchive
 from rawpaged.errors import RawpagedError
 
 CHUNK_BYTES = 16 << 20
@@ -234,7 +234,7 @@ class SafetensorsFile:
     def _entry(self, name: str, info, data_start: int, size: int) -> SafetensorsEntry:
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)):
+            if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)) or len(shape) > MAX_DIMS:
                 raise ValueError
         except (TypeError, KeyError, ValueError):
             raise RawpagedError(f"{self.path}: corrupt header entry for tensor '{name}'") from None

@@ -30,6 +30,7 @@ import io
 import lzma
 import math
 import pickle
+import pickletools
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -210,6 +211,26 @@ class _StateDictUnpickler(pickle.Unpickler):
         return ref
 
 
+def _check_opcodes(data: bytes, path: Path) -> None:
+    """Walk the pickle's opcodes (pickletools decodes them, runs nothing) before unpickling.
+
+    NOTE: CPython's C unpickler sizes its memo as an array by the largest index a PUT names, and
+    allocates a BINBYTES8 / BYTEARRAY8 of the length it declares before reading it: an 18-byte
+    pickle saying `LONG_BINPUT 200000000` asks for 3.2 GB. Real pickles number their memo 0, 1, 2...,
+    so an index past the pickle's length is refused; declared lengths past its end fail here, where
+    pickletools reads only what is there.
+    """
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > len(data):
+                raise RawpagedError(f"{path}: malformed pickle in data.pkl (memo index {arg} at byte {pos} "
+                                    f"of a {len(data)}-byte pickle)")
+    except RawpagedError:
+        raise
+    except Exception as err:   # truncated, unknown opcode, a length past the end...
+        raise RawpagedError(f"{path}: malformed pickle in data.pkl ({type(err).__name__}: {_one_line(err)})") from None
+
+
 # ---- the archive --------------------------------------------------------------------------------
 
 def _refuse_non_zip(path: Path) -> None:
@@ -304,7 +325,9 @@ class TorchArchive:
 
     def state_dict(self) -> dict[str, TensorRef]:
         """Unpickle data.pkl into {name: TensorRef}; check every storage entry is there, whole."""
-        unpickler = _StateDictUnpickler(self._read_entry("data.pkl", MAX_PICKLE_BYTES), self.path.name)
+        data = self._read_entry("data.pkl", MAX_PICKLE_BYTES)
+        _check_opcodes(data, self.path)
+        unpickler = _StateDictUnpickler(data, self.path.name)
         try:
             obj = unpickler.load()
         except RawpagedError:

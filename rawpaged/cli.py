@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--max-shard-size", default="2GB")
     hf.add_argument("--force", action="store_true", help="replace an existing output directory")
     hf.add_argument("--quiet", action="store_true", help="no progress bar")
+    hf.add_argument("--max-expansion", type=float, default=None, metavar="N",
+                    help="refuse output larger than N times the source weight files (default 4): "
+                         "expanded views can make a tiny file describe gigabytes")
 
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     srv.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
@@ -98,7 +101,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     else:
         from rawpaged.convert.hf import convert_hf
         out = convert_hf(a.source, a.output, dtype=a.dtype, max_shard_size=a.max_shard_size,
-                         force=a.force, progress=not a.quiet)
+                         force=a.force, progress=not a.quiet, max_expansion=a.max_expansion)
     print(f"wrote {out}")
     return 0
 

@@ -1,10 +1,20 @@
-"""ModelConfig: what the engine needs to know about a Hugging Face model directory's config.json."""
+"""ModelConfig: what the engine needs to know about a Hugging Face model directory's config.json.
+
+config.json is untrusted input: the models size arrays from it in their constructors (the RoPE
+table, before a single weight is read), so `from_dir` validates it first (`validate_config`):
+types, ranges and divisibility of every field rawpaged reads, then the sizes the config implies
+against the weight files on disk and the machine's memory. Every refusal is one line naming the
+field and the file.
+"""
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rawpaged.convert.paths import check_model_files, model_file
 from rawpaged.errors import RawpagedError
 
 # Hugging Face architecture name -> model family implemented in model_impl/.
@@ -13,6 +23,70 @@ ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "OPTForCausalLM": "opt",
 }
+
+# Files of a model directory the engine reads besides the weights (config, tokenizer, templates);
+# each must stay inside the directory (see rawpaged/convert/paths.py).
+MODEL_DIR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass(frozen=True)
+class Field:
+    """What one config.json field must be. kind: int | number | bool | str | object | token_ids."""
+    kind: str
+    required: bool = False
+    low: float | None = None           # smallest allowed value (int, number)
+    above: float | None = None         # the value must be greater than this (number)
+    high: float | None = None          # largest allowed value (number)
+    families: tuple[str, ...] = ()     # () = every family
+
+
+# Every config.json field rawpaged reads. NOTE: a new field (or a new family's field) joins here and
+# is then checked before anything is built from it. null counts as absent for optional fields
+# (Hugging Face writes `"head_dim": null`).
+CONFIG_FIELDS: dict[str, Field] = {
+    "vocab_size": Field("int", required=True, low=1),
+    "hidden_size": Field("int", required=True, low=1),
+    "num_hidden_layers": Field("int", required=True, low=1),
+    "num_attention_heads": Field("int", required=True, low=1),
+    "num_key_value_heads": Field("int", low=1),
+    "head_dim": Field("int", low=1),
+    "max_position_embeddings": Field("int", required=True, low=1),
+    "intermediate_size": Field("int", required=True, low=1, families=("llama",)),
+    "ffn_dim": Field("int", required=True, low=1, families=("opt",)),
+    "word_embed_proj_dim": Field("int", low=1, families=("opt",)),
+    "rms_norm_eps": Field("number", low=0),
+    "rope_theta": Field("number", above=0),
+    "partial_rotary_factor": Field("number", above=0, high=1),
+    "rope_scaling": Field("object"),
+    "rope_parameters": Field("object"),
+    "tie_word_embeddings": Field("bool"),
+    "attention_bias": Field("bool"),
+    "mlp_bias": Field("bool"),
+    "enable_bias": Field("bool"),
+    "do_layer_norm_before": Field("bool"),
+    "layer_norm_elementwise_affine": Field("bool"),
+    "_remove_final_layer_norm": Field("bool"),
+    "hidden_act": Field("str"),
+    "activation_function": Field("str"),
+    "torch_dtype": Field("str"),
+    "dtype": Field("str"),
+    "bos_token_id": Field("token_ids"),
+    "eos_token_id": Field("token_ids"),
+}
+
+# Fields read inside "rope_parameters" / "rope_scaling" (the model refuses rope types it lacks).
+ROPE_FIELDS: dict[str, Field] = {
+    "rope_theta": Field("number", above=0),
+    "rope_type": Field("str"),
+    "type": Field("str"),
+}
+
+# NOTE: a RoPE table up to this size is always accepted; beyond it, it may not exceed the weight
+# files (a real model's table is a small fraction of its weights: 64 MiB for 8B LLaMA-3.1's
+# 131072 positions, 5 GB for a 10M-context model of 200+ GB).
+ROPE_TABLE_FLOOR = 64 << 20
+ROPE_BUILD_FACTOR = 6   # float64 angles, cos, sin and their concatenation while the table is built
 
 
 @dataclass
@@ -39,21 +113,24 @@ class ModelConfig:
             raise RawpagedError(f"model path does not exist: {path}")
         if not path.is_dir():
             raise RawpagedError(f"model path is not a directory: {path}")
+        check_model_files(path, MODEL_DIR_FILES)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise RawpagedError(f"no config.json in model directory {path}")
-        try:
-            hf = json.loads(cfg_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RawpagedError(f"config.json in {path} is not valid JSON: {e}") from None
+        hf = _read_json_object(cfg_file)
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise RawpagedError(f"{cfg_file}: architectures must be a list of names, got {archs!r:.60}")
         arch = next((a for a in archs if a in ARCHITECTURES), None)
         if arch is None:
             raise RawpagedError(
                 f"unknown architecture {archs or hf.get('model_type')!r} in {cfg_file}: "
                 f"supported are {', '.join(ARCHITECTURES)}")
-        cfg = cls(path=path, architecture=arch, family=ARCHITECTURES[arch], hf=hf)
+        family = ARCHITECTURES[arch]
+        validate_config(hf, family, cfg_file)
+        cfg = cls(path=path, architecture=arch, family=family, hf=hf)
         cfg._read_common()
+        check_sizes(cfg)
         return cfg
 
     def get(self, key: str, default=None):
@@ -66,30 +143,191 @@ class ModelConfig:
 
     def _read_common(self) -> None:
         hf = self.hf
-        self.vocab_size = int(self.require("vocab_size"))
-        self.hidden_size = int(self.require("hidden_size"))
-        self.num_layers = int(self.require("num_hidden_layers"))
-        self.num_heads = int(self.require("num_attention_heads"))
-        self.num_kv_heads = int(hf.get("num_key_value_heads") or self.num_heads)
-        self.head_dim = int(hf.get("head_dim") or self.hidden_size // self.num_heads)
-        self.max_model_len = int(self.require("max_position_embeddings"))
+        self.vocab_size = hf["vocab_size"]
+        self.hidden_size = hf["hidden_size"]
+        self.num_layers = hf["num_hidden_layers"]
+        self.num_heads = hf["num_attention_heads"]
+        self.num_kv_heads = hf.get("num_key_value_heads") or self.num_heads
+        self.head_dim = hf.get("head_dim") or self.hidden_size // self.num_heads
+        self.max_model_len = hf["max_position_embeddings"]
         self.torch_dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
         self.bos_token_id = hf.get("bos_token_id")
-        eos = hf.get("eos_token_id")
-        self.eos_token_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        if self.num_heads % self.num_kv_heads:
-            raise RawpagedError(f"num_attention_heads={self.num_heads} is not a multiple of "
-                                f"num_key_value_heads={self.num_kv_heads} in {self.path / 'config.json'}")
+        self.eos_token_ids = _token_ids(hf.get("eos_token_id"))
         gen = self.path / "generation_config.json"
         if gen.is_file():
-            try:
-                g = json.loads(gen.read_text())
-            except json.JSONDecodeError as e:
-                raise RawpagedError(f"generation_config.json in {self.path} is not valid JSON: {e}") from None
+            g = _read_json_object(gen)
+            for key in ("bos_token_id", "eos_token_id"):
+                _check_field(g, key, CONFIG_FIELDS[key], gen)
             eos = g.get("eos_token_id")
             if eos is not None:
-                self.eos_token_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+                self.eos_token_ids = _token_ids(eos)
             self.bos_token_id = g.get("bos_token_id", self.bos_token_id)
 
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def validate_config(hf: dict, family: str, cfg_file: Path) -> None:
+    """Types, ranges and relations of every field in CONFIG_FIELDS; one-line errors naming the field."""
+    for name, spec in CONFIG_FIELDS.items():
+        if not spec.families or family in spec.families:
+            _check_field(hf, name, spec, cfg_file)
+    for key in ("rope_parameters", "rope_scaling"):
+        for name, spec in ROPE_FIELDS.items():
+            _check_field(hf.get(key) or {}, name, spec, cfg_file, label=f"{key}.{name}")
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise RawpagedError(f"num_attention_heads={heads} is not a multiple of "
+                            f"num_key_value_heads={kv_heads} in {cfg_file}")
+    if (hf.get("head_dim") is None or family == "opt") and hf["hidden_size"] % heads:
+        raise RawpagedError(f"{cfg_file}: hidden_size={hf['hidden_size']} is not a multiple of "
+                            f"num_attention_heads={heads} (and no head_dim is given)")
+    if family == "llama":
+        rot_dim = _rotary_dim(hf)
+        if rot_dim < 2 or rot_dim % 2:
+            raise RawpagedError(f"{cfg_file}: head_dim={_head_dim(hf)} times partial_rotary_factor="
+                                f"{hf.get('partial_rotary_factor', 1.0)} gives {rot_dim} rotary dimensions: "
+                                f"must be even and at least 2")
+
+
+def _check_field(hf: dict, name: str, spec: Field, cfg_file: Path, label: str | None = None) -> None:
+    value = hf.get(name)
+    if value is None:
+        if spec.required:
+            raise RawpagedError(f"{cfg_file.name} in {cfg_file.parent} lacks required field {name!r}")
+        return
+    what = _field_problem(value, spec)
+    if what:
+        raise RawpagedError(f"{cfg_file}: {label or name} must be {what}, got {_show(value)}")
+
+
+def _field_problem(value, spec: Field) -> str | None:
+    """What the value should have been, or None when it is fine. NOTE: bool is not an int here."""
+    if spec.kind == "int":
+        ok = type(value) is int and (spec.low is None or value >= spec.low)
+        return None if ok else ("a positive integer" if spec.low == 1 else f"an integer >= {spec.low}")
+    if spec.kind == "number":
+        ok = type(value) in (int, float) and math.isfinite(value) \
+            and (spec.low is None or value >= spec.low) and (spec.above is None or value > spec.above) \
+            and (spec.high is None or value <= spec.high)
+        if ok:
+            return None
+        bounds = [f">= {spec.low}" if spec.low is not None else "", f"> {spec.above}" if spec.above is not None else "",
+                  f"<= {spec.high}" if spec.high is not None else ""]
+        return "a finite number " + " and ".join(b for b in bounds if b)
+    if spec.kind == "bool":
+        return None if type(value) is bool else "true or false"
+    if spec.kind == "str":
+        return None if isinstance(value, str) else "a string"
+    if spec.kind == "object":
+        return None if isinstance(value, dict) else "a JSON object"
+    if spec.kind == "token_ids":
+        ids = value if isinstance(value, list) else [value]
+        return None if all(type(t) is int and t >= 0 for t in ids) else "a token id (integer >= 0) or a list of them"
+    raise AssertionError(f"unknown field kind {spec.kind}")
+
+
+def _show(value) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+    text = json.dumps(value)
+    return f"{text[:40]}{'...' if len(text) > 40 else ''} ({kind})"
+
+
+def _head_dim(hf: dict) -> int:
+    return hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+
+
+def _rotary_dim(hf: dict) -> int:
+    return int(_head_dim(hf) * float(hf.get("partial_rotary_factor") or 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes: what the config makes the engine allocate, against the files and the machine
+# ---------------------------------------------------------------------------------------------
+
+def implied_parameters(cfg: ModelConfig) -> int:
+    """A lower bound on the parameter count the config implies (what the weight files must hold).
+
+    Embedding, q/k/v/o projections and two MLP matrices per layer; an untied head, norms and biases
+    are left out, so a real checkpoint always holds at least this many.
+    """
+    hf, H = cfg.hf, cfg.hidden_size
+    embed_dim = hf.get("word_embed_proj_dim") or H
+    mlp_dim = hf.get("intermediate_size") or hf.get("ffn_dim") or 0
+    attention = H * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    params = cfg.vocab_size * embed_dim + cfg.num_layers * (attention + 2 * H * mlp_dim)
+    if cfg.family == "opt":                          # learned positions are weights too
+        params += (cfg.max_model_len + 2) * H
+    return params
+
+
+def rope_table_bytes(cfg: ModelConfig) -> int:
+    """The float32 cos/sin table the LLaMA family builds: [max_position_embeddings, rotary dims]."""
+    return cfg.max_model_len * _rotary_dim(cfg.hf) * 4 if cfg.family == "llama" else 0
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_sizes(cfg: ModelConfig) -> None:
+    """Refuse a config whose sizes could not be real before the model allocates anything from it.
+
+    - the implied parameters must fit the weight files at 1 byte each (the smallest dtype) and the
+      machine's memory at 2 bytes each (the weights are held in host memory while loading);
+    - the RoPE table may not exceed the weight files (or ROPE_TABLE_FLOOR) nor, while built, memory.
+    """
+    from rawpaged.loader import weight_files   # NOTE: late: the loader imports the converter's reader
+
+    cfg_file = cfg.path / "config.json"
+    hf = cfg.hf
+    fields = (f"vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, num_hidden_layers={cfg.num_layers}, "
+              f"num_attention_heads={cfg.num_heads}, head_dim={cfg.head_dim}, "
+              f"intermediate_size/ffn_dim={hf.get('intermediate_size') or hf.get('ffn_dim')}")
+    params, memory = implied_parameters(cfg), physical_memory()
+    if memory is not None and 2 * params > memory:
+        raise RawpagedError(f"{cfg_file}: the sizes it gives ({fields}) imply at least {params} parameters, "
+                            f"{2 * params / 1e9:.1f} GB in 16-bit: more than this machine's {memory / 1e9:.1f} GB of memory")
+    on_disk = sum(f.stat().st_size for f in weight_files(cfg.path))
+    if params > on_disk:
+        raise RawpagedError(f"{cfg_file}: the sizes it gives ({fields}) imply at least {params} parameters, "
+                            f"but the weight files hold only {on_disk} bytes")
+    rope = rope_table_bytes(cfg)
+    table = f"max_position_embeddings={cfg.max_model_len} needs a {rope / 1e6:.0f} MB RoPE table " \
+            f"({_rotary_dim(cfg.hf)} rotary dims)"
+    if rope > max(on_disk, ROPE_TABLE_FLOOR):
+        raise RawpagedError(f"{cfg_file}: {table}, more than the {on_disk / 1e6:.0f} MB of weight files: "
+                            f"is max_position_embeddings right?")
+    if memory is not None and ROPE_BUILD_FACTOR * rope > memory:
+        raise RawpagedError(f"{cfg_file}: {table}, and ~{ROPE_BUILD_FACTOR}x that while it is built: "
+                            f"more than this machine's {memory / 1e9:.1f} GB of memory")
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(model_file(path.parent, path.name).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RawpagedError(f"{path.name} in {path.parent} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError):
+        raise RawpagedError(f"{path.name} in {path.parent} is not valid JSON (not UTF-8 or nested too deep)") from None
+    except OSError as e:
+        raise RawpagedError(f"{path}: cannot read: {e.strerror or type(e).__name__}") from None
+    if not isinstance(obj, dict):
+        raise RawpagedError(f"{path.name} in {path.parent} is not a JSON object")
+    return obj
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (value,)

@@ -2,6 +2,8 @@
 
 Accepted layouts: `model.safetensors`, or shards named by `model.safetensors.index.json`.
 PyTorch `.bin` checkpoints are refused with a pointer to `rawpaged convert hf`.
+Every file is resolved inside the model directory (`paths.model_file`): an index entry such as
+`/etc/passwd` or `../x`, or a symlink leaving the directory, is refused by name and never opened.
 """
 from __future__ import annotations
 
@@ -13,31 +15,41 @@ import numpy as np
 from safetensors import safe_open
 
 from rawpaged.convert.hf import SafetensorsFile
+from rawpaged.convert.paths import model_file
 from rawpaged.errors import RawpagedError
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files holding the model's weights, in a stable order."""
-    index = model_dir / "model.safetensors.index.json"
+    index = model_file(model_dir, "model.safetensors.index.json")
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise RawpagedError(f"{index} is not a valid safetensors index: {e}") from None
-        files = sorted({model_dir / f for f in weight_map.values()})
+        files = [model_file(model_dir, name) for name in sorted(_index_shards(index))]
         for f in files:
             if not f.is_file():
                 raise RawpagedError(f"shard {f.name} named by {index.name} is missing from {model_dir}")
         return files
-    single = model_dir / "model.safetensors"
+    single = model_file(model_dir, "model.safetensors")
     if single.is_file():
         return [single]
     if list(model_dir.glob("*.safetensors")):
-        return sorted(model_dir.glob("*.safetensors"))
+        return [model_file(model_dir, f.name) for f in sorted(model_dir.glob("*.safetensors"))]
     if list(model_dir.glob("pytorch_model*.bin")):
         raise RawpagedError(f"{model_dir} holds PyTorch .bin weights: convert them first with "
                             f"`rawpaged convert hf {model_dir} -o OUT_DIR`")
     raise RawpagedError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def _index_shards(index: Path) -> set[str]:
+    """The shard names an index's weight_map points at (checked: strings, read as given)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise TypeError("weight_map must map tensor names to file names")
+    except json.JSONDecodeError as e:
+        raise RawpagedError(f"{index} is not a valid safetensors index: {e}") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise RawpagedError(f"{index} is not a valid safetensors index: {type(e).__name__} {e}") from None
+    return set(weight_map.values())
 
 
 def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -50,10 +62,12 @@ def _read_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     # NOTE: the header is checked first (a truncated file is named before any tensor is read);
     # BF16 tensors, which safetensors' NumPy API refuses, are widened to float32 by that reader.
     header = SafetensorsFile(path)
+    # NOTE: the official parser's messages quote header content ("invalid type: string ..."); the
+    # header checks above are as strict as its own, so its refusal is named, not quoted.
     try:
         handle = safe_open(str(path), framework="numpy")
     except Exception as e:  # safetensors raises its own error types; name the file
-        raise RawpagedError(f"cannot read {path}: {_one_line(e)}") from None
+        raise RawpagedError(f"cannot read {path}: the safetensors library refused it ({type(e).__name__})") from None
     with handle as f:
         for name in f.keys():
             if header.entries[name].dtype == "BF16":

@@ -329,3 +329,81 @@ def test_tok512_encodes_and_decodes(stories260k_dir, src):
     # Text outside the 512-piece vocabulary round-trips through the byte pieces.
     odd = "Zoë ate 🍰!"
     assert tok.decode(tok.encode(odd)) == odd
+
+
+# -- merges: linear in the length of a piece ---------------------------------------------------------
+
+def _merges_by_trying_every_split(pieces, scores):
+    """The definition (HF's SentencePieceExtractor): every split whose halves are both pieces."""
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = sorted((-s, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:]) for p, s in zip(pieces, scores)
+                    for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab)
+    return [[m[3], m[4]] for m in merges]
+
+
+@pytest.mark.parametrize("short_piece", [0, 2, 64])
+def test_merges_match_trying_every_split(monkeypatch, short_piece):
+    """Random small vocabularies, through the slicing path, the vocabulary walk, and both mixed."""
+    import random
+
+    import rawpaged.convert.llama2c as l2c
+    monkeypatch.setattr(l2c, "SHORT_PIECE", short_piece)
+    rng = random.Random(short_piece)
+    for _ in range(200):
+        alphabet = "ab▁é"[:rng.randint(1, 4)]
+        pieces = sorted({"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+                         for _ in range(rng.randint(1, 60))})
+        rng.shuffle(pieces)
+        scores = [float(rng.randint(-3, 3)) for _ in pieces]
+        assert l2c.sentencepiece_merges(pieces, scores) == _merges_by_trying_every_split(pieces, scores)
+
+
+class _CountingStr(str):
+    """A str that counts the characters read out of it by indexing and slicing."""
+    reads = 0
+
+    def __getitem__(self, key):
+        out = str.__getitem__(self, key)
+        _CountingStr.reads += len(out)
+        return out
+
+
+def test_merges_read_a_long_piece_a_linear_number_of_times():
+    """The work on one piece grows linearly with its length: trying every split of an n-character
+    piece reads n^2 characters (n = 20000: 4 * 10^8); the vocabulary walk reads each character of
+    the piece a few times (two reversed copies, then per character the piece's own character and
+    one or two bisection probes of the vocabulary entries still in range, here the piece itself)."""
+    from rawpaged.convert.llama2c import sentencepiece_merges
+    base = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    runs = ["a" * k for k in (1, 2, 3, 5, 8)] + ["b", "ab", "ba", "a" * 7 + "b"]
+    reads = {}
+    for n in (5_000, 20_000):
+        long = _CountingStr("a" * (n - 1) + "b")
+        pieces = base + runs + [long]
+        scores = [0.0] * len(pieces)
+        _CountingStr.reads = 0
+        merges = sentencepiece_merges(pieces, scores)
+        reads[n] = _CountingStr.reads
+        assert merges == _merges_by_trying_every_split([str(p) for p in pieces], scores)
+        assert ["a", "b"] in merges and ["aaa", "aaaaa"] in merges
+        # the long piece would split as a^(n-1-j) + a^j b, with a^j b in {b, ab, a^7 b}: no such run
+        assert not any("".join(m) == long for m in merges)
+    assert reads[20_000] <= 6 * 20_000, reads
+    assert reads[20_000] <= 4.2 * reads[5_000], reads        # 4x the length, ~4x the reads (not 16x)
+
+
+def test_a_tokenizer_with_a_long_piece_converts(tmp_path, src):
+    """A 200000-character piece (quadratic: ~4 * 10^10 character copies) converts, merges intact."""
+    from rawpaged.convert.llama2c import llama2c_tokenizer_json, read_llama2c_tokenizer
+    pieces, scores = read_llama2c_tokenizer(src / "tok512.bin")
+    long = "▁" + "a" * 199_999
+    pieces[-1] = long
+    path = tmp_path / "tok.bin"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", len(long)))
+        for i, (p, s) in enumerate(zip(pieces, scores)):
+            raw = {0: "<unk>", 1: "\n<s>\n", 2: "\n</s>\n"}.get(i, p.replace("▁", " ")).encode()
+            f.write(struct.pack("<fi", s, len(raw)) + raw)
+    tok = llama2c_tokenizer_json(path)
+    assert tok["model"]["vocab"][long] == len(pieces) - 1
+    assert not any("".join(m) == long for m in tok["model"]["merges"])    # no half "a" * 199999

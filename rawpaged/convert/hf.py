@@ -21,6 +21,11 @@ The pipeline, each step a function below:
   6. all of it happens in a temporary directory next to DST, renamed to DST at the very end, so any
      failure (bad input, full disk, Ctrl-C) leaves nothing behind.
 
+The source is untrusted (see "Untrusted files" in docs/DESIGN.md): every file is resolved inside SRC
+(`paths.model_file`), zip entries are bounded by their declared sizes before anything is inflated
+(`torch_pickle`), and the output may be at most `max_expansion` (default 4) times the source weight
+files (`check_expansion`): expanded views cannot turn a kilobyte into gigabytes.
+
 BF16 (NOTE): numpy has no bfloat16, and `safetensors.numpy` refuses BF16 files ("data type 'bfloat16'
 not understood"). Here BF16 travels as its raw uint16 bit patterns: read as uint16, widened to float32
 by shifting the 16 bits into the high half of a float32, narrowed with round-to-nearest-even (what
@@ -47,8 +52,9 @@ from typing import Iterator
 
 import numpy as np
 
+from rawpaged.convert.paths import check_model_files, model_file
 from rawpaged.convert.progress import Progress
-from rawpaged.convert.torch_pickle import NUMPY_DTYPE, TensorRef, TorchArchive
+from rawpaged.convert.torch_pickle import DEFAULT_MAX_EXPANSION, MAX_DIMS, NUMPY_DTYPE, TensorRef, TorchArchive
 from rawpaged.errors import RawpagedError
 
 CHUNK_BYTES = 16 << 20
@@ -146,6 +152,51 @@ class SafetensorsEntry:
         return self.end - self.start
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _parse_header_json(path: Path, raw: bytes) -> dict:
+    """The header's JSON object; a name given twice is refused (json.loads would keep the last)."""
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as dup:
+        raise RawpagedError(f"{path}: corrupt safetensors header: '{dup.args[0]}' appears twice "
+                            f"(each tensor must have exactly one byte range)") from None
+    except json.JSONDecodeError as err:
+        raise RawpagedError(f"{path}: corrupt safetensors header (not valid JSON at byte {err.pos})") from None
+    except (ValueError, RecursionError):   # not UTF-8, an integer too long, nesting too deep
+        raise RawpagedError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise RawpagedError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header
+
+
+def _check_layout(path: Path, entries: list[SafetensorsEntry], data_start: int, size: int) -> None:
+    """The tensors tile the data section: sorted by offset, each starts where the previous ends,
+    the last ends at the end of the file (the official parser's rule). Overlapping ranges would let
+    two names share bytes (the converter would duplicate them, the official loader refuses them)."""
+    end, prev = data_start, None
+    for e in sorted(entries, key=lambda e: (e.start, e.end)):
+        if e.start < end:
+            raise RawpagedError(f"{path}: corrupt safetensors header: tensors '{prev.name}' and '{e.name}' "
+                                f"overlap (each tensor must have its own byte range)")
+        if e.start > end:
+            raise RawpagedError(f"{path}: corrupt safetensors header: {e.start - end} bytes before tensor "
+                                f"'{e.name}' belong to no tensor (tensors must be stored back to back)")
+        end, prev = e.end, e
+    if end != size:
+        raise RawpagedError(f"{path}: corrupt safetensors file: its last {size - end} bytes belong to no tensor")
+
+
 class SafetensorsFile:
     """A safetensors file read through its header: lazy, chunked, and BF16-aware (numpy has no bf16)."""
 
@@ -156,28 +207,34 @@ class SafetensorsFile:
         self._parse_header()
 
     def _parse_header(self) -> None:
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise RawpagedError(f"{self.path}: truncated safetensors file ({size} bytes)")
-            n = int.from_bytes(head, "little")
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise RawpagedError(f"{self.path}: truncated or corrupt safetensors file (header of {n} bytes, file of {size})")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError as err:
-                raise RawpagedError(f"{self.path}: corrupt safetensors header ({err})") from None
-        if not isinstance(header, dict):
-            raise RawpagedError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
+        # NOTE: messages never quote the file's bytes (not even the length field as a number): a
+        # file that is not safetensors at all may be anything, e.g. a path an index pointed at.
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise RawpagedError(f"{self.path}: truncated safetensors file ({size} bytes)")
+                n = int.from_bytes(head, "little")
+                if n > MAX_HEADER_BYTES or 8 + n > size:
+                    raise RawpagedError(f"{self.path}: truncated or corrupt safetensors file (its header "
+                                        f"length field points past the end of the {size}-byte file)")
+                raw = f.read(n)
+        except OSError as err:
+            raise RawpagedError(f"{self.path}: cannot read: {err.strerror or type(err).__name__}") from None
+        header = _parse_header_json(self.path, raw)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise RawpagedError(f"{self.path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        self.metadata = metadata
         for name, info in header.items():
             self.entries[name] = self._entry(name, info, 8 + n, size)
+        _check_layout(self.path, list(self.entries.values()), 8 + n, size)
 
     def _entry(self, name: str, info, data_start: int, size: int) -> SafetensorsEntry:
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)):
+            if not all(type(v) is int and v >= 0 for v in (*shape, begin, end)) or len(shape) > MAX_DIMS:
                 raise ValueError
         except (TypeError, KeyError, ValueError):
             raise RawpagedError(f"{self.path}: corrupt header entry for tensor '{name}'") from None
@@ -265,21 +322,21 @@ class SourceTensor:
         return self.reader.iter_chunks(self.ref, chunk_bytes)
 
 
-def _open_weight_file(path: Path, stack: contextlib.ExitStack) -> list[SourceTensor]:
+def _open_weight_file(path: Path, stack: contextlib.ExitStack, max_expansion: float) -> list[SourceTensor]:
     if path.suffix == ".safetensors":
         sf = SafetensorsFile(path)
         return [SourceTensor(e.name, e.dtype, e.shape, path.name, sf, e) for e in sf.entries.values()]
-    archive = stack.enter_context(TorchArchive(path))
+    archive = stack.enter_context(TorchArchive(path, max_expansion=max_expansion))
     return [SourceTensor(name, ref.dtype, ref.shape, path.name, archive, ref)
             for name, ref in archive.state_dict().items()]
 
 
 def _read_index(src: Path, index_name: str) -> dict[str, str]:
     try:
-        weight_map = json.loads((src / index_name).read_text())["weight_map"]
+        weight_map = json.loads(model_file(src, index_name).read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise RawpagedError(f"{src / index_name}: not a valid index (expected a JSON object with a 'weight_map')") from None
     for shard in weight_map.values():
         if Path(shard).name != shard or shard in ("", ".", ".."):
@@ -287,27 +344,28 @@ def _read_index(src: Path, index_name: str) -> dict[str, str]:
     return weight_map
 
 
-def load_source_tensors(src: Path, stack: contextlib.ExitStack) -> list[SourceTensor]:
+def load_source_tensors(src: Path, stack: contextlib.ExitStack,
+                        max_expansion: float = DEFAULT_MAX_EXPANSION) -> list[SourceTensor]:
     """Every tensor of the checkpoint in SRC, in file then storage order, checked against its index."""
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        if (src / index_name).is_file():
-            return _load_sharded(src, index_name, stack)
-        if (src / single).is_file():
-            return _open_weight_file(src / single, stack)
+        if model_file(src, index_name).is_file():
+            return _load_sharded(src, index_name, stack, max_expansion)
+        if model_file(src, single).is_file():
+            return _open_weight_file(src / single, stack, max_expansion)
     raise RawpagedError(f"{src}: no weights found (expected model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
 
 
-def _load_sharded(src: Path, index_name: str, stack: contextlib.ExitStack) -> list[SourceTensor]:
+def _load_sharded(src: Path, index_name: str, stack: contextlib.ExitStack, max_expansion: float) -> list[SourceTensor]:
     weight_map = _read_index(src, index_name)
     shards = list(dict.fromkeys(weight_map.values()))
-    for shard in shards:  # NOTE: check every shard exists before reading any
-        if not (src / shard).is_file():
+    for shard in shards:  # NOTE: check every shard exists (and stays inside src) before reading any
+        if not model_file(src, shard).is_file():
             raise RawpagedError(f"{src}: missing shard '{shard}' named by {index_name}")
     tensors: list[SourceTensor] = []
     seen: dict[str, str] = {}
     for shard in shards:
-        for t in _open_weight_file(src / shard, stack):
+        for t in _open_weight_file(src / shard, stack, max_expansion):
             if t.name in seen:
                 raise RawpagedError(f"{src}: tensor '{t.name}' is in both '{seen[t.name]}' and '{shard}'")
             seen[t.name] = shard
@@ -457,14 +515,52 @@ def write_config(config: dict, target: str | None, out: Path) -> None:
 
 def _read_config(src: Path) -> dict:
     try:
-        config = json.loads((src / "config.json").read_text())
+        config = json.loads(model_file(src, "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RawpagedError(f"{src}: no config.json (not a Hugging Face model directory)") from None
-    except ValueError as err:
-        raise RawpagedError(f"{src / 'config.json'}: invalid JSON ({err})") from None
+    except OSError as err:
+        raise RawpagedError(f"{src / 'config.json'}: cannot read: {err.strerror or type(err).__name__}") from None
+    except (ValueError, RecursionError) as err:
+        raise RawpagedError(f"{src / 'config.json'}: invalid JSON ({_json_error(err)})") from None
     if not isinstance(config, dict):
         raise RawpagedError(f"{src / 'config.json'}: expected a JSON object")
     return config
+
+
+def _json_error(err: Exception) -> str:
+    """Where a JSON text went wrong, without quoting it."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno} column {err.colno}"
+    return "nesting too deep" if isinstance(err, RecursionError) else "not UTF-8 text"
+
+
+def parse_max_expansion(value: float | str | None) -> float:
+    if value is None:
+        return DEFAULT_MAX_EXPANSION
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        factor = math.nan
+    if not (factor > 0 and math.isfinite(factor)) or isinstance(value, bool):
+        raise RawpagedError(f"bad max expansion {value!r}: expected a positive number (output bytes per input byte)")
+    return factor
+
+
+def check_expansion(src: Path, tensors: list[SourceTensor], shards: list[list[PlannedTensor]], factor: float) -> None:
+    """Refuse to write more than `factor` times the bytes of the weight files read.
+
+    NOTE: a .bin tensor is a view: zero strides (torch's expand) or many views of one storage make
+    a tiny file describe gigabytes of output. Real checkpoints stay near 1x (2x when --dtype widens
+    bf16/fp16 to float32; a little more where views overlap), so the default of 4x only stops
+    files that repeat their data; --max-expansion raises it for a checkpoint that really does.
+    """
+    files = {id(t.reader): t.reader.path for t in tensors}
+    read = sum(path.stat().st_size for path in files.values())
+    written = sum(p.nbytes for shard in shards for p in shard)
+    if written > factor * max(read, 1):
+        raise RawpagedError(f"{src}: the converted weights would take {written} bytes, {written / max(read, 1):.0f} "
+                            f"times the {read} bytes of the source weight files (limit: {factor:g}x; "
+                            f"expanded or repeated tensor views?): raise it with --max-expansion if this is expected")
 
 
 def _check_paths(src: Path, dst: Path, force: bool) -> None:
@@ -503,17 +599,32 @@ def _replace(tmp: Path, dst: Path) -> None:
 
 
 def convert_hf(src: str | Path, dst: str | Path, dtype: str | None = None, max_shard_size: str | int = "2GB",
-               force: bool = False, progress: bool = True) -> Path:
-    """Convert the HF model directory `src` into `dst` (see the module docstring); returns dst."""
+               force: bool = False, progress: bool = True, max_expansion: float | None = None) -> Path:
+    """Convert the HF model directory `src` into `dst` (see the module docstring); returns dst.
+
+    The output may be at most `max_expansion` (default 4) times the size of the source weight files.
+    """
+    try:
+        return _convert_hf(src, dst, dtype, max_shard_size, force, progress, max_expansion)
+    except MemoryError:
+        # NOTE: the bounds above keep memory to ~ a storage plus a chunk; this is the last line.
+        raise RawpagedError(f"out of memory while converting {src}") from None
+
+
+def _convert_hf(src, dst, dtype, max_shard_size, force, progress, max_expansion) -> Path:
     # NOTE: abspath, not resolve: "." or "x/.." get a real name and parent, a symlink stays a link.
     src, dst = Path(src), Path(os.path.abspath(dst))
     target, max_bytes = parse_dtype(dtype), parse_size(max_shard_size)
+    factor = parse_max_expansion(max_expansion)
     _check_paths(src, dst, force)
     config = _read_config(src)
+    check_model_files(src, COPIED_FILES)
     with contextlib.ExitStack() as stack:
         # Everything that can be checked without writing is checked here, before any output exists.
-        named = fix_names(load_source_tensors(src, stack), config.get("model_type"))
+        tensors = load_source_tensors(src, stack, factor)
+        named = fix_names(tensors, config.get("model_type"))
         shards = plan_shards(named, target, max_bytes)
+        check_expansion(src, tensors, shards, factor)
         names = shard_names(len(shards))
         bar = Progress(len(named), sum(p.nbytes for s in shards for p in s), enabled=progress)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
@@ -546,9 +657,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--max-shard-size", default="2GB")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--max-expansion", type=float, default=None,
+                        help=f"refuse output over this many times the input's size (default {DEFAULT_MAX_EXPANSION:g})")
     args = parser.parse_args(argv)
     try:
-        out = convert_hf(args.src, args.output, args.dtype, args.max_shard_size, args.force)
+        out = convert_hf(args.src, args.output, args.dtype, args.max_shard_size, args.force,
+                         max_expansion=args.max_expansion)
     except RawpagedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

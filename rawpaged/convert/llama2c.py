@@ -20,6 +20,7 @@ Pieces use a plain space where SentencePiece writes U+2581, and pieces 1/2 are "
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -38,6 +39,7 @@ V1_MAGIC = 0x616B3432
 V1_HEADER_BYTES = 256
 LEGACY_HEADER_BYTES = 7 * 4
 SPIECE_SPACE = "\u2581"   # SentencePiece's visible space "▁"
+SHORT_PIECE = 64          # longer pieces find their merges without trying every split (sentencepiece_merges)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,16 +280,63 @@ def sentencepiece_merges(pieces: list[str], scores: list[float]) -> list[list[st
     A piece p can be built by merging any split (p[:k], p[k:]) whose halves are both pieces. SentencePiece
     BPE applies the highest-scoring merge first, so merges are ordered by the merged piece's score
     (descending), ties broken by the ids of the left and then the right half.
+
+    NOTE: trying every split by slicing costs O(len(p)^2) per piece: fine for real pieces (a few
+    dozen characters), minutes for a hostile 1 MB one. Pieces longer than SHORT_PIECE find their
+    halves by walking the sorted vocabulary one character at a time instead (`_vocab_prefixes`),
+    forwards for the left halves and over the reversed pieces for the right halves: O(len(p) log V)
+    character reads, no string built but the vocabulary's own. Either way the work is linear in the
+    total length of the pieces (at most SHORT_PIECE or log V reads per character).
     """
     vocab = {p: i for i, p in enumerate(pieces)}
+    walk = None                                    # sorted (key, piece) lists, built on first need
     merges = []
     for piece, score in zip(pieces, scores):
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in vocab and right in vocab:
-                merges.append((-score, vocab[left], vocab[right], left, right))
+        if len(piece) <= SHORT_PIECE:
+            splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+            splits = [(a, b) for a, b in splits if a in vocab and b in vocab]
+        else:
+            walk = walk or _walk_lists(vocab)
+            splits = _long_piece_splits(piece, *walk)
+        merges.extend((-score, vocab[left], vocab[right], left, right) for left, right in splits)
     merges.sort(key=lambda m: m[:3])
     return [[m[3], m[4]] for m in merges]
+
+
+
+def _walk_lists(vocab: dict[str, int]) -> tuple[list, list]:
+    return [(p, p) for p in sorted(vocab)], sorted((p[::-1], p) for p in vocab)
+
+
+def _long_piece_splits(piece: str, forward: list, backward: list) -> list[tuple[str, str]]:
+    """(left, right) vocabulary pieces with left + right == piece, without slicing piece."""
+    lefts = dict(_vocab_prefixes(piece, forward))                  # k -> the piece equal to piece[:k]
+    splits = []
+    for m, right in _vocab_prefixes(piece[::-1], backward):        # m -> the piece equal to piece[-m:]
+        left = lefts.get(len(piece) - m)
+        if left is not None:
+            splits.append((left, right))
+    return splits
+
+
+def _vocab_prefixes(text: str, ordered: list[tuple[str, str]]):
+    """(k, entry[1]) for each 1 <= k < len(text) with text[:k] == entry[0] for an entry of `ordered`
+    (sorted by entry[0], all distinct): an implicit trie over the sorted keys.
+
+    Invariant: at depth d, ordered[lo:hi] are the keys starting with text[:d]; the key equal to
+    text[:d], if any, sorts first, the others are ordered by their character d.
+    """
+    lo, hi = 0, len(ordered)
+    for d in range(len(text) - 1):          # NOTE: k < len(text): text itself is no half of a split
+        if lo < hi and len(ordered[lo][0]) == d:
+            lo += 1
+        c = text[d]
+        lo = bisect.bisect_left(ordered, c, lo, hi, key=lambda e: e[0][d])
+        hi = bisect.bisect_right(ordered, c, lo, hi, key=lambda e: e[0][d])
+        if lo == hi:
+            return
+        if len(ordered[lo][0]) == d + 1:
+            yield d + 1, ordered[lo][1]
 
 
 def llama2c_tokenizer_json(path: str | Path) -> dict:

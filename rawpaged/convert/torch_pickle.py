@@ -27,9 +27,12 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
+import lzma
 import math
 import pickle
+import pickletools
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -55,6 +58,16 @@ STORAGE_DTYPE = {
 
 
 MAX_EXPANDED_BYTES = 1 << 30
+MAX_DIMS = 32
+# Bounds on what is read from an (untrusted) archive, checked against the sizes its zip directory
+# declares before anything is inflated (zipfile never returns more than the declared size).
+DEFAULT_MAX_EXPANSION = 4.0        # declared uncompressed bytes (and output bytes) per archive byte
+MAX_PICKLE_BYTES = 256 << 20       # data.pkl: ~100 bytes per tensor in practice
+MAX_BYTEORDER_BYTES = 16
+# What reading a damaged or odd entry can raise (bad CRC, bad deflate/bzip2/lzma data, encryption, an
+# unknown compression method).
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError,
+               lzma.LZMAError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +135,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> TensorR
     if type(storage_offset) is not int or storage_offset < 0:
         raise RawpagedError(f"malformed tensor record: storage offset {storage_offset!r}")
     shape, strides = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-    if len(shape) != len(strides) or any(n < 0 for n in shape) or any(s < 0 for s in strides):
+    if len(shape) != len(strides) or len(shape) > MAX_DIMS or any(n < 0 for n in shape) or any(s < 0 for s in strides):
         raise RawpagedError(f"malformed tensor record: size {shape} with stride {strides}")
     ref = TensorRef(storage, storage_offset, shape, strides)
     # NOTE: bounds are checked here, before anything is read: a view reaching past its storage
@@ -198,6 +211,26 @@ class _StateDictUnpickler(pickle.Unpickler):
         return ref
 
 
+def _check_opcodes(data: bytes, path: Path) -> None:
+    """Walk the pickle's opcodes (pickletools decodes them, runs nothing) before unpickling.
+
+    NOTE: CPython's C unpickler sizes its memo as an array by the largest index a PUT names, and
+    allocates a BINBYTES8 / BYTEARRAY8 of the length it declares before reading it: an 18-byte
+    pickle saying `LONG_BINPUT 200000000` asks for 3.2 GB. Real pickles number their memo 0, 1, 2...,
+    so an index past the pickle's length is refused; declared lengths past its end fail here, where
+    pickletools reads only what is there.
+    """
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and arg > len(data):
+                raise RawpagedError(f"{path}: malformed pickle in data.pkl (memo index {arg} at byte {pos} "
+                                    f"of a {len(data)}-byte pickle)")
+    except RawpagedError:
+        raise
+    except Exception as err:   # truncated, unknown opcode, a length past the end...
+        raise RawpagedError(f"{path}: malformed pickle in data.pkl ({type(err).__name__}: {_one_line(err)})") from None
+
+
 # ---- the archive --------------------------------------------------------------------------------
 
 def _refuse_non_zip(path: Path) -> None:
@@ -216,9 +249,16 @@ def _refuse_non_zip(path: Path) -> None:
 
 
 class TorchArchive:
-    """A `torch.save` zip archive opened for lazy, chunked reading of its tensors."""
+    """A `torch.save` zip archive opened for lazy, chunked reading of its tensors.
 
-    def __init__(self, path: str | Path):
+    NOTE (untrusted input): a zip entry may inflate ~1000x (deflate) or more (bzip2), so a 1.5 MB
+    file can hold a 1.5 GB entry. The zip directory declares every entry's uncompressed size and
+    zipfile never returns more than that, so the declared sizes are checked first: their sum may be
+    at most `max_expansion` times the archive (torch.save stores entries uncompressed: ~1x), and
+    each entry read whole has its own bound. Reads are streamed against those bounds.
+    """
+
+    def __init__(self, path: str | Path, max_expansion: float = DEFAULT_MAX_EXPANSION):
         self.path = Path(path)
         if not zipfile.is_zipfile(self.path):
             _refuse_non_zip(self.path)
@@ -226,8 +266,13 @@ class TorchArchive:
             self.zip = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as err:
             raise RawpagedError(f"{self.path}: corrupt zip archive ({err})") from None
-        self.prefix = self._find_prefix()
-        self._check_byteorder()
+        try:
+            self._check_declared_sizes(max_expansion)
+            self.prefix = self._find_prefix()
+            self._check_byteorder()
+        except BaseException:
+            self.zip.close()
+            raise
 
     def __enter__(self) -> "TorchArchive":
         return self
@@ -244,16 +289,35 @@ class TorchArchive:
             raise RawpagedError(f"{self.path}: zip archive without exactly one <name>/data.pkl: not torch.save output")
         return pickles[0][: -len("data.pkl")]
 
-    def _read_entry(self, name: str) -> bytes:
+    def _check_declared_sizes(self, max_expansion: float) -> None:
+        size = self.path.stat().st_size
+        declared = sum(info.file_size for info in self.zip.infolist())
+        if declared > max_expansion * size:
+            raise RawpagedError(
+                f"{self.path}: its zip entries declare {declared} bytes uncompressed, {declared / size:.0f} times "
+                f"the {size}-byte archive (limit: {max_expansion:g}x; a zip bomb?): "
+                f"raise it with --max-expansion if this is expected")
+
+    def _read_entry(self, name: str, limit: int) -> bytes:
+        """A whole entry, refused before inflating when it declares more than `limit` bytes."""
+        entry = self.prefix + name
+        info = self.zip.NameToInfo[entry]
+        if info.file_size > limit:
+            raise RawpagedError(f"{self.path}: entry '{entry}' declares {info.file_size} bytes, "
+                                f"more than the {limit} such an entry may hold")
         try:
-            return self.zip.read(self.prefix + name)
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
-            raise RawpagedError(f"{self.path}: corrupt entry '{self.prefix + name}' ({err})") from None
+            with self.zip.open(info) as f:
+                data = f.read(limit + 1)    # NOTE: bounded even if the declared size were not
+        except _ZIP_ERRORS as err:
+            raise RawpagedError(f"{self.path}: corrupt entry '{entry}' ({_one_line(err)})") from None
+        if len(data) > limit:
+            raise RawpagedError(f"{self.path}: entry '{entry}' holds more than {limit} bytes")
+        return data
 
     def _check_byteorder(self) -> None:
         if self.prefix + "byteorder" not in self.zip.NameToInfo:
             return  # NOTE: archives from torch < 1.10 carry no record and are little-endian
-        order = self._read_entry("byteorder").decode("ascii", "replace").strip()
+        order = self._read_entry("byteorder", MAX_BYTEORDER_BYTES).decode("ascii", "replace").strip()
         if order == "big":
             raise RawpagedError(f"{self.path}: big-endian torch archive is not supported: re-save it on a little-endian machine")
         if order != "little":
@@ -261,7 +325,9 @@ class TorchArchive:
 
     def state_dict(self) -> dict[str, TensorRef]:
         """Unpickle data.pkl into {name: TensorRef}; check every storage entry is there, whole."""
-        unpickler = _StateDictUnpickler(self._read_entry("data.pkl"), self.path.name)
+        data = self._read_entry("data.pkl", MAX_PICKLE_BYTES)
+        _check_opcodes(data, self.path)
+        unpickler = _StateDictUnpickler(data, self.path.name)
         try:
             obj = unpickler.load()
         except RawpagedError:
@@ -294,16 +360,15 @@ class TorchArchive:
         if ref.is_contiguous():
             yield from self._iter_range(ref.storage, ref.offset * dtype.itemsize, ref.nbytes, chunk_bytes)
             return
-        # NOTE: a non-contiguous view (e.g. a transposed weight) needs its whole storage at once;
-        # bounds were checked in _rebuild_tensor, so as_strided stays inside the buffer.
-        storage = np.frombuffer(self._read_entry("data/" + ref.storage.key), dtype=dtype)
+        # NOTE: a non-contiguous view (e.g. a transposed weight) needs its whole storage at once
+        # (its declared size was checked against the archive); bounds were checked in
+        # _rebuild_tensor, so as_strided stays inside the buffer. The view itself is copied a
+        # chunk at a time: an expanded (stride 0) view may be far larger than its storage.
+        nbytes = ref.storage.numel * dtype.itemsize
+        storage = np.frombuffer(self._read_entry("data/" + ref.storage.key, nbytes), dtype=dtype)
         view = np.lib.stride_tricks.as_strided(
             storage[ref.offset:], shape=ref.shape, strides=[s * dtype.itemsize for s in ref.stride], writeable=False)
-        flat = np.ascontiguousarray(view).reshape(-1)
-        del storage
-        step = max(1, chunk_bytes // dtype.itemsize)
-        for start in range(0, flat.size, step):
-            yield flat[start:start + step]
+        yield from view_chunks(view, max(1, chunk_bytes // dtype.itemsize))
 
     def _iter_range(self, storage: StorageRef, start: int, length: int, chunk_bytes: int) -> Iterator[np.ndarray]:
         dtype = NUMPY_DTYPE[storage.dtype]
@@ -323,8 +388,29 @@ class TorchArchive:
                 # covering the whole storage (the usual case) is therefore checksum-verified.
                 if start + length == storage.numel * dtype.itemsize:
                     f.read(1)
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
-            raise RawpagedError(f"{self.path}: corrupt entry '{entry}' ({err})") from None
+        except _ZIP_ERRORS as err:
+            raise RawpagedError(f"{self.path}: corrupt entry '{entry}' ({_one_line(err)})") from None
+
+
+def view_chunks(view: np.ndarray, step: int) -> Iterator[np.ndarray]:
+    """A strided view's elements in C order as contiguous 1-D arrays of at most `step` elements
+    (a single innermost row longer than `step` is cut too): never more than a chunk is copied."""
+    if view.size <= step:
+        yield np.ascontiguousarray(view).reshape(-1)
+    elif view.ndim == 1:
+        for start in range(0, view.shape[0], step):
+            yield np.ascontiguousarray(view[start:start + step])
+    elif view[0].size <= step:                 # whole rows of the first axis per chunk
+        rows = step // view[0].size
+        for start in range(0, view.shape[0], rows):
+            yield np.ascontiguousarray(view[start:start + rows]).reshape(-1)
+    else:                                      # one row of the first axis is itself too big
+        for row in view:
+            yield from view_chunks(row, step)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 # ---- a torch-free writer of the same format (tests and benchmarks) -------------------------------

@@ -27,7 +27,8 @@ ARCHITECTURES = {
 # Files of a model directory the engine reads besides the weights (config, tokenizer, templates);
 # each must stay inside the directory (see rawpaged/convert/paths.py).
 MODEL_DIR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ from typing import Iterable, Sequence
 
 import tokenizers
 
+from rawpaged.config import MODEL_DIR_FILES
+from rawpaged.convert.paths import check_model_files
 from rawpaged.errors import RawpagedError
 from rawpaged.tokenizer_build import load_backend, read_json, token_content
 from rawpaged.tokenizer_build import write_tokenizer_json  # noqa: F401  (re-exported)
@@ -86,6 +88,7 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir():
             raise RawpagedError(f"tokenizer directory not found: {path}")
+        check_model_files(path, MODEL_DIR_FILES)     # NOTE: no symlink may lead out of the model
         backend, tokenizer_config = load_backend(path)
         template_file = path / "chat_template.jinja"
         template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None

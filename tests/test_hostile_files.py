@@ -478,3 +478,15 @@ def test_config_bombs_under_a_memory_limit(model_copy, changes, needle):
     r = run_limited("generate", "--model", model_copy, "--device", "cpu", "--kv-cache-memory", 1 << 24,
                     "--swap-space", 0, "--max-tokens", 2, "hi", memory=1 << 30)
     assert_one_line_error(r, needle, "config.json")
+
+
+def test_tokenizer_alone_refuses_a_file_linked_out_of_the_model(tmp_path):
+    """Tokenizer.from_dir (used without ModelConfig) checks containment too."""
+    from rawpaged.tokenizer import Tokenizer
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(RawpagedError, match="outside the model directory"):
+        Tokenizer.from_dir(model)

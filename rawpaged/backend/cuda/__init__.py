@@ -6,7 +6,8 @@ Every op has the name, argument order and memory layouts of its CPU twin in
 
 The package, by what each part knows:
   kernels.py   the one table of kernels: names, instantiations, parameter lists, the generated
-               extern "C" entry points and one argument builder per launch kind (pure)
+               extern "C" entry points and one argument builder per launch kind (pure);
+               spec.py    what a kernel description is (Param, Family, Kernel) and its argument checks
   dispatch.py  which kernel, grid and shared memory a call gets; argument checks; host helpers (pure)
   launch.py    CuPy, NVRTC compilation through cupy.RawModule, kernel lookup, launches, RAWPAGED_CUDA_SYNC
   ops.py       the kernel ops (attention, cache writes/copies, norms, rotary, activations)
@@ -31,7 +32,7 @@ import types
 
 import numpy as np
 
-from rawpaged.backend.cuda import dense, dispatch, kernels, launch, memory, ops
+from rawpaged.backend.cuda import dense, dispatch, kernels, launch, memory, ops, spec  # noqa: F401
 from rawpaged.backend.cuda.dense import embedding, linear
 from rawpaged.backend.cuda.dispatch import (SPLIT_K_MIN_WAVES, Launch, check_attention_args, check_attention_shape,
                                             check_cache_args, check_norm_args, check_rotary_args, copy_runs,

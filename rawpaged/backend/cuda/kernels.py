@@ -1,7 +1,8 @@
 """The one table of CUDA kernels: names, instantiations, parameter lists and argument builders.
 
 Every extern "C" kernel the backend launches is described here, once, as a `Family` (one C++
-template in kernels_cuda/*.cu) and its instantiations. From this table:
+template in kernels_cuda/*.cu, its parameter list and its instantiations; spec.py says what a
+Family, a Kernel and a Param are). From this table:
   - `program(source, tag)` is the text NVRTC compiles: the .cu file (headers pasted in) followed by
     one generated `__global__` wrapper per instantiation,
         extern "C" __global__ void __launch_bounds__(128) paged_decode_f16_hd128_g4(<parameters>) {
@@ -30,17 +31,17 @@ Pure Python: importing this needs neither CuPy nor a device.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from kernels_cuda import SOURCES, read_source
+from rawpaged.backend.cuda.spec import NULL, TAG_CTYPES, Family, Kernel, Param, parse_params  # noqa: F401
 
 # --------------------------------------------------------------------------------------------
 # What the kernels support (paged_attention.cu's constants are checked against these: see program)
 # --------------------------------------------------------------------------------------------
 DTYPE_TAGS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
-TAG_CTYPES = {"f16": "f16", "bf16": "bf16", "f32": "float"}          # dtype tag -> C++ storage type
 MAX_HEAD_DIM = 256
 DECODE_FAST_HEAD_DIMS = (64, 80, 96, 128, 256)     # compile-time head size; others use the "any" path
 PREFILL_MMA_HEAD_DIMS = (64, 80, 96, 128, 256)     # tensor-core prefill (fp16/bf16)
@@ -50,176 +51,11 @@ NUM_WARPS = 4
 PACK = 8                                           # elements per 16-byte lane load
 PREFILL_BM, PREFILL_BN = 64, 32                    # query rows per block, keys per tile
 
-# Sources compiled once per dtype (only the model's dtype is ever built); the others hold every dtype.
-PER_DTYPE_SOURCES = ("paged_attention.cu",)
-
 # Constants a source defines that the Python side relies on: the program static_asserts each.
 SOURCE_CONSTANTS = {
     "paged_attention.cu": {"NUM_THREADS": NUM_THREADS, "NUM_WARPS": NUM_WARPS, "PACK": PACK,
                            "PF_BM": PREFILL_BM, "PF_BN": PREFILL_BN},
 }
-
-# The C types a kernel parameter may have ('T' / 'C': the instantiation's dtypes) -> (how the value
-# is passed: an 8-byte address, i32, i64 or f32; the dtype tag a pointer's array must have, None: any).
-CTYPES = {
-    "T*": ("ptr", "T"), "const T*": ("ptr", "T"), "const C*": ("ptr", "C"),
-    "float*": ("ptr", "f32"), "const float*": ("ptr", "f32"),
-    "const int*": ("ptr", "i32"), "const long long*": ("ptr", "i64"), "uint4*": ("ptr", None),
-    "int": ("i32", None), "long long": ("i64", None), "float": ("f32", None),
-}
-_ELEM_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "i32": "int32", "i64": "int64"}
-_INT_RANGE = {"i32": (np.int32, -2 ** 31, 2 ** 31 - 1), "i64": (np.int64, -2 ** 63, 2 ** 63 - 1)}
-
-# A null pointer argument (only where the table says `nullable`).
-NULL = np.uint64(0)
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    ctype: str                 # a key of CTYPES
-    nullable: bool = False     # NULL allowed (the kernel checks for it)
-
-    @property
-    def kind(self) -> str:
-        return CTYPES[self.ctype][0]
-
-    @property
-    def elem(self) -> str | None:
-        return CTYPES[self.ctype][1]
-
-
-def parse_params(signature: str, nullable: tuple[str, ...] = ()) -> tuple[Param, ...]:
-    """'T* out, const int* seq_lens, int layer' -> Params (a C parameter list, one type per name)."""
-    params = []
-    for decl in signature.split(","):
-        ctype, _, name = decl.strip().rpartition(" ")
-        ctype = ctype.replace(" *", "*").strip()
-        if ctype not in CTYPES or not name.isidentifier():
-            raise ValueError(f"kernel parameter {decl.strip()!r}: type must be one of {sorted(CTYPES)}")
-        params.append(Param(name, ctype, name in nullable))
-    unknown = set(nullable) - {p.name for p in params}
-    if unknown or len({p.name for p in params}) != len(params):
-        raise ValueError(f"kernel parameters {signature!r}: duplicate names or unknown nullable {sorted(unknown)}")
-    return tuple(params)
-
-
-@dataclass(eq=False)
-class Family:
-    """One C++ template of a .cu file and the extern "C" kernels instantiated from it."""
-    name: str                        # "paged_decode"
-    source: str                      # "paged_attention.cu"
-    impl: str                        # the template the wrappers call: "paged_decode_impl"
-    template: tuple[str, ...]        # its template parameters: "T"/"C" dtypes, others ints
-    name_format: str                 # "paged_decode_{T}_hd{HD}_g{GT}" (an int 0 is spelled "any")
-    params: tuple[Param, ...]
-    instances: tuple[tuple, ...]     # the template arguments of every instantiation
-    max_threads: int                 # __launch_bounds__: the most threads a launch may use
-    kernels: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        assert self.source in SOURCES, self.source
-        for targs in self.instances:
-            assert len(targs) == len(self.template), (self.name, targs)
-            named = dict(zip(self.template, targs))
-            for t, v in named.items():
-                assert (v in TAG_CTYPES) if t in ("T", "C") else isinstance(v, int), (self.name, targs)
-            label = {t: ("any" if v == 0 and t not in ("T", "C") else v) for t, v in named.items()}
-            self.kernels[tuple(targs)] = Kernel(self, tuple(targs), self.name_format.format(**label))
-
-    def kernel(self, **targs) -> Kernel:
-        """The instantiation with these template arguments, e.g. PAGED_DECODE.kernel(T="f16", HD=128, GT=4)."""
-        try:
-            return self.kernels[tuple(targs[t] for t in self.template)]
-        except KeyError:
-            raise ValueError(f"no {self.name} kernel is instantiated for "
-                             f"{', '.join(f'{k}={v}' for k, v in targs.items())}") from None
-
-    def kernel_name(self, **targs) -> str:
-        return self.kernel(**targs).name
-
-
-@dataclass(frozen=True, eq=False)
-class Kernel:
-    """One instantiation: the name the dispatcher picks, what the launcher compiles, what the builders fill."""
-    family: Family
-    targs: tuple
-    name: str
-
-    @property
-    def source(self) -> str:
-        return self.family.source
-
-    @property
-    def params(self) -> tuple[Param, ...]:
-        return self.family.params
-
-    @property
-    def max_threads(self) -> int:
-        return self.family.max_threads
-
-    @property
-    def tag(self) -> str:
-        """The dtype its module is compiled for ('' where the source holds every dtype)."""
-        return self.dtypes()["T"] if self.source in PER_DTYPE_SOURCES else ""
-
-    def dtypes(self) -> dict[str, str]:
-        """{'T': 'f16', ...}: the dtype tags of its template arguments."""
-        return {t: v for t, v in zip(self.family.template, self.targs) if t in ("T", "C")}
-
-    def ctypes(self) -> list[str]:
-        """The C parameter types of this instantiation, e.g. ['f16*', ..., 'long long', ..., 'float']."""
-        subst = {t: TAG_CTYPES[v] for t, v in self.dtypes().items()}
-        return [p.ctype.replace(f"{p.elem}*", f"{subst[p.elem]}*") if p.elem in subst else p.ctype
-                for p in self.params]
-
-    def args(self, **values) -> tuple:
-        """The typed argument tuple in parameter order, from every parameter given by name."""
-        if len(values) != len(self.params) or any(p.name not in values for p in self.params):
-            names = [p.name for p in self.params]
-            missing = [n for n in names if n not in values]
-            extra = [n for n in values if n not in names]
-            raise TypeError(f"{self.name}: arguments missing {missing}, unexpected {extra}")
-        dtypes = self.dtypes()
-        return tuple(_convert(self.name, p, values[p.name], dtypes) for p in self.params)
-
-    def wrapper(self) -> str:
-        """The generated extern "C" entry point (see the module docstring)."""
-        targs = ", ".join(TAG_CTYPES[v] if t in ("T", "C") else str(v)
-                          for t, v in zip(self.family.template, self.targs))
-        impl = f"{self.family.impl}<{targs}>" if targs else self.family.impl
-        types = self.ctypes()
-        decl = ", ".join(f"{t} {p.name}" for t, p in zip(types, self.params))
-        call = ", ".join(p.name for p in self.params)
-        return (f'extern "C" __global__ void __launch_bounds__({self.max_threads}) {self.name}({decl}) {{\n'
-                f"    static_assert(rp_same_type<decltype(&{impl}), void (*)({', '.join(types)})>::value,\n"
-                f'                  "{self.name}: {self.family.impl} takes other parameter types than the '
-                f'table in rawpaged/backend/cuda/kernels.py");\n'
-                f"    {impl}({call});\n}}\n")
-
-
-def _convert(kernel: str, p: Param, v, dtypes: dict[str, str]):
-    """One argument -> what CuPy passes: the array itself, NULL, np.int32/np.int64 or np.float32."""
-    if p.kind == "ptr":
-        if v is NULL and p.nullable:
-            return v
-        if v is None or isinstance(v, (int, float, np.generic)):
-            raise TypeError(f"{kernel}: {p.name} ({p.ctype}) needs an array, got {v!r}")
-        want = _ELEM_DTYPES.get(dtypes.get(p.elem, p.elem)) if p.elem else None
-        if want is not None and v.dtype.name != want:
-            raise TypeError(f"{kernel}: {p.name} ({p.ctype}) needs a {want} array, got {v.dtype}")
-        return v
-    if p.kind == "f32":
-        if not isinstance(v, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{kernel}: {p.name} ({p.ctype}) needs a number, got {v!r}")
-        return np.float32(v)
-    if not isinstance(v, (int, np.integer)):      # bool is an int (flags)
-        raise TypeError(f"{kernel}: {p.name} ({p.ctype}) needs an integer, got {v!r}")
-    cast, lo, hi = _INT_RANGE[p.kind]
-    if not lo <= int(v) <= hi:
-        raise ValueError(f"{kernel}: {p.name} = {int(v)} does not fit a {p.ctype}")
-    return cast(int(v))
-
 
 # --------------------------------------------------------------------------------------------
 # The table
@@ -238,28 +74,28 @@ PAGED_DECODE = Family(
                  nullable=("part_out", "part_max", "part_sum")),
     tuple((t, hd, gt) for t in TAGS for hd in (0,) + (DECODE_FAST_HEAD_DIMS if t != "f32" else ())
           for gt in GROUP_TILES),
-    NUM_THREADS)
+    NUM_THREADS, per_dtype=True)
 
 PAGED_DECODE_REDUCE = Family(
     "paged_decode_reduce", "paged_attention.cu", "paged_decode_reduce_impl", ("T",), "paged_decode_reduce_{T}",
     parse_params("T* out, const float* part_out, const float* part_max, const float* part_sum, "
                  "const int* seq_lens, const int* query_start_loc, int num_heads, int head_dim, "
                  "int partition_size, int num_partitions"),
-    tuple((t,) for t in TAGS), NUM_THREADS)
+    tuple((t,) for t in TAGS), NUM_THREADS, per_dtype=True)
 
 PAGED_PREFILL = Family(
     "paged_prefill", "paged_attention.cu", "paged_prefill_impl", ("T", "HD"), "paged_prefill_{T}_hd{HD}",
     parse_params("T* out, const T* q, long long q_stride, const T* kv_cache, const int* block_tables, "
                  "const int* seq_lens, const int* query_start_loc, int layer, int num_layers, int num_heads, "
                  "int num_kv_heads, int block_size, int max_blocks_per_seq, float scale"),
-    tuple((t, hd) for t in HALF_TAGS for hd in PREFILL_MMA_HEAD_DIMS), NUM_THREADS)
+    tuple((t, hd) for t in HALF_TAGS for hd in PREFILL_MMA_HEAD_DIMS), NUM_THREADS, per_dtype=True)
 
 PAGED_VARLEN = Family(
     "paged_varlen", "paged_attention.cu", "paged_varlen_impl", ("T",), "paged_varlen_{T}",
     parse_params("T* out, const T* q, long long q_stride, const T* kv_cache, const int* block_tables, "
                  "const int* seq_lens, const int* query_start_loc, int num_seqs, int layer, int num_layers, "
                  "int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, int head_dim, float scale"),
-    tuple((t,) for t in TAGS), NUM_THREADS)
+    tuple((t,) for t in TAGS), NUM_THREADS, per_dtype=True)
 
 # cache_ops.cu
 RESHAPE_AND_CACHE = Family(
@@ -306,8 +142,10 @@ UNARY = Family(
 FAMILIES = (PAGED_DECODE, PAGED_DECODE_REDUCE, PAGED_PREFILL, PAGED_VARLEN, RESHAPE_AND_CACHE, COPY_BLOCKS,
             RMS_NORM, FUSED_ADD_RMS_NORM, LAYER_NORM, ROTARY, SILU_AND_MUL, UNARY)
 KERNELS: dict[str, Kernel] = {k.name: k for f in FAMILIES for k in f.kernels.values()}
-assert len(KERNELS) == sum(len(f.kernels) for f in FAMILIES), "two instantiations share a name"
-assert {f.source for f in FAMILIES} == set(SOURCES), "a source file has no kernel in the table"
+if len(KERNELS) != sum(len(f.kernels) for f in FAMILIES) or {f.source for f in FAMILIES} != set(SOURCES) or any(
+        f.per_dtype != g.per_dtype for f in FAMILIES for g in FAMILIES if f.source == g.source):
+    raise ValueError("the kernel table names two instantiations alike, leaves a kernels_cuda source without "
+                     "kernels, or compiles one source both per dtype and whole")
 
 
 def kernel(name: str) -> Kernel:
@@ -341,7 +179,7 @@ def program(source: str, tag: str = "", inline_headers: bool = True) -> str:
 # Argument builders: one per launch kind. Each takes the op's (already checked) inputs and returns
 # the kernel's exact argument tuple; sizes are read from the arrays' shapes.
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AttentionBatch:
     """What every attention kernel reads: q [T, H, D] (token stride q_stride), the 6-D kv_cache, the
     int32 block_tables [S, B] / seq_lens [S] / query_start_loc [S+1], the layer and the softmax scale."""

@@ -569,5 +569,5 @@ __device__ __forceinline__ void paged_prefill_impl(
 //         static_assert(<paged_decode_impl<f16, 128, 4> has exactly these parameter types>);
 //         paged_decode_impl<f16, 128, 4>(<the parameters>);
 //     }
-// (`python -m rawpaged.backend.cuda.kernels paged_attention.cu` prints the whole program.)
+// (`python -m rawpaged.backend.cuda paged_attention.cu` prints the whole program.)
 // ==========================================================================================

@@ -11,9 +11,12 @@ Three links keep a kernel's parameters in step from the op to the device:
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +217,14 @@ def test_package_knobs_reach_dispatch_and_launch(monkeypatch):
     monkeypatch.undo()
     assert dispatch.prefill_policy == "auto" and dispatch.PARTITION_SIZE == 512 and dispatch.split_k_policy == "auto"
     assert "split_k_policy" not in vars(cuda)        # no stale copy in the package
+
+
+def test_the_program_can_be_printed_for_compiling_by_hand():
+    """python -m rawpaged.backend.cuda SOURCE [TAG]: the text the backend compiles (docs/cuda_kernels.md)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "rawpaged.backend.cuda", *a],
+                                    capture_output=True, text=True, env=env)
+    res = run("paged_attention.cu", "bf16")
+    assert res.returncode == 0 and res.stdout == kernels.program("paged_attention.cu", "bf16") + "\n"
+    bad = run("nope.cu")
+    assert bad.returncode == 2 and "usage: python -m rawpaged.backend.cuda" in bad.stderr

@@ -295,8 +295,3 @@ def unary_args(k: Kernel, out, x, op: int) -> tuple:
     """op: 0 gelu, 1 gelu_tanh, 2 relu."""
     _expect(k, UNARY)
     return k.args(out=out, x=x, n=x.size, op=op)
-
-
-if __name__ == "__main__":   # python -m rawpaged.backend.cuda.kernels SOURCE [TAG]: print the program
-    import sys
-    print(program(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""))

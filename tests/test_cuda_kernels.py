@@ -228,3 +228,17 @@ def test_the_program_can_be_printed_for_compiling_by_hand():
     assert res.returncode == 0 and res.stdout == kernels.program("paged_attention.cu", "bf16") + "\n"
     bad = run("nope.cu")
     assert bad.returncode == 2 and "usage: python -m rawpaged.backend.cuda" in bad.stderr
+
+
+def test_a_compiled_head_size_must_be_q_s():
+    """paged_prefill_*_hd128 reads rows of 128: a q of another head size is refused, not misread."""
+    q = np.zeros((3, 4, 64), np.float16)
+    batch = kernels.AttentionBatch(q, 4 * 64, np.zeros((5, 2, 2, 2, 16, 64), np.float16), 1,
+                                   np.zeros((2, 4), np.int32), np.zeros(2, np.int32), np.zeros(3, np.int32), 0.1)
+    with pytest.raises(ValueError, match="paged_prefill_f16_hd128 is compiled for head_dim 128, q has 64"):
+        kernels.prefill_args(kernels.PAGED_PREFILL.kernel(T="f16", HD=128), q, batch)
+    plan = dispatch.select_decode_kernel(64, "float16", 16, 2, 4, 2, 10, 132)
+    with pytest.raises(ValueError, match="paged_decode_f16_hd128_g2 is compiled for head_dim 128"):
+        kernels.decode_args(kernels.PAGED_DECODE.kernel(T="f16", HD=128, GT=2), q, batch, plan)
+    assert len(kernels.decode_args(kernels.kernel(plan.kernel), q, batch, plan)) == 20     # hd64_g2: fits
+    assert len(kernels.decode_args(kernels.PAGED_DECODE.kernel(T="f16", HD=0, GT=2), q, batch, plan)) == 20

@@ -203,15 +203,18 @@ class AttentionBatch:
                     block_size=block_size, max_blocks_per_seq=self.block_tables.shape[1])
 
 
-def _expect(k: Kernel, family: Family) -> None:
+def _expect(k: Kernel, family: Family, batch: AttentionBatch | None = None) -> None:
     if k.family is not family:
         raise TypeError(f"{k.name} is a {k.family.name} kernel, not {family.name}")
+    # NOTE: a compile-time head size (HD > 0) is the only one the kernel reads: another q would be misread.
+    if batch is not None and k.template_args.get("HD") and k.template_args["HD"] != batch.q.shape[2]:
+        raise ValueError(f"{k.name} is compiled for head_dim {k.template_args['HD']}, q has {batch.q.shape[2]}")
 
 
 def decode_args(k: Kernel, out, batch: AttentionBatch, plan, scratch=None) -> tuple:
     """paged_decode_*: `plan` (dispatch.Launch) gives the partitions; `scratch` = (part_out, part_max,
     part_sum) fp32 arrays for split-K, None otherwise."""
-    _expect(k, PAGED_DECODE)
+    _expect(k, PAGED_DECODE, batch)
     part_out, part_max, part_sum = scratch if scratch is not None else (NULL, NULL, NULL)
     return k.args(out=out, part_out=part_out, part_max=part_max, part_sum=part_sum, **batch.arrays(),
                   **batch.sizes(), head_dim=batch.q.shape[2], partition_size=plan.partition_size,
@@ -229,7 +232,7 @@ def decode_reduce_args(k: Kernel, out, batch: AttentionBatch, plan, scratch) -> 
 
 def prefill_args(k: Kernel, out, batch: AttentionBatch) -> tuple:
     """paged_prefill_* (tensor cores; the head size is the template's)."""
-    _expect(k, PAGED_PREFILL)
+    _expect(k, PAGED_PREFILL, batch)
     return k.args(out=out, **batch.arrays(), **batch.sizes(), scale=batch.scale)
 
 

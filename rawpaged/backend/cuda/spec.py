@@ -136,6 +136,11 @@ class Kernel:
         """The dtype its module is compiled for ('' where the source holds every dtype)."""
         return self.dtypes()["T"] if self.family.per_dtype else ""
 
+    @functools.cached_property
+    def template_args(self) -> dict:
+        """{'T': 'f16', 'HD': 128, 'GT': 4}: its template arguments by parameter name."""
+        return dict(zip(self.family.template, self.targs))
+
     def dtypes(self) -> dict[str, str]:
         """{'T': 'f16', ...}: the dtype tags of its template arguments."""
         return {t: v for t, v in zip(self.family.template, self.targs) if t in ("T", "C")}

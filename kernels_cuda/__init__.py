@@ -1,9 +1,10 @@
 """CUDA C sources of rawpaged's GPU kernels, shipped as package data.
 
 One `.cu` file per op family (paged_attention, cache_ops, norms, rotary, activations) plus the shared
-header `common.cuh`. `rawpaged/backend/cuda.py` reads them with `read_source`, pastes the header in
-place of its #include line (so the text CuPy hashes for its kernel cache is the whole program) and
-compiles them with NVRTC through `cupy.RawModule`.
+header `common.cuh`. The files hold templates only: `rawpaged/backend/cuda/kernels.py` (the table of
+every kernel) reads them with `read_source`, which pastes the header in place of its #include line
+(so the text CuPy hashes for its kernel cache is the whole program), appends the generated extern "C"
+entry points and hands the text to NVRTC through `cupy.RawModule`.
 """
 from __future__ import annotations
 

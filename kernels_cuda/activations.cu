@@ -43,15 +43,5 @@ __device__ void unary_impl(T* __restrict__ out, const T* __restrict__ x, long lo
     }
 }
 
-// The instantiations cuda.py fetches by name: <op>_<dtype>.
-#define RP_ACTIVATIONS(T, NAME)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) silu_and_mul_##NAME(T* out, const T* x, long long rows, int inner) { \
-        silu_and_mul_impl<T>(out, x, rows, inner);                                                \
-    }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(256) unary_##NAME(T* out, const T* x, long long n, int op) {          \
-        unary_impl<T>(out, x, n, op);                                                             \
-    }
-
-RP_ACTIVATIONS(f16, f16)
-RP_ACTIVATIONS(bf16, bf16)
-RP_ACTIVATIONS(float, f32)
+// Entry points: the extern "C" kernels silu_and_mul_<dt>, unary_<dt> are generated from the
+// table in rawpaged/backend/cuda/kernels.py, one wrapper per instantiation calling the templates above.

@@ -10,7 +10,7 @@
 //   k, v          [T, Hkv, D], token strides k_stride / v_stride (a view of a fused qkv is fine)
 //   slot_mapping  int64 [T]; a negative slot (padding) is skipped
 // Launch: grid = T (one block per token), 128 threads over the token's Hkv*D features. When every
-// row is 16-byte aligned (vec = 1, checked by cuda.py) a thread moves one 16-byte word per
+// row is 16-byte aligned (vec = 1, checked by the backend) a thread moves one 16-byte word per
 // load/store (8 fp16/bf16 or 4 fp32 elements), else one element at a time.
 template <typename T>
 __device__ void reshape_and_cache_impl(const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ kv_cache,
@@ -51,8 +51,7 @@ __device__ void reshape_and_cache_impl(const T* __restrict__ k, const T* __restr
 //   16 bytes: block_size >= 8 and 16-bit or wider elements)
 // Launch: grid (N, chunks); block (pair, chunk) copies a grid-stride share of the block's 16-byte
 // words. One launch for every pair of a step.
-extern "C" __global__ void __launch_bounds__(256) copy_blocks_kernel(uint4* __restrict__ cache, const long long* __restrict__ pairs,
-                                                                      long long block_words) {
+__device__ void copy_blocks_impl(uint4* __restrict__ cache, const long long* __restrict__ pairs, long long block_words) {
     const long long src = pairs[2 * blockIdx.x], dst = pairs[2 * blockIdx.x + 1];
     const uint4* s = cache + src * block_words;
     uint4* d = cache + dst * block_words;
@@ -60,14 +59,5 @@ extern "C" __global__ void __launch_bounds__(256) copy_blocks_kernel(uint4* __re
         d[i] = s[i];
 }
 
-#define RP_CACHE_OPS(T, NAME)                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) reshape_and_cache_##NAME(                             \
-        const T* k, const T* v, T* kv_cache, const long long* slot_mapping, long long k_stride, long long v_stride, \
-        int layer, int num_layers, int num_kv_heads, int block_size, int head_dim, int vec) {               \
-        reshape_and_cache_impl<T>(k, v, kv_cache, slot_mapping, k_stride, v_stride, layer, num_layers,      \
-                                  num_kv_heads, block_size, head_dim, vec);                                 \
-    }
-
-RP_CACHE_OPS(f16, f16)
-RP_CACHE_OPS(bf16, bf16)
-RP_CACHE_OPS(float, f32)
+// Entry points: the extern "C" kernels reshape_and_cache_<dt>, copy_blocks_kernel are generated from the
+// table in rawpaged/backend/cuda/kernels.py, one wrapper per instantiation calling the functions above.

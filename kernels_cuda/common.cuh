@@ -3,13 +3,18 @@
 // NOTE: we do not include cuda_fp16.h / cuda_bf16.h. The kernels only need to load, convert and
 // store 16-bit floats (all arithmetic is fp32), and without those headers NVRTC compiles these
 // files with no include path at all: the same source builds with nvcc here and with CuPy's NVRTC
-// on a machine that has only the driver and the nvrtc wheel. rawpaged/backend/cuda.py pastes this
+// on a machine that has only the driver and the nvrtc wheel. kernels_cuda.read_source pastes this
 // file in place of the #include line, so CuPy's kernel cache (keyed by the source text) sees it.
 #pragma once
 
 #ifdef RP_HOST_EMULATION
 #include "host_emulation.h"   // tests only: run these kernels as C++ threads on the CPU
 #endif
+
+// rp_same_type<A, B>::value: A and B are one type. The generated kernel wrappers (rawpaged/backend/
+// cuda/kernels.py) static_assert with it that each template's parameter list is exactly the table's.
+template <typename A, typename B> struct rp_same_type { static constexpr bool value = false; };
+template <typename A> struct rp_same_type<A, A> { static constexpr bool value = true; };
 
 // 16-bit storage types. The bits are IEEE half (f16) or bfloat16 (bf16); arithmetic is fp32.
 struct f16 { unsigned short bits; };

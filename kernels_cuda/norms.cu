@@ -1,8 +1,8 @@
 // norms.cu: RMSNorm, fused residual-add + RMSNorm, LayerNorm over the last axis.
 //
 // Shapes: x, residual, out [rows, hidden] (C-contiguous); weight, bias [hidden]; all type T.
-// Launch: one thread block per row (grid = rows), blockDim a multiple of 32 (cuda.py uses 256, or
-// 1024 for wide rows). Statistics are accumulated in fp32 and reduced across the block
+// Launch: one thread block per row (grid = rows), blockDim a multiple of 32 (the backend uses 128, 256
+// or 1024 by width). Statistics are accumulated in fp32 and reduced across the block
 // (block_sum); each thread walks the row with stride blockDim.x, so a warp's loads are coalesced.
 // The row is read twice (statistics, then normalise); the second read hits L1/L2.
 #include "common.cuh"
@@ -74,20 +74,5 @@ __device__ void layer_norm_impl(T* __restrict__ out, const T* __restrict__ x, co
     }
 }
 
-#define RP_NORMS(T, NAME)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(1024) rms_norm_##NAME(T* out, const T* x, const T* weight,  \
-                                                                      float eps, int hidden) {              \
-        rms_norm_impl<T>(out, x, weight, eps, hidden);                                                     \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(1024) fused_add_rms_norm_##NAME(T* x, T* residual, const T* weight, \
-                                                                                float eps, int hidden) {    \
-        fused_add_rms_norm_impl<T>(x, residual, weight, eps, hidden);                                      \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(1024) layer_norm_##NAME(T* out, const T* x, const T* weight,\
-                                                                        const T* bias, float eps, int hidden) { \
-        layer_norm_impl<T>(out, x, weight, bias, eps, hidden);                                             \
-    }
-
-RP_NORMS(f16, f16)
-RP_NORMS(bf16, bf16)
-RP_NORMS(float, f32)
+// Entry points: the extern "C" kernels rms_norm_<dt>, fused_add_rms_norm_<dt>, layer_norm_<dt> are generated from the
+// table in rawpaged/backend/cuda/kernels.py, one wrapper per instantiation calling the templates above.

@@ -562,80 +562,12 @@ __device__ __forceinline__ void paged_prefill_impl(
 }
 
 // ==========================================================================================
-// Instantiations: the names cuda.py fetches.
-//   paged_decode_<dt>_hd<64|80|96|128|256|any>_g<1|2|4|8>, paged_decode_reduce_<dt>,
-//   paged_varlen_<dt>, paged_prefill_<dt>_hd<64|80|96|128|256>
-// A -DRP_ONLY_<DT> define compiles one dtype's kernels (cuda.py compiles only the model's dtype).
+// Entry points. The extern "C" kernels are not written here: rawpaged/backend/cuda/kernels.py
+// holds the one table of names, instantiations and parameter lists, and appends to this file one
+// __global__ wrapper per instantiation, e.g.
+//     extern "C" __global__ void __launch_bounds__(128) paged_decode_f16_hd128_g4(<the table's parameters>) {
+//         static_assert(<paged_decode_impl<f16, 128, 4> has exactly these parameter types>);
+//         paged_decode_impl<f16, 128, 4>(<the parameters>);
+//     }
+// (`python -m rawpaged.backend.cuda paged_attention.cu` prints the whole program.)
 // ==========================================================================================
-#define RP_DECODE_PASS                                                                                         \
-    out, part_out, part_max, part_sum, q, q_stride, kv_cache, block_tables, seq_lens, query_start_loc, layer,  \
-        num_layers, num_heads, num_kv_heads, block_size, max_blocks_per_seq, head_dim, partition_size,        \
-        num_partitions, scale
-
-#define RP_DECODE(TT, NAME, HD, HDNAME, GT)                                                                  \
-    extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_decode_##NAME##_hd##HDNAME##_g##GT(      \
-        RP_DECODE_ARGS_T(TT)) {                                                                              \
-        paged_decode_impl<TT, HD, GT>(RP_DECODE_PASS);                                                       \
-    }
-#define RP_DECODE_ARGS_T(TT)                                                                                  \
-    TT* out, float* part_out, float* part_max, float* part_sum, const TT* q, long long q_stride, const TT* kv_cache, \
-        const int* block_tables, const int* seq_lens, const int* query_start_loc, int layer, int num_layers,  \
-        int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, int head_dim, int partition_size, \
-        int num_partitions, float scale
-
-#define RP_DECODE_GROUPS(TT, NAME, HD, HDNAME) \
-    RP_DECODE(TT, NAME, HD, HDNAME, 1)         \
-    RP_DECODE(TT, NAME, HD, HDNAME, 2)         \
-    RP_DECODE(TT, NAME, HD, HDNAME, 4)         \
-    RP_DECODE(TT, NAME, HD, HDNAME, 8)
-
-#define RP_COMMON(TT, NAME)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_decode_reduce_##NAME(                    \
-        TT* out, const float* part_out, const float* part_max, const float* part_sum, const int* seq_lens,    \
-        const int* query_start_loc, int num_heads, int head_dim, int partition_size, int num_partitions) {    \
-        paged_decode_reduce_impl<TT>(out, part_out, part_max, part_sum, seq_lens, query_start_loc, num_heads, \
-                                     head_dim, partition_size, num_partitions);                               \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_varlen_##NAME(                           \
-        TT* out, const TT* q, long long q_stride, const TT* kv_cache, const int* block_tables, const int* seq_lens, \
-        const int* query_start_loc, int num_seqs, int layer, int num_layers, int num_heads, int num_kv_heads, \
-        int block_size, int max_blocks_per_seq, int head_dim, float scale) {                                  \
-        paged_varlen_impl<TT>(out, q, q_stride, kv_cache, block_tables, seq_lens, query_start_loc, num_seqs,  \
-                              layer, num_layers, num_heads, num_kv_heads, block_size, max_blocks_per_seq,     \
-                              head_dim, scale);                                                               \
-    }                                                                                                         \
-    RP_DECODE_GROUPS(TT, NAME, 0, any)
-
-#define RP_PREFILL(TT, NAME, HD)                                                                              \
-    extern "C" __global__ void __launch_bounds__(NUM_THREADS) paged_prefill_##NAME##_hd##HD(                 \
-        TT* out, const TT* q, long long q_stride, const TT* kv_cache, const int* block_tables, const int* seq_lens, \
-        const int* query_start_loc, int layer, int num_layers, int num_heads, int num_kv_heads, int block_size, \
-        int max_blocks_per_seq, float scale) {                                                                \
-        paged_prefill_impl<TT, HD>(out, q, q_stride, kv_cache, block_tables, seq_lens, query_start_loc, layer, \
-                                   num_layers, num_heads, num_kv_heads, block_size, max_blocks_per_seq, scale); \
-    }
-
-// The fast paths of the 16-bit types: decode for head sizes 64, 80, 96, 128, 256 and prefill.
-#define RP_HALF_TYPE(TT, NAME)               \
-    RP_COMMON(TT, NAME)                      \
-    RP_DECODE_GROUPS(TT, NAME, 64, 64)       \
-    RP_DECODE_GROUPS(TT, NAME, 80, 80)       \
-    RP_DECODE_GROUPS(TT, NAME, 96, 96)       \
-    RP_DECODE_GROUPS(TT, NAME, 128, 128)     \
-    RP_DECODE_GROUPS(TT, NAME, 256, 256)     \
-    RP_PREFILL(TT, NAME, 64)                 \
-    RP_PREFILL(TT, NAME, 80)                 \
-    RP_PREFILL(TT, NAME, 96)                 \
-    RP_PREFILL(TT, NAME, 128)                \
-    RP_PREFILL(TT, NAME, 256)
-
-#if !defined(RP_ONLY_BF16) && !defined(RP_ONLY_F32)
-RP_HALF_TYPE(f16, f16)
-#endif
-#if !defined(RP_ONLY_F16) && !defined(RP_ONLY_F32)
-RP_HALF_TYPE(bf16, bf16)
-#endif
-#if !defined(RP_ONLY_F16) && !defined(RP_ONLY_BF16)
-// fp32 (a debugging and testing dtype on the GPU): the generic decode and the varlen fallback.
-RP_COMMON(float, f32)
-#endif

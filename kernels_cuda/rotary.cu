@@ -48,16 +48,6 @@ __device__ void rotary_impl(const long long* __restrict__ positions, T* __restri
     }
 }
 
-// rotary_<q dtype>_<cos_sin dtype>: the cos/sin table may be fp32 (recommended) or the model dtype.
-#define RP_ROTARY(T, NAME, C, CNAME)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) rotary_##NAME##_##CNAME(                            \
-        const long long* positions, T* q, T* k, const C* cos_sin, long long q_stride, long long k_stride, \
-        int num_q_heads, int num_k_heads, int head_dim, int rot, int is_neox) {                           \
-        rotary_impl<T, C>(positions, q, k, cos_sin, q_stride, k_stride, num_q_heads, num_k_heads, head_dim, rot, is_neox); \
-    }
-
-RP_ROTARY(f16, f16, float, f32)
-RP_ROTARY(f16, f16, f16, f16)
-RP_ROTARY(bf16, bf16, float, f32)
-RP_ROTARY(bf16, bf16, bf16, bf16)
-RP_ROTARY(float, f32, float, f32)
+// Entry points: the extern "C" kernels rotary_<q dtype>_<cos_sin dtype> (the cos/sin table may be
+// fp32, recommended, or the model dtype) are generated from the table in rawpaged/backend/cuda/kernels.py,
+// one wrapper per instantiation calling rotary_impl.

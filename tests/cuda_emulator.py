@@ -3,7 +3,7 @@
 kernels_cuda/host_emulation.h turns each .cu file into C++ where every CUDA thread is a fiber (a
 coroutine on one OS thread), __syncthreads and warp shuffles are barriers and mma.sync is computed
 from the 32 lanes' fragments as the PTX ISA lays them out. This module builds that C++ with g++ and
-gives rawpaged/backend/cuda.py (and, through `install`, the whole engine) what it calls from CuPy:
+gives rawpaged/backend/cuda/ (and, through `install`, the whole engine) what it calls from CuPy:
 
   - `EmuArray`: a "device" array, a NumPy array whose `.data.ptr` is its host address. It behaves
     like a cupy.ndarray where that matters for catching bugs: mixing it with a host NumPy array in
@@ -382,17 +382,15 @@ def install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     monkeypatch.setitem(sys.modules, "cupy.cuda", fake_cupy.cuda)
     monkeypatch.setitem(sys.modules, "cupyx", fake_cupyx)
-    monkeypatch.setattr(cuda, "cupy", fake_cupy)
+    monkeypatch.setattr(cuda, "cupy", fake_cupy)          # the package forwards this to cuda.launch
     monkeypatch.setattr(cuda, "xp", fake_cupy)
-    monkeypatch.setattr(cuda, "num_sms", lambda: 4)
+    monkeypatch.setattr(cuda, "num_sms", lambda: 4)       # likewise
     monkeypatch.setattr(MemInfo, "free", MemInfo.free)
     monkeypatch.setattr(MemInfo, "total", MemInfo.total)
-    cuda._module.cache_clear()
-    cuda._kernel.cache_clear()
+    cuda.launch.clear_caches()
     return cuda
 
 
 def uninstall_caches():
     from rawpaged.backend import cuda
-    cuda._module.cache_clear()
-    cuda._kernel.cache_clear()
+    cuda.launch.clear_caches()

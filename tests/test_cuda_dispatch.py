@@ -1,4 +1,4 @@
-"""cuda.py without a device: the contract with cpu.py, argument checks and kernel dispatch.
+"""The CUDA backend without a device: the contract with cpu.py, argument checks and kernel dispatch.
 
 Importing rawpaged.backend.cuda needs neither CuPy nor a GPU; everything here runs on NumPy arrays
 (which have the .shape/.dtype/.strides/.flags the checks read).
@@ -18,7 +18,9 @@ from rawpaged.errors import RawpagedError
 # The contract: same public names, same leading parameters as the CPU twin
 # --------------------------------------------------------------------------------------------
 def _public_functions(mod):
-    return {n: f for n, f in vars(mod).items() if inspect.isfunction(f) and not n.startswith("_") and f.__module__ == mod.__name__}
+    """The public functions a backend defines: in its module or, for a package, in its submodules."""
+    return {n: f for n, f in vars(mod).items() if inspect.isfunction(f) and not n.startswith("_")
+            and (f.__module__ == mod.__name__ or f.__module__.startswith(mod.__name__ + "."))}
 
 
 def test_cuda_exposes_every_cpu_op_with_the_same_parameters():
@@ -26,7 +28,7 @@ def test_cuda_exposes_every_cpu_op_with_the_same_parameters():
     cuda_ops = _public_functions(cuda)
     assert cpu_ops, "cpu.py exposes no functions?"
     for name, f in cpu_ops.items():
-        assert name in cuda_ops, f"cuda.py lacks {name}"
+        assert name in cuda_ops, f"the CUDA backend lacks {name}"
         want = list(inspect.signature(f).parameters)
         got = list(inspect.signature(cuda_ops[name]).parameters)
         assert got[: len(want)] == want, f"{name}: cuda{got} vs cpu{want}"

@@ -1,8 +1,8 @@
-"""The real CUDA kernels and cuda.py's launch code, executed on the CPU and compared with the CPU twins.
+"""The real CUDA kernels and the CUDA backend's launch code, executed on the CPU and compared with the CPU twins.
 
 No GPU here: kernels_cuda/host_emulation.h turns each .cu file into C++ where every CUDA thread is a
 fiber (a coroutine on one OS thread), __syncthreads and warp shuffles are barriers and mma.sync is computed from the 32 lanes'
-fragments as the PTX ISA lays them out. A NumPy-backed stand-in for CuPy (tests/cuda_emulator.py) gives cuda.py what it
+fragments as the PTX ISA lays them out. A NumPy-backed stand-in for CuPy (tests/cuda_emulator.py) gives rawpaged/backend/cuda/ what it
 calls (arrays with .data.ptr, RawModule, streams, memcpyAsync), so every op runs through the same
 argument checks, dispatch and argument marshalling as on a device. Outputs start as NaN (poisoned)
 and KV slots past each context are NaN, so a kernel that skips a write or reads past a context fails.
@@ -32,7 +32,7 @@ except Exception:
 
 @pytest.fixture()
 def emu(monkeypatch):
-    """cuda.py running on the emulator (tests/cuda_emulator.py): 4 'multiprocessors', fresh module caches."""
+    """The CUDA backend running on the emulator (tests/cuda_emulator.py): 4 'multiprocessors', fresh module caches."""
     yield install(monkeypatch)
     uninstall_caches()
 

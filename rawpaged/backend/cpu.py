@@ -1,6 +1,6 @@
 """CPU backend: NumPy for dense math, Numba for the paged-cache kernels.
 
-Every function here has a CUDA twin in `rawpaged/backend/cuda.py` with the same name, the same
+Every function here has a CUDA twin in `rawpaged/backend/cuda/` with the same name, the same
 argument order and the same memory layouts; `tests/gpu` compares the two on random data.
 
 Layouts (shared by both backends):

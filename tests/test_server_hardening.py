@@ -270,3 +270,21 @@ def test_health_answers_while_a_large_response_is_built(stories260k_dir):
     # generous: the answer takes seconds here; /health must not wait for it
     assert max(latencies) < 1.0, (max(latencies), done)
     assert done["took"] > 3 * max(latencies), (max(latencies), done)
+
+
+def test_connection_limit_answers_503(stories260k_dir):
+    """uvicorn's limit_concurrency: past it a request gets 503 at once instead of a file descriptor."""
+    engine = LLMEngine(EngineConfig(model=str(stories260k_dir), device="cpu", kv_cache_memory=1 << 20))
+    with BackgroundServer(engine, ServerConfig("c", limits=ServerLimits(limit_concurrency=3))) as srv:
+        host, port = srv.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(3)]
+        try:
+            time.sleep(0.2)                               # the server has accepted them
+            assert httpx.get(srv.url + "/health", timeout=10).status_code == 503
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(srv.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

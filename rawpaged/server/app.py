@@ -189,11 +189,14 @@ def server_limits(args) -> L.ServerLimits:
         limit_concurrency=given("limit_concurrency", None))
     if limits.limit_concurrency is None:
         limits.limit_concurrency = L.default_concurrency(L.raise_fd_limit())
-    for name in ("max_body_bytes", "body_timeout_s", "header_timeout_s", "keep_alive_s", "max_header_bytes",
-                 "limit_concurrency", "max_prompt_chars"):
+    flags = {"max_body_bytes": "--max-body-bytes", "max_prompt_chars": "--max-prompt-chars",
+             "body_timeout_s": "--body-timeout", "header_timeout_s": "--header-timeout",
+             "keep_alive_s": "--timeout-keep-alive", "max_header_bytes": "--max-header-bytes",
+             "limit_concurrency": "--limit-concurrency"}
+    for name, flag in flags.items():
         value = getattr(limits, name)
         if value is not None and value <= 0:
-            raise RawpagedError(f"--{name.removesuffix('_s').replace('_', '-')} must be positive, got {value}")
+            raise RawpagedError(f"{flag} must be positive, got {value}")
     return limits
 
 

@@ -81,7 +81,9 @@ def check_json_values(obj) -> None:
                 _check_text(k, f"{path}.{k}" if path else "a key")
                 stack.append((v, f"{path}.{k}" if path else str(k), depth + 1))
         elif isinstance(value, list):
-            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+            # NOTE: numbers need no check; a list of a million token ids costs one pass here.
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)
+                         if isinstance(v, (dict, list, str)))
         elif isinstance(value, str):
             _check_text(value, path)
 
@@ -413,11 +415,16 @@ def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: 
         raise bad_request(f"the {what} is empty (no tokens)", param)
     wanted = num_prompt_tokens + (max_tokens or 1)
     if num_prompt_tokens >= max_model_len or wanted > max_model_len:
-        detail = f"{num_prompt_tokens} in the {what}" + (f", {max_tokens} in the completion" if max_tokens else "")
+        detail = f"{num_prompt_tokens} in the {what}" + (f", {_count(max_tokens)} in the completion" if max_tokens else "")
         raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens, but "
-                            f"{_shown(wanted)} were requested ({_shown(detail)})",
+                            f"{_count(wanted)} were requested ({detail})",
                        param="max_tokens" if num_prompt_tokens < max_model_len else param,
                        code="context_length_exceeded")
+
+
+def _count(n: int) -> str:
+    s = str(n)
+    return s if len(s) <= 20 else s[:17] + "..."
 
 
 def check_vocab(params: SamplingParams, vocab_size: int) -> None:

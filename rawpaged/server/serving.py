@@ -58,6 +58,12 @@ class _Job:
     async def build(self, fn, *args):
         return await self.state.offload(fn, *args) if self.heavy else fn(*args)
 
+    def close(self) -> None:
+        """The stream ended, however: free what still runs; the log line counts what was sent."""
+        self.state.abort_unfinished(self.streams)
+        if self.record.completion_tokens is None:
+            self.record.completion_tokens = sum(c.tokens for c in self.cursors.values())
+
 
 def _log_ignored(record: RequestRecord, names: list[str]) -> None:
     if names:
@@ -152,7 +158,7 @@ async def create_completion(request: Request, state: ServerState, record: Reques
         events = _stream_events(job, req.include_usage, lambda i, out: _completion_chunks(job, req, i, out),
                                 lambda use: {"id": job.rid, "object": "text_completion", "created": job.created,
                                              "model": job.model, "choices": [], "usage": use})
-        return EventStream(events, lambda: state.abort_unfinished(streams), lambda: job.done)
+        return EventStream(events, job.close, lambda: job.done)
     try:
         outs = await until_disconnect(request, _finals(streams))
     finally:
@@ -255,7 +261,7 @@ async def create_chat_completion(request: Request, state: ServerState, record: R
     if req.stream:
         events = _stream_events(job, req.include_usage, lambda i, out: _chat_chunks(job, req, out),
                                 lambda use: R.chat_chunk(job.rid, job.created, job.model, [], use))
-        return EventStream(events, lambda: state.abort_unfinished(streams), lambda: job.done)
+        return EventStream(events, job.close, lambda: job.done)
     try:
         (out,) = await until_disconnect(request, _finals(streams))
     finally:

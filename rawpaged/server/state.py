@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -128,7 +129,6 @@ def error_response(e: ApiError) -> JSONResponse:
 
 def json_bytes(obj) -> bytes:
     """What JSONResponse would send; built on a worker thread for large bodies."""
-    import json
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 

@@ -113,13 +113,16 @@ def test_vllm_gauges_move_grafana_selectors_resolve(http, server):
     assert one(idle, f"vllm:num_requests_running{{{M}}}") == 0
     assert one(idle, f"vllm:num_requests_waiting{{{M}}}") == 0
     assert one(idle, f"vllm:kv_cache_usage_perc{{{M}}}") == 0
-    body = {"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True, "stream": True}
+    body = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.Client(base_url=server.url, timeout=60) as a, httpx.Client(base_url=server.url, timeout=60) as b, \
             a.stream("POST", "/v1/completions", json=body) as first:
         lines = first.iter_lines()
         assert next(line for line in lines if line).startswith("data: {")
+        release = _gate(server)                  # the first request cannot finish meanwhile
         second = threading.Thread(target=lambda: b.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}))
         second.start()
+        _wait_for(lambda: server.state.engine.num_in_flight == 2, what="the second request to be queued")
+        release.set()
         _wait_for(lambda: server.state.engine.stats["num_waiting"] == 1, what="the second request to wait")
         release = _gate(server)
         try:
@@ -197,11 +200,17 @@ def test_prefix_cache_counters_in_tokens(http):
 
 def test_aborted_request_counts_as_abort(http, server):
     before = sum(select(_scrape(http), f'vllm:request_success_total{{{M},finished_reason="abort"}}'))
-    with httpx.Client(base_url=server.url, timeout=60) as c, \
-            c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 400, "n": 1, "ignore_eos": True,
-                                                      "stream": True}) as resp:
-        assert next(line for line in resp.iter_lines() if line).startswith("data: {")
-    _wait_for(lambda: server.state.engine.num_in_flight == 0, what="the abort")
+    c = httpx.Client(base_url=server.url, timeout=60)
+    ctx = c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
+                                                    "stream": True})
+    assert next(line for line in ctx.__enter__().iter_lines() if line).startswith("data: {")
+    release = _gate(server)                      # it cannot finish before the server notices the client left
+    try:
+        ctx.__exit__(None, None, None)
+        c.close()
+        _wait_for(lambda: server.state.engine.num_in_flight == 0, what="the abort")
+    finally:
+        release.set()
     _wait_for(lambda: sum(select(_scrape(http), f'vllm:request_success_total{{{M},finished_reason="abort"}}'))
               == before + 1, what="the abort to be counted")
 

@@ -288,3 +288,18 @@ def test_connection_limit_answers_503(stories260k_dir):
         while httpx.get(srv.url + "/health", timeout=10).status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_answer_before_the_body_keeps_the_connection(server):
+    """A response sent before its body arrived (an unknown route, a 401, a 503 at shutdown) leaves the
+    kept-alive connection usable: the late body is dropped, the next request is served."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or not got.endswith(b"}"):
+            got += sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 404 ")
+        sock.sendall(b"0123456789" + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200 "), got

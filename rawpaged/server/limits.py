@@ -14,11 +14,14 @@
                   max_model_len, far above any real text (English runs near 4)
 
 uvicorn has no header-read timeout of its own; GuardedH11Protocol adds one to its h11 protocol.
-It also ends a connection whose response went out while the client was still sending a body
-nobody reads (a 413, a 408, a GET with a body trickling in), which uvicorn would keep open, with
-a lingering close as nginx does: FIN after the response, then whatever still arrives is read and
-dropped for up to LINGER_S before the socket closes. (Closing at once with unread bytes makes the
-kernel send a reset, and the client may lose the 413 it was about to read.)
+After a 413 or a 408 (the body is refused while the client may still be sending it) it ends the
+connection with a lingering close, as nginx does: FIN after the response, then whatever still
+arrives is read and dropped for up to LINGER_S before the socket closes. (Closing at once with
+unread bytes makes the kernel send a reset, and the client may lose the 413 it was about to read;
+uvicorn's own Connection: close does exactly that.) Other responses sent before their body was read
+(a 401 or 503 refuses a request before reading it) keep uvicorn's behaviour: the late body is
+dropped and the connection lives on. A client trickling bytes after a response meets the header
+timeout: they do not complete a request head.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from rawpaged.server.protocol import ApiError
 
 CHARS_PER_TOKEN = 32                # the default prompt bound: this many characters per token of context
 LINGER_S = 2.0                      # a lingering close drops late body bytes this long
+CLOSE_AFTER_RESPONSE = "rawpaged.close_after_response"     # scope key: the body was refused
 
 
 @dataclass
@@ -60,6 +64,12 @@ class ClientGone(Exception):
     """The client disconnected before its response was ready."""
 
 
+def refuse_body(request: Request, e: ApiError) -> ApiError:
+    """The body will not be read: the connection ends (lingering) after this error's response."""
+    request.scope[CLOSE_AFTER_RESPONSE] = True
+    return e
+
+
 def too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than {limit} bytes (see --max-body-bytes)",
                     code="request_too_large")
@@ -69,22 +79,22 @@ async def read_body(request: Request, limits: ServerLimits) -> bytes:
     """The request body, within the size and time limits."""
     length = request.headers.get("content-length")
     if length is not None and length.strip().isdigit() and int(length) > limits.max_body_bytes:
-        raise too_large(limits.max_body_bytes)
+        raise refuse_body(request, too_large(limits.max_body_bytes))
 
     async def read() -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limits.max_body_bytes:
-                raise too_large(limits.max_body_bytes)
+                raise refuse_body(request, too_large(limits.max_body_bytes))
             chunks.append(chunk)
         return b"".join(chunks)
 
     try:
         return await asyncio.wait_for(read(), limits.body_timeout_s)
     except asyncio.TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                       code="request_timeout") from None
+        raise refuse_body(request, ApiError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                                            code="request_timeout")) from None
     except ClientDisconnect:
         raise ClientGone() from None
 
@@ -119,8 +129,9 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
-        # NOTE: the client is still sending a body nobody will read: close rather than wait.
-        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+        # NOTE: the app refused the body the client may still be sending: close rather than wait.
+        if self.scope is not None and self.scope.get(CLOSE_AFTER_RESPONSE) \
+                and self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             self.server_state.total_requests += 1
             self._linger()
             return

@@ -208,10 +208,11 @@ def run_server(args) -> int:
     level = str(args.log_level).lower()
     if level not in LOG_LEVELS:
         raise RawpagedError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}")
-    if args.log_format not in LOG_FORMATS:
-        raise RawpagedError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}")
+    log_format = getattr(args, "log_format", "text")
+    if log_format not in LOG_FORMATS:
+        raise RawpagedError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     limits = server_limits(args)
-    setup_logging(logging.DEBUG if level == "trace" else getattr(logging, level.upper()), args.log_format)
+    setup_logging(logging.DEBUG if level == "trace" else getattr(logging, level.upper()), log_format)
     engine = LLMEngine(EngineConfig(model=args.model, **engine_kwargs(args)))
     logger.info("rawpaged serve: model %s on %s (%s), %d KV blocks of %d tokens (%d token slots), "
                 "max_model_len %d", args.model, engine.device, np.dtype(engine.dtype).name,
@@ -220,8 +221,8 @@ def run_server(args) -> int:
                 engine.max_model_len)
     config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key,
                           chat_template=load_chat_template(engine.tokenizer, args.chat_template),
-                          drain_timeout_s=args.drain_timeout, limits=limits,
-                          stats_log_interval_s=args.log_stats_interval)
+                          drain_timeout_s=getattr(args, "drain_timeout", 30.0), limits=limits,
+                          stats_log_interval_s=getattr(args, "log_stats_interval", 5.0))
     if config.chat_template is None:
         logger.info("no chat template: /v1/chat/completions answers 400 (use --chat-template FILE)")
     logger.info("limits: body %d bytes (%g s to arrive), prompts %d characters, headers %g s, "

@@ -16,7 +16,8 @@
 uvicorn has no header-read timeout of its own; GuardedH11Protocol adds one to its h11 protocol.
 After a 413 or a 408 (the body is refused while the client may still be sending it) it ends the
 connection with a lingering close, as nginx does: FIN after the response, then whatever still
-arrives is read and dropped for up to LINGER_S before the socket closes. (Closing at once with
+arrives is read and dropped until the client has sent nothing for LINGER_IDLE_S (at most LINGER_MAX_S
+in all) before the socket closes. (Closing at once with
 unread bytes makes the kernel send a reset, and the client may lose the 413 it was about to read;
 uvicorn's own Connection: close does exactly that.) Other responses sent before their body was read
 (a 401 or 503 refuses a request before reading it) keep uvicorn's behaviour: the late body is
@@ -36,7 +37,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from rawpaged.server.protocol import ApiError
 
 CHARS_PER_TOKEN = 32                # the default prompt bound: this many characters per token of context
-LINGER_S = 2.0                      # a lingering close drops late body bytes this long
+LINGER_IDLE_S = 5.0                 # a lingering close waits this long for more late bytes (nginx: 5 s)
+LINGER_MAX_S = 30.0                 # ... and never longer than this in all (nginx: 30 s)
 CLOSE_AFTER_RESPONSE = "rawpaged.close_after_response"     # scope key: the body was refused
 
 
@@ -116,8 +118,11 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_header_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
-            return                              # a body nobody reads: dropped
+        if self._lingering:                     # a body nobody reads: dropped, the linger goes on
+            self._linger_timer.cancel()
+            self._linger_timer = self.loop.call_at(min(self.loop.time() + LINGER_IDLE_S, self._linger_end),
+                                                   self.transport.close)
+            return
         if self._awaiting_headers():
             self._arm_header_timer()
         super().data_received(data)
@@ -146,7 +151,11 @@ class GuardedH11Protocol(H11Protocol):
         self.flow.resume_reading()
         if self.transport.can_write_eof():
             self.transport.write_eof()
-        self.loop.call_later(LINGER_S, self.transport.close)
+        # NOTE: until the client goes quiet, not a fixed time: a loaded client (or event loop) can
+        # take seconds to push a large refused body, and closing on unread bytes resets the connection
+        # before the client reads its 413.
+        self._linger_end = self.loop.time() + LINGER_MAX_S
+        self._linger_timer = self.loop.call_later(LINGER_IDLE_S, self.transport.close)
 
     def _awaiting_headers(self) -> bool:
         return self.cycle is None or self.cycle.response_complete

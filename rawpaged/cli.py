@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    import logging
+
     from rawpaged import LLM, SamplingParams
+
+    logging.basicConfig(level=logging.INFO, format="rawpaged: %(message)s")
 
     try:
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,

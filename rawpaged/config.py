@@ -307,9 +307,10 @@ def validate_config(hf: dict, family: str, cfg_file: Path) -> None:
 def rope_spec(hf: dict, cfg_file: Path) -> RopeSpec:
     """The rotary parameters of a config, from rope_parameters / rope_scaling over the top level
     (transformers' standardize_rope_params: the rope dict wins, top-level fields fill it in)."""
-    rope = dict(hf.get("rope_parameters") or {})
-    rope.update(hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = hf.get("rope_scaling") or {}
+    rope = {**(hf.get("rope_parameters") or {}), **scaling}
+    # NOTE: a legacy rope_scaling names its type "type"; it overrides a rope_parameters' "rope_type".
+    rope_type = scaling.get("rope_type") or scaling.get("type") or rope.get("rope_type") or rope.get("type") or "default"
     where = f"{cfg_file} (rope_scaling / rope_parameters)"
     if rope_type in ("longrope", "su"):
         raise RawpagedError(f"rope type {rope_type!r} (Phi-3's LongRoPE long-context scaling) in {where} is not "

@@ -265,8 +265,8 @@ FIXTURES += [
         **gpt_special()),
     Fixture(
         name="gpt-neox", family="gpt_neox", seed=6600, config_rewrite="neox-legacy",
-        config=dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=64, rotary_pct=0.25, rotary_emb_base=10000,
+        config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=64, rotary_pct=0.25, rotary_emb_base=10000,
                     use_parallel_residual=True, bos_token_id=0, eos_token_id=0),
         **gpt_special()),
     Fixture(
@@ -478,7 +478,7 @@ def tokenizer_config(fx: Fixture) -> dict:
         "bos_token": tok(fx.bos_token),
         "eos_token": tok(fx.eos_token),
         "clean_up_tokenization_spaces": False,
-        "model_max_length": fx.config["max_position_embeddings"],
+        "model_max_length": fx.config.get("max_position_embeddings") or fx.config["n_positions"],
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     cfg.update({k: tok(v) for k, v in fx.extra_tokenizer_config.items()})

@@ -168,3 +168,31 @@ def test_convert_writes_tokenizer_json_from_vocab_and_merges(tmp_path, data_dir)
 def test_convert_keeps_a_source_tokenizer_json_as_it_is(tmp_path):
     out = convert_hf(FIXTURES / "qwen3", tmp_path / "out", progress=False)
     assert (out / "tokenizer.json").read_bytes() == (FIXTURES / "qwen3" / "tokenizer.json").read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding windows with the paged cache's sharing: prefix-cache hits, forks (n > 1), swaps
+# --------------------------------------------------------------------------------------------
+def test_sliding_window_through_prefix_cache_hits_forks_and_preemption():
+    """mistral-swa (W=8, block 8): a second run of the same prompts reads its first blocks from the
+    prefix cache, n=2 forks share blocks and copy on write, and a tiny cache forces preemption; the
+    greedy tokens stay transformers'."""
+    import numpy as np
+    ref = np.load(FIXTURES / "mistral-swa" / "reference.npz")
+    off = ref["prompt_offsets"]
+    prompts = [ref["prompt_ids_flat"][off[i]:off[i + 1]].tolist() for i in range(len(off) - 1)]
+    want = ref["greedy_ids"].tolist()
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    llm = LLM(FIXTURES / "mistral-swa", device="cpu", kv_cache_memory=4 << 20, block_size=8)
+    assert [o.outputs[0].token_ids for o in llm.generate(None, greedy, prompt_token_ids=prompts)] == want
+    assert [o.outputs[0].token_ids for o in llm.generate(None, greedy, prompt_token_ids=prompts)] == want
+    assert llm.get_stats()["prefix_cache_hits"] > 0
+    forks = llm.generate(None, SamplingParams(temperature=0, n=2, best_of=2, max_tokens=16, ignore_eos=True),
+                         prompt_token_ids=prompts)
+    assert all(c.token_ids == want[i] for i, o in enumerate(forks) for c in o.outputs)
+    from rawpaged.worker.cache_engine import block_bytes
+    cfg = llm.engine.model_config
+    tight = LLM(FIXTURES / "mistral-swa", device="cpu", block_size=8, kv_cache_memory=8 * block_bytes(cfg, 8, np.float32),
+                preemption_mode="swap", swap_space=64 * block_bytes(cfg, 8, np.float32) / (1 << 30))
+    assert [o.outputs[0].token_ids for o in tight.generate(None, greedy, prompt_token_ids=prompts)] == want
+    assert tight.get_stats()["num_preemptions_swap"] + tight.get_stats().get("num_preemptions_recompute", 0) > 0

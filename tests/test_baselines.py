@@ -129,12 +129,15 @@ def test_a_static_batch_is_not_cut_to_one_step_token_budget():
     out = sched.schedule()
     # 64 slots hold one orca-max range of 64 tokens: a batch of one, whatever the token budget.
     assert len(sched.running) == 1 and len(sched.waiting) == 4
+    kv = out.kv_slots                                     # the pool as this step runs
+    assert (kv.real_tokens, kv.reserved_unused, kv.internal_fragmentation, kv.free) == (6, 2, 56, 0)
     sched = scheduler_for("static", "paged", max_num_seqs=3, max_num_batched_tokens=8)
     for g in make_groups([(6, 2), (6, 2), (6, 2), (6, 2)]):
         sched.add_group(g)
     out = sched.schedule()
     assert len(sched.running) == 3 and out.num_batched_tokens == 8          # 6 + a chunk of 2
     assert [sg.group.request_id for sg in out.scheduled] == ["r0", "r1"]
+    assert (out.kv_slots.real_tokens, out.kv_slots.internal_fragmentation) == (18, 3 * 10)
 
 
 # -- end to end on the CPU ----------------------------------------------------------------------

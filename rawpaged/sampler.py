@@ -3,15 +3,21 @@
 API (array-module generic: `xp` is numpy on the CPU backend, cupy on the GPU backend)
     rows = [SamplingRow(params, prompt_token_ids, output_token_ids, generator, num_logprobs), ...]
     sampler = Sampler(xp, seed=0)
-    results = sampler(logits, rows)            # logits[B, V] -> list[SampleResult], one per row
+    results = sampler(logits, rows, mask)      # logits[B, V] -> list[SampleResult], one per row;
+                                               # mask: a TokenMask for the constrained rows, or None
     lps, tops = sampler.logprobs(logits, ids, num_top)
                                                # prompt logprobs: logits[T, V], next tokens ids[T]
                                                # -> host lps[T], per row {id: logprob}
-    values, ids = sampler.topk_logprobs(logits, k)   # beam search: host [B, k] each, best first
+    values, ids = sampler.topk_logprobs(logits, k, mask)   # beam search: host [B, k] each, best first
     processed = process_logits(xp, logits, rows)     # logit_bias + penalties only, on a copy
+    allowed = unpack_mask(xp, bits, V)         # packed bitmask [C, W] -> device bool [C, V]
     verify_for_vocab(params, vocab_size)       # the engine calls it once at add_request
 
 What happens to a row, in vLLM's order:
+  0. structured outputs: tokens the row's grammar forbids get -inf (TokenMask: a packed bitmask the
+     grammar engine filled for the whole batch, unpacked and applied in one vectorised where()).
+     A constrained row can never come out with a forbidden token: one whose rounding would pick
+     one (a parallel scan's cumsum) gets its best allowed token instead.
   1. logit_bias is added.
   2. repetition penalty (HF / CTRL): every token seen in prompt + output has its logit divided by
      the penalty when positive, multiplied by it otherwise.
@@ -30,7 +36,11 @@ What happens to a row, in vLLM's order:
 Logprobs (SampleResult.logprob, top_logprobs, prompt logprobs, topk_logprobs) are log_softmax of
 the model's RAW logits, before bias, penalties and temperature: what the model itself believes, as
 vLLM v1 reports by default ("raw_logprobs"). Beam search gets the same raw scores; an engine that
-wants penalised beams can pass `process_logits(...)` to topk_logprobs instead.
+wants penalised beams can pass `process_logits(...)` to topk_logprobs instead. On a constrained
+row the normalizer is still the whole vocabulary's (an allowed token's logprob is the number it
+has unconstrained), and forbidden tokens are -inf: they never rank among the top-N (unless fewer
+tokens are allowed) nor among a beam's candidates (Hugging Face's constrained beam search: masked
+log_softmax, not renormalized).
 
 NOTE: seeded requests are batch-invariant: every step works on its own row only (per-row sort,
 cumsum and reductions), the path a row takes depends on its own params only, and its uniform comes
@@ -58,6 +68,14 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: np.random.Generator | None = None   # the request's seeded one; None: the sampler's
     num_logprobs: int | None = None                # top-N logprobs wanted with the chosen token
+
+
+@dataclass
+class TokenMask:
+    """The batch's structured-output constraint: which rows, and what each may sample."""
+    rows: list[int]          # indices into the batch (sorted)
+    bits: np.ndarray         # host int32 [len(rows), ceil(V/32)]: bit t % 32 of word t // 32 set =
+                             # token t allowed (llguidance's layout); words past V are ignored
 
 
 @dataclass
@@ -96,6 +114,29 @@ def _argsort_desc(xp, x):
     NOTE: cupy's argsort is always stable, and older cupy releases accept no `kind`.
     """
     return xp.argsort(-x, axis=-1, **({"kind": "stable"} if xp is np else {}))
+
+
+# -- 0: the structured-output mask --------------------------------------------------------------
+
+def unpack_mask(xp, bits: np.ndarray, vocab: int):
+    """Packed bitmask (host int32 [C, W]) -> device bool [C, vocab], token t = bit t % 32 of word t // 32.
+
+    NOTE: on the CPU NumPy's unpackbits does it in one pass over a uint8 view (the int32 words are
+    little-endian, so byte-wise little bit order is token order); on the device the shift-and-test
+    is one elementwise kernel over [C, W, 32] (CuPy's unpackbits lacks bitorder in older releases).
+    """
+    if xp is np:
+        u8 = np.ascontiguousarray(bits, dtype="<i4").view(np.uint8)            # [C, 4W]
+        return np.unpackbits(u8, axis=1, bitorder="little")[:, :vocab].view(np.bool_)
+    words = xp.asarray(bits)                                                    # [C, W]
+    shifts = xp.arange(32, dtype=xp.int32)                                      # [32]
+    on = ((words[:, :, None] >> shifts) & 1) != 0                               # [C, W, 32]
+    return on.reshape(words.shape[0], -1)[:, :vocab]                            # [C, V]
+
+
+def _apply_mask(xp, logits, sel, allowed):
+    """logits[sel] (rows of a float32 [B, V] array, in place) -> -inf where not allowed."""
+    logits[sel] = xp.where(allowed, logits[sel], -xp.inf)
 
 
 # -- 1-3: logit_bias and penalties --------------------------------------------------------------
@@ -191,17 +232,35 @@ def _kept_prefix_len(xp, s, p, rows):
     return xp.maximum(xp.minimum(xp.minimum(k_len, p_len), m_len), 1)
 
 
+def _only_allowed(xp, token_ids, logits, allowed):
+    """Constrained rows' tokens [C], with any forbidden one replaced by the row's best allowed token.
+
+    NOTE: inverse-CDF sampling cannot pick a zero-probability token with a sequential cumsum, but
+    a parallel scan (CuPy) may round a prefix sum up past a neighbour; the grammar must never see a
+    forbidden token, whatever the rounding. No host sync: the where() runs either way.
+    """
+    ok = xp.take_along_axis(allowed, token_ids[:, None], axis=-1)[:, 0]         # [C]
+    return xp.where(ok, token_ids, xp.argmax(logits, axis=-1))
+
+
 class Sampler:
     def __init__(self, xp, seed: int = 0):
         self.xp = xp
         self.rng = np.random.default_rng(seed)   # for rows without their own generator
 
-    def __call__(self, logits, rows: list[SamplingRow]) -> list[SampleResult]:
+    def __call__(self, logits, rows: list[SamplingRow], mask: TokenMask | None = None) -> list[SampleResult]:
         xp = self.xp
         if not rows:
             return []
         raw = logits.astype(xp.float32, copy=False)                             # [B, V]
         processed = process_logits(xp, raw, rows)                               # [B, V]
+        lse = _logsumexp(xp, raw)                           # [B] NOTE: the whole vocabulary's
+        if mask is not None:
+            sel = xp.asarray(mask.rows)                                         # [C]
+            allowed = unpack_mask(xp, mask.bits, raw.shape[1])                  # [C, V]
+            _apply_mask(xp, processed, sel, allowed)
+            raw = raw.copy()                                # NOTE: never write the caller's logits
+            _apply_mask(xp, raw, sel, allowed)
         # NOTE: a row's path depends on its own params only, so batch-mates never change its token.
         paths = ((self._greedy, [i for i, r in enumerate(rows) if _is_greedy(r.params)]),
                  (self._sample_plain, [i for i, r in enumerate(rows)
@@ -211,9 +270,10 @@ class Sampler:
         token_ids = xp.zeros(len(rows), dtype=xp.int64)                         # [B]
         for pick, idx in paths:
             if idx:
-                sel = xp.asarray(idx)
-                token_ids[sel] = pick(processed[sel], [rows[i] for i in idx])
-        lse = _logsumexp(xp, raw)                                               # [B]
+                at = xp.asarray(idx)
+                token_ids[at] = pick(processed[at], [rows[i] for i in idx])
+        if mask is not None:
+            token_ids[sel] = _only_allowed(xp, token_ids[sel], processed[sel], allowed)
         chosen_lp = xp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
         ids_h, lp_h = _to_host(token_ids), _to_host(chosen_lp)
         tops = self._top_logprobs(raw, lse, rows, ids_h, lp_h)
@@ -294,8 +354,13 @@ class Sampler:
                 d.update(zip(i_row, v_row))
         return lp_h, tops
 
-    def topk_logprobs(self, logits, k: int):
+    def topk_logprobs(self, logits, k: int, mask: TokenMask | None = None):
         """Beam search: the k best raw logprobs per row -> host (values[B, k], ids[B, k]),
-        best first, lowest id on ties."""
-        raw = logits.astype(self.xp.float32, copy=False)
-        return self._topk(raw, _logsumexp(self.xp, raw), min(k, raw.shape[1]))
+        best first, lowest id on ties. With a mask, forbidden tokens are -inf (they rank last)."""
+        xp = self.xp
+        raw = logits.astype(xp.float32, copy=False)
+        lse = _logsumexp(xp, raw)
+        if mask is not None:
+            raw = raw.copy()
+            _apply_mask(xp, raw, xp.asarray(mask.rows), unpack_mask(xp, mask.bits, raw.shape[1]))
+        return self._topk(raw, lse, min(k, raw.shape[1]))

@@ -11,6 +11,7 @@ API (array-module generic: `xp` is numpy on the CPU backend, cupy on the GPU bac
     values, ids = sampler.topk_logprobs(logits, k, mask)   # beam search: host [B, k] each, best first
     processed = process_logits(xp, logits, rows)     # logit_bias + penalties only, on a copy
     allowed = unpack_mask(xp, bits, V)         # packed bitmask [C, W] -> device bool [C, V]
+    apply_mask(xp, logits, mask)               # in place: -inf where the TokenMask forbids
     verify_for_vocab(params, vocab_size)       # the engine calls it once at add_request
 
 What happens to a row, in vLLM's order:
@@ -134,9 +135,31 @@ def unpack_mask(xp, bits: np.ndarray, vocab: int):
     return on.reshape(words.shape[0], -1)[:, :vocab]                            # [C, V]
 
 
-def _apply_mask(xp, logits, sel, allowed):
-    """logits[sel] (rows of a float32 [B, V] array, in place) -> -inf where not allowed."""
-    logits[sel] = xp.where(allowed, logits[sel], -xp.inf)
+def apply_mask(xp, logits, mask: "TokenMask") -> None:
+    """In place: the mask's rows of logits (float32 [B, V]) get -inf where their token is forbidden.
+
+    NOTE: on the CPU this is the only pass over [C, V] floats: the packed words are inverted (cheap,
+    [C, W]), unpacked to a forbidden-mask and written with copyto(where=), in place when every row
+    is constrained (a gather and a scatter otherwise). On the device one where() does it.
+    """
+    V = logits.shape[1]
+    if xp is np:
+        forbidden = unpack_mask(np, ~mask.bits, V)                             # [C, V]
+        if len(mask.rows) == logits.shape[0]:                                  # rows are 0..B-1
+            np.copyto(logits, -np.inf, where=forbidden)
+        else:
+            sub = logits[mask.rows]
+            np.copyto(sub, -np.inf, where=forbidden)
+            logits[mask.rows] = sub
+        return
+    sel = xp.asarray(mask.rows)
+    logits[sel] = xp.where(unpack_mask(xp, mask.bits, V), logits[sel], -xp.inf)
+
+
+def _allowed(xp, bits, token_ids):
+    """Is token_ids[i] allowed by row i of the packed mask? bits host [C, W], token_ids device [C]."""
+    words = xp.take_along_axis(xp.asarray(bits), (token_ids // 32)[:, None], axis=-1)[:, 0]   # [C]
+    return ((words >> (token_ids % 32).astype(xp.int32)) & 1) != 0
 
 
 # -- 1-3: logit_bias and penalties --------------------------------------------------------------
@@ -232,17 +255,6 @@ def _kept_prefix_len(xp, s, p, rows):
     return xp.maximum(xp.minimum(xp.minimum(k_len, p_len), m_len), 1)
 
 
-def _only_allowed(xp, token_ids, logits, allowed):
-    """Constrained rows' tokens [C], with any forbidden one replaced by the row's best allowed token.
-
-    NOTE: inverse-CDF sampling cannot pick a zero-probability token with a sequential cumsum, but
-    a parallel scan (CuPy) may round a prefix sum up past a neighbour; the grammar must never see a
-    forbidden token, whatever the rounding. No host sync: the where() runs either way.
-    """
-    ok = xp.take_along_axis(allowed, token_ids[:, None], axis=-1)[:, 0]         # [C]
-    return xp.where(ok, token_ids, xp.argmax(logits, axis=-1))
-
-
 class Sampler:
     def __init__(self, xp, seed: int = 0):
         self.xp = xp
@@ -256,11 +268,10 @@ class Sampler:
         processed = process_logits(xp, raw, rows)                               # [B, V]
         lse = _logsumexp(xp, raw)                           # [B] NOTE: the whole vocabulary's
         if mask is not None:
-            sel = xp.asarray(mask.rows)                                         # [C]
-            allowed = unpack_mask(xp, mask.bits, raw.shape[1])                  # [C, V]
-            _apply_mask(xp, processed, sel, allowed)
-            raw = raw.copy()                                # NOTE: never write the caller's logits
-            _apply_mask(xp, raw, sel, allowed)
+            apply_mask(xp, processed, mask)
+            if any(rows[i].num_logprobs is not None for i in mask.rows):       # top-N: allowed only
+                raw = raw.copy()                            # NOTE: never write the caller's logits
+                apply_mask(xp, raw, mask)
         # NOTE: a row's path depends on its own params only, so batch-mates never change its token.
         paths = ((self._greedy, [i for i, r in enumerate(rows) if _is_greedy(r.params)]),
                  (self._sample_plain, [i for i, r in enumerate(rows)
@@ -273,11 +284,26 @@ class Sampler:
                 at = xp.asarray(idx)
                 token_ids[at] = pick(processed[at], [rows[i] for i in idx])
         if mask is not None:
-            token_ids[sel] = _only_allowed(xp, token_ids[sel], processed[sel], allowed)
+            self._only_allowed(token_ids, processed, mask)
         chosen_lp = xp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
         ids_h, lp_h = _to_host(token_ids), _to_host(chosen_lp)
         tops = self._top_logprobs(raw, lse, rows, ids_h, lp_h)
         return [SampleResult(int(ids_h[i]), float(lp_h[i]), tops[i]) for i in range(len(rows))]
+
+    def _only_allowed(self, token_ids, processed, mask: TokenMask) -> None:
+        """Constrained rows whose token is forbidden get their best allowed token instead (in place).
+
+        NOTE: inverse-CDF sampling cannot pick a zero-probability token with a sequential cumsum, but
+        a parallel scan (CuPy) may round a prefix sum up past a neighbour; the grammar must never see
+        a forbidden token, whatever the rounding. On the device the where() runs either way (no host
+        sync); on the host only when a token is forbidden.
+        """
+        xp = self.xp
+        sel = xp.asarray(mask.rows)
+        ok = _allowed(xp, mask.bits, token_ids[sel])                            # [C]
+        if xp is np and ok.all():
+            return
+        token_ids[sel] = xp.where(ok, token_ids[sel], xp.argmax(processed[sel], axis=-1))
 
     def _greedy(self, logits, rows):
         return self.xp.argmax(logits, axis=-1)                                  # ties: lowest id
@@ -362,5 +388,5 @@ class Sampler:
         lse = _logsumexp(xp, raw)
         if mask is not None:
             raw = raw.copy()
-            _apply_mask(xp, raw, xp.asarray(mask.rows), unpack_mask(xp, mask.bits, raw.shape[1]))
+            apply_mask(xp, raw, mask)
         return self._topk(raw, lse, min(k, raw.shape[1]))

@@ -254,9 +254,17 @@ _SO = "structured_outputs"
 
 
 def _structured_outputs(so) -> StructuredOutputsParams | None:
-    """Check the constraint's fields and compile it (the grammar engine's own checks included)."""
+    """Check the constraint's fields and compile it (the grammar engine's own checks included).
+    Every refusal's `param` is "structured_outputs"; the message names the sub-field."""
     if so is None:
         return None
+    try:
+        return _check_structured(so)
+    except SamplingParamsError as e:
+        raise SamplingParamsError(_SO, str(e)) from None
+
+
+def _check_structured(so) -> StructuredOutputsParams:
     if isinstance(so, dict):
         unknown = sorted(set(so) - {f for f in StructuredOutputsParams.__dataclass_fields__ if f != "compiled"})
         if unknown:

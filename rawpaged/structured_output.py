@@ -191,10 +191,12 @@ class Grammars:
 
     def _tokenizer(self):
         if self._ll_tokenizer is None:
-            llg = _llg()
-            self._ll_tokenizer = llg.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab_size,
-                                                 eos_token=self.eos_ids or None)
-            self._executor = llg.LLExecutor()
+            with self._lock:                   # NOTE: built once, whichever thread comes first
+                if self._ll_tokenizer is None:
+                    llg = _llg()
+                    self._executor = llg.LLExecutor()
+                    self._ll_tokenizer = llg.LLTokenizer(self.tokenizer.backend.to_str(),
+                                                         n_vocab=self.vocab_size, eos_token=self.eos_ids or None)
         return self._ll_tokenizer
 
     def prepare(self, so) -> None:
@@ -208,13 +210,16 @@ class Grammars:
             if matcher is not None:
                 self._fresh.move_to_end(text)
                 return matcher
-            matcher = _llg().LLMatcher(self._tokenizer(), text, log_level=0)
-            if matcher.is_error():
-                raise GrammarError(f"structured_outputs.{so.kind} is not valid: {_one_line(matcher.get_error())}")
+        # NOTE: built outside the lock (llguidance lets the GIL go meanwhile): a worker thread
+        # compiling a big grammar never holds up the engine thread's cache hits.
+        matcher = _llg().LLMatcher(self._tokenizer(), text, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"structured_outputs.{so.kind} is not valid: {_one_line(matcher.get_error())}")
+        with self._lock:
             self._fresh[text] = matcher
             if len(self._fresh) > _CACHED_MATCHERS:
                 self._fresh.popitem(last=False)
-            return matcher
+        return matcher
 
     def new_state(self, so) -> GrammarState:
         """A sequence's grammar state at the start of its output."""

@@ -7,6 +7,7 @@
     state.copy() / state.accept(token_id) / state.finished
     bits = grammars.fill_bitmask(states)        host int32 [len(states), ceil(V/32)]: one call for
                                                 the batch; bit t % 32 of word t // 32 = token t allowed
+    future = grammars.fill_bitmask_async(states)   the same on the grammar thread, while the model runs
 
 The sampler unpacks the bits and sets every forbidden token's logit to -inf (sampler.TokenMask).
 
@@ -43,6 +44,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -184,6 +186,7 @@ class Grammars:
         self._ll_tokenizer = None
         self._executor = None
         self._fresh: OrderedDict[str, object] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None      # the prefetch thread, started on first use
         self._eos_row = np.zeros(self.words, dtype=np.uint32)
         for t in self.eos_ids:
             self._eos_row[t // 32] |= np.uint32(1) << np.uint32(t % 32)
@@ -224,6 +227,13 @@ class Grammars:
     def new_state(self, so) -> GrammarState:
         """A sequence's grammar state at the start of its output."""
         return GrammarState(self._fresh_matcher(so).deep_copy())
+
+    def fill_bitmask_async(self, states: list[GrammarState]):
+        """fill_bitmask on the grammar engine's own thread -> a Future. The caller must not touch
+        the states until it is done (the engine runs the model meanwhile)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rawpaged-grammar")
+        return self._pool.submit(self.fill_bitmask, states)
 
     def fill_bitmask(self, states: list[GrammarState]) -> np.ndarray:
         """The allowed tokens of each state -> host int32 [len(states), words], in one call (Rust

@@ -303,6 +303,53 @@ def test_grammar_state_forked_and_released(llm):
     assert all(o.finish_reason == "stop" for o in out.outputs)
 
 
+def test_masks_prefetched_while_the_model_runs(random_dir):
+    """Every mask comes from the fill started before the model ran (forks use their parent's row,
+    beams are scheduled rows), and the answers equal those computed with no prefetch."""
+    sp = [SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=200, structured_outputs={"json": SMALL}),
+          SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=30, structured_outputs={"regex": REGEX}),
+          SamplingParams(temperature=1.0, seed=2, max_tokens=20)]
+    prompts = ["a", "b", "c"]
+
+    def run(prefetch: bool):
+        llm = LLM(random_dir, device="cpu", kv_cache_memory=block_bytes_for(random_dir, 256))
+        g, op = llm.engine.grammars, llm.engine.output_processor
+        calls = {"now": 0, "prefetched": 0}
+        fill, fill_async = g.fill_bitmask, g.fill_bitmask_async
+
+        def counted(name, fn):
+            def wrapped(*a):
+                calls[name] += 1
+                return fn(*a)
+            return wrapped
+        g.fill_bitmask_async = counted("prefetched", fill_async)
+        op._token_mask = _direct_calls(op._token_mask, g, calls, fill)
+        if not prefetch:
+            op.prefetch_masks = lambda out: None
+        outs = llm.generate(prompts, sp)
+        return [[c.token_ids for c in o.outputs] for o in outs], calls
+
+    with_prefetch, calls = run(True)
+    assert calls["prefetched"] > 10 and calls["now"] == 0, calls
+    without, calls = run(False)
+    assert calls["prefetched"] == 0 and calls["now"] > 10
+    assert with_prefetch == without
+
+
+def _direct_calls(token_mask, grammars, calls, fill):
+    """Count the fills _token_mask makes itself (no prefetched mask to use)."""
+    def wrapped(seqs):
+        def now(states):
+            calls["now"] += 1
+            return fill(states)
+        grammars.fill_bitmask = now
+        try:
+            return token_mask(seqs)
+        finally:
+            grammars.fill_bitmask = fill
+    return wrapped
+
+
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_preemption_keeps_grammar_state(random_dir, mode):
     """A tiny KV cache and many constrained requests: preempted (recomputed or swapped) sequences keep

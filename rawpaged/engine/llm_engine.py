@@ -138,6 +138,7 @@ class LLMEngine:
     # -- one iteration ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.output_processor.prefetch_masks(out)        # structured outputs: while the model runs
         model_output = self.executor.execute_model(out)
         self.scheduler.on_step_done(out)
         outputs = self.output_processor.process(out, model_output)

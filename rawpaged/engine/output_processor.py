@@ -12,10 +12,12 @@ blocks through the scheduler and releases its grammar state; nothing here touche
 or keeps state keyed by sequence.
 
 Structured outputs (the logits-processor seam): a constrained sequence carries its grammar state
-(`Sequence.constraint`); before sampling, the rows that have one get their allowed tokens from the
-grammar engine in ONE batched call (`Grammars.fill_bitmask`), handed to the sampler as a TokenMask.
-Forks copy the state (Sequence.fork), so parallel samples and beams continue independently.
-Unconstrained batches build no mask at all.
+(`Sequence.constraint`); the rows that have one get their allowed tokens from the grammar engine in
+ONE batched call (`Grammars.fill_bitmask`), handed to the sampler as a TokenMask. The call starts
+before the model runs (`prefetch_masks`, on the grammar engine's thread: it lets the GIL go), since
+no state changes between the schedule and the sampling; a sequence forked at its first sample has
+its parent's state, so its parent's mask. Forks copy the state (Sequence.fork), so parallel samples
+and beams continue independently. Unconstrained batches build no mask at all.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.stats = stats
         self.grammars = grammars              # structured_output.Grammars (structured outputs)
+        self._masks = None                    # this step's prefetched masks: (future or bits, {seq_id: row})
 
     def start(self, group: SequenceGroup, seq: Sequence, index: int) -> None:
         """A sequence starts producing tokens: its seeded generator, its detokenizer, its grammar
@@ -55,12 +58,23 @@ class OutputProcessor:
             seq.constraint = self.grammars.new_state(sp.structured_outputs)
 
     # -- one step ----------------------------------------------------------------------------------
+    def prefetch_masks(self, out) -> None:
+        """Start computing the masks of this step's constrained rows (before the model runs)."""
+        seqs = [s.seq for s in out.batch if s.sample and s.seq.constraint is not None]
+        self._masks = None
+        if seqs:
+            self._masks = (self.grammars.fill_bitmask_async([s.constraint for s in seqs]),
+                           {s.seq_id: i for i, s in enumerate(seqs)})
+
     def process(self, out, model_output) -> list[RequestOutput]:
         """The RequestOutputs of one step: refused groups, then every scheduled group."""
         results = [self._refuse(group, why) for group, why in out.ignored]
         if out.batch:
             self._record_prompt_logprobs(out.batch, model_output.prompt_logits)
-            self._sample(out.batch, model_output.sample_logits)
+            try:
+                self._sample(out.batch, model_output.sample_logits)
+            finally:
+                self._masks = None
             now = time.monotonic()
             for sg in out.scheduled:
                 group = sg.group
@@ -81,8 +95,12 @@ class OutputProcessor:
     def _sample(self, batch: list[ScheduledSeq], logits) -> None:
         """Sample every row at once; beam groups take their rows to a beam step."""
         xp = self.sampler.xp
+        if self._masks is not None:
+            # NOTE: wait for the grammar thread before anything forks (a fork copies a matcher).
+            future, index = self._masks
+            self._masks = (future.result(), index)
         beam_rows: dict[int, tuple[SequenceGroup, list[int], list[Sequence]]] = {}
-        plain_rows, plain_seqs = [], []
+        plain_rows, plain_seqs, plain_src = [], [], []
         row = -1
         for s in batch:
             if not s.sample:
@@ -97,12 +115,13 @@ class OutputProcessor:
             for target in self._fork_samples(group, s.seq):
                 plain_rows.append(row)
                 plain_seqs.append((group, target))
+                plain_src.append(s.seq)                     # a new fork has its parent's mask
         for group, rows, beams in beam_rows.values():
             self._beam_step(group, beams, logits[xp.asarray(rows)])
         if plain_seqs:
             rows = [SamplingRow(g.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator,
                                 g.sampling_params.logprobs) for g, s in plain_seqs]
-            mask = self._token_mask([s for _, s in plain_seqs])
+            mask = self._token_mask(plain_src)
             results = self.sampler(logits[xp.asarray(plain_rows)], rows, mask)
             self.stats.generation_tokens += len(results)
             for (group, seq), res in zip(plain_seqs, results):
@@ -110,11 +129,22 @@ class OutputProcessor:
                 self._after_token(group, seq)
 
     def _token_mask(self, seqs: list[Sequence]) -> TokenMask | None:
-        """The allowed tokens of the constrained ones among `seqs` (one grammar-engine call), or None."""
+        """The allowed tokens of the constrained ones among `seqs` (the scheduled sequences, one per
+        row), or None: the prefetched masks, or one grammar-engine call now."""
         rows = [i for i, s in enumerate(seqs) if s.constraint is not None]
         if not rows:
             return None
-        return TokenMask(rows, self.grammars.fill_bitmask([seqs[i].constraint for i in rows]))
+        if self._masks is not None:
+            bits, index = self._masks
+            if all(seqs[i].seq_id in index for i in rows):
+                return TokenMask(rows, bits[[index[seqs[i].seq_id] for i in rows]])
+        # NOTE: a parent stands for its new forks here: each state is filled once.
+        index = {}
+        for i in rows:
+            index.setdefault(seqs[i].seq_id, len(index))
+        states = {seqs[i].seq_id: seqs[i].constraint for i in rows}
+        bits = self.grammars.fill_bitmask(list(states.values()))
+        return TokenMask(rows, bits[[index[seqs[i].seq_id] for i in rows]])
 
     def _fork_samples(self, group: SequenceGroup, seq: Sequence) -> list[Sequence]:
         """Parallel sampling: at the prompt's first sample one sequence becomes best_of."""

@@ -21,6 +21,7 @@ and beams continue independently. Unconstrained batches build no mask at all.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -32,6 +33,8 @@ from rawpaged.sampling_params import SamplingParams
 from rawpaged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus, next_seq_id
 from rawpaged.stop import StopChecker
 from rawpaged.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger("rawpaged.engine")
 
 
 class OutputProcessor:
@@ -184,8 +187,11 @@ class OutputProcessor:
         (nothing but EOS may follow) or refused the token (which the mask rules out)."""
         if seq.constraint is None:
             return False
-        accepted = seq.constraint.accept(seq.output_token_ids[-1])
-        return not accepted or seq.constraint.finished
+        if not seq.constraint.accept(seq.output_token_ids[-1]):
+            logger.warning("sequence %d: the grammar refused token %d (%s); the sequence stops", seq.seq_id,
+                           seq.output_token_ids[-1], seq.constraint.error)
+            return True
+        return seq.constraint.finished
 
     def _release(self, seq: Sequence) -> None:
         """A sequence is done: its blocks go back to the pool, its grammar state is dropped."""

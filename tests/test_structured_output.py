@@ -18,7 +18,6 @@ from cuda_emulator import CXX, fake_cupy, install, uninstall_caches
 from rawpaged import LLM, SamplingParams
 from rawpaged.sampler import Sampler, SamplingRow, TokenMask, unpack_mask
 from rawpaged.sampling_params import SamplingParamsError, StructuredOutputsParams
-from rawpaged.sequence import SequenceStatus
 from rawpaged.worker.cache_engine import block_bytes
 
 jsonschema = pytest.importorskip("jsonschema")

@@ -394,3 +394,15 @@ def test_tools_reach_the_template_as_sent():
                                "parallel_tool_calls": False}, 10000)
     so = req.params.structured_outputs
     assert so.kind == "json" and so.json["maxItems"] == 1 and so.json["minItems"] == 1
+
+
+def test_logprobs_of_forbidden_tokens_are_sent_as_minus_9999(client):
+    """Fewer tokens allowed than top_logprobs asks for: the rest are -inf, sent as -9999.0 (JSON has no
+    -Infinity); the chosen token's logprob is finite."""
+    r = client.chat.completions.create(model="rand", messages=ASK, max_tokens=10, logprobs=True, top_logprobs=5,
+                                       extra_body={"guided_choice": ["Z"]})
+    c = r.choices[0]
+    assert c.message.content == "Z" and c.finish_reason == "stop"
+    first = c.logprobs.content[0]
+    assert -9999.0 < first.logprob <= 0
+    assert [t.logprob for t in first.top_logprobs].count(-9999.0) >= 3

@@ -4,7 +4,8 @@ Rendered the way Hugging Face transformers' `apply_chat_template` does, so a tem
 the Hub behaves the same here: a sandboxed, immutable Jinja environment with trim_blocks and
 lstrip_blocks, the loopcontrols extension, `raise_exception(msg)` and `strftime_now(fmt)` as
 globals, a `tojson` filter that keeps non-ASCII text, and the variables `messages`,
-`add_generation_prompt`, `bos_token`, `eos_token` (plus `tools=None`).
+`add_generation_prompt`, `bos_token`, `eos_token`, and `tools` (the request's tools, as OpenAI sends
+them: [{"type": "function", "function": {...}}], or None).
 
 The rendered text is tokenized WITHOUT adding special tokens: templates write their own BOS
 (transformers' apply_chat_template(tokenize=True) does the same).
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from rawpaged.errors import RawpagedError
@@ -111,7 +113,10 @@ class ChatTemplate:
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
         try:
-            self._template = _environment().from_string(source)
+            env = _environment()
+            self._template = env.from_string(source)
+            # NOTE: a template that reads `tools` renders them for the model (tool_choice "auto").
+            self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as e:
             raise RawpagedError(f"chat template from {origin} does not compile: line {e.lineno}: "
                                 f"{e.message}") from None

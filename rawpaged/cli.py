@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None)
     srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--chat-template", default=None, help="Jinja chat template file")
+    srv.add_argument("--chat-template", default=None,
+                     help="Jinja chat template: a file, or the template text itself")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--log-format", default="text", choices=["text", "json"],
                      help="json: one JSON object per line, for log shippers")

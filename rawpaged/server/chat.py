@@ -171,14 +171,22 @@ def read_template_file(path: str) -> str:
         raise RawpagedError(f"chat template file {path} cannot be read: {e}") from None
 
 
-def load_chat_template(tokenizer, override_file: str | None) -> ChatTemplate | None:
-    """--chat-template FILE, else the model's own template (tokenizer_config.json), else None."""
+def is_inline_template(arg: str) -> bool:
+    """--chat-template takes a file or the template itself (as vLLM's does): text with Jinja
+    delimiters that names no existing file is the template."""
+    return not Path(arg).is_file() and ("{{" in arg or "{%" in arg)
+
+
+def load_chat_template(tokenizer, override: str | None) -> ChatTemplate | None:
+    """--chat-template FILE or TEMPLATE, else the model's own template (tokenizer_config.json), else None."""
     def token_text(tid):
         return tokenizer.convert_ids_to_tokens([tid])[0] if tid is not None else None
 
     bos, eos = token_text(tokenizer.bos_token_id), token_text(tokenizer.eos_token_id)
-    if override_file is not None:
-        return ChatTemplate(read_template_file(override_file), bos, eos, origin=override_file)
+    if override is not None:
+        if is_inline_template(override):
+            return ChatTemplate(override, bos, eos, origin="--chat-template")
+        return ChatTemplate(read_template_file(override), bos, eos, origin=override)
     if tokenizer.chat_template:
         return ChatTemplate(tokenizer.chat_template, bos, eos, origin=f"{tokenizer.source}/tokenizer_config.json")
     return None

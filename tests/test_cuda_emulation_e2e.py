@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cuda_emulator import CXX, MemInfo, install, uninstall_caches
+from cuda_emulator import CXX, install, uninstall_caches
 from rawpaged import LLM, SamplingParams
 from rawpaged.worker.cache_engine import block_bytes
 
@@ -150,31 +150,3 @@ def test_preemption_by_swap_changes_nothing(emu, stories260k_dir):
     assert type(tight.engine.executor.cache.cpu_cache) is np.ndarray          # the pinned pool is host memory
     assert tight.engine.executor.cache._stream.waited > 0                     # compute waited on the swap stream
     assert got == want
-
-
-# --------------------------------------------------------------------------------------------
-# gpu_memory_utilization: the profiling pass sizes the KV cache from memGetInfo
-# --------------------------------------------------------------------------------------------
-def test_gpu_memory_utilization_sizes_the_cache(emu, stories260k_dir, monkeypatch):
-    MiB = 1 << 20
-    monkeypatch.setattr(MemInfo, "total", 64 * MiB)
-    monkeypatch.setattr(MemInfo, "free", 56 * MiB)       # weights, activations and context: 8 MiB
-    llm = LLM(str(stories260k_dir), device="cuda", dtype="float32", gpu_memory_utilization=0.5,
-              max_model_len=64, max_num_seqs=16, swap_space=0.001)
-    eng = llm.engine
-    cfg = eng.model_config
-    logits = 4 * cfg.vocab_size * 16 * 4
-    budget = int(64 * MiB * 0.5) - 8 * MiB - logits
-    assert eng.executor.cache.num_device_blocks == budget // block_bytes(cfg, 16, np.float32)
-    assert eng.executor.cache.device_cache.shape[0] == eng.executor.cache.num_device_blocks
-    out = llm.generate(prompt_token_ids=[[1]], sampling_params=SamplingParams(max_tokens=8, **GREEDY))
-    assert len(out[0].outputs[0].token_ids) == 8
-
-
-def test_gpu_memory_utilization_too_low_is_a_clear_error(emu, stories260k_dir, monkeypatch):
-    from rawpaged.errors import RawpagedError
-    monkeypatch.setattr(MemInfo, "total", 64 << 20)
-    monkeypatch.setattr(MemInfo, "free", 8 << 20)        # 56 MiB already used
-    with pytest.raises(RawpagedError, match="gpu_memory_utilization"):
-        LLM(str(stories260k_dir), device="cuda", dtype="float32", gpu_memory_utilization=0.5,
-            max_model_len=64, swap_space=0.001)

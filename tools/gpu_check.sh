@@ -191,7 +191,8 @@ step_ops() {
 step_e2e() {
     begin 3 "end to end: tests/gpu/test_e2e_gpu.py" 100 e2e.log || return
     local sel=()
-    [ "$QUICK" = 1 ] && sel=(-k "test_fixture_16bit_gpu_follows_fp32_cpu and llama-gqa and float16")
+    # NOTE: quick: one fixture in fp16 and bf16 (stories260K's default profiling pass takes minutes emulated)
+    [ "$QUICK" = 1 ] && sel=(-k "test_fixture_16bit_gpu_follows_fp32_cpu and llama-gqa")
     RAWPAGED_TEST_TIMEOUT=90 limited "$LIMIT" "$PY" -m pytest -v -s -rfEs -p no:cacheprovider tests/gpu/test_e2e_gpu.py "${sel[@]}"
     local rc=$?
     pytest_lines $rc

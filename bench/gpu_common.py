@@ -120,7 +120,6 @@ def copy_bandwidth(cp, nbytes: int, reps: int = 10) -> float:
     copy = lambda: rt.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, rt.memcpyDeviceToDevice,  # noqa: E731
                                   cp.cuda.get_current_stream().ptr)
     ms = KernelTimer(cp, flush_bytes=1 << 20).time(copy, reps=reps, warmup=2, flush=False)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

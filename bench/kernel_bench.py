@@ -135,7 +135,7 @@ class Bench:
 
     def decode(self, deadline: Deadline):
         from rawpaged.backend.cuda import dispatch, launch
-        cp, s, cuda = self.cp, self.s, self.cuda
+        cp, s = self.cp, self.s
         dtype, D, bs = np.dtype(np.float16), s.head_dim, 16
         most = max(b * math.ceil(c / bs) * 2 * (s.heads // g) * bs * D for g in s.groups for b in s.batches
                    for c in s.contexts)
@@ -255,7 +255,6 @@ class Bench:
         x, res, w = self.randn((T, H), f16), self.randn((T, H), f16), self.randn((H,), f16)
         bench("rms_norm", f"[{T}, {H}]", 2 * x.nbytes + w.nbytes, lambda: cuda.rms_norm(x, w, 1e-6))
         bench("fused_add_rms_norm", f"[{T}, {H}]", 4 * x.nbytes + w.nbytes, lambda: cuda.fused_add_rms_norm(x, res, w, 1e-6))
-        del x, res
         q, k = self.randn((T, heads, D), f16), self.randn((T, heads, D), f16)
         pos = cp.asarray(self.rng.integers(0, 4096, T).astype(np.int64))
         inv = 10000.0 ** (-np.arange(0, D, 2) / D)
@@ -268,25 +267,21 @@ class Bench:
         slots = cp.asarray(self.rng.permutation(nblocks * 16)[:T].astype(np.int64))
         bench("reshape_and_cache", f"k, v [{T}, {heads}, {D}]", 2 * (q.nbytes + k.nbytes) + slots.nbytes,
               lambda: cuda.reshape_and_cache(q, k, cache, 0, slots))
-        del q, k, cache
         layers = 32 if s is FULL else 2
         blocks = self.randn((128, layers, 2, heads, 16, D), f16)
         pairs = [(i, 64 + i) for i in range(64)]
         bench("copy_blocks", f"64 blocks of {blocks[0].nbytes / 2**20:.0f} MiB", 2 * 64 * blocks[0].nbytes,
               lambda: cuda.copy_blocks(blocks, pairs))
-        del blocks
         gate_up = self.randn((T, 2 * I), f16)
         bench("silu_and_mul", f"[{T}, {2 * I}] -> [{T}, {I}]", gate_up.nbytes * 3 // 2, lambda: cuda.silu_and_mul(gate_up))
-        del gate_up
         act = self.randn((T, I), f16)
         bench("gelu", f"[{T}, {I}]", 2 * act.nbytes, lambda: cuda.gelu(act))
-        del act
         self.md.table(["kernel", "shape (fp16)", "ms", "bandwidth (of memcpy)"], rows)
         self.md("")
 
     # -- GEMM ------------------------------------------------------------------------------
     def gemm(self, deadline: Deadline):
-        cp, s, cuda = self.cp, self.s, self.cuda
+        s, cuda = self.s, self.cuda
         dtypes = [np.dtype(np.float16)] + ([cuda.BFLOAT16] if cuda.bfloat16_supported() else [])
         rows = []
         for dtype in dtypes:
@@ -304,8 +299,6 @@ class Bench:
                     tflops = lambda t: f"{flops / (t * 1e-3) / 1e12:.1f}"  # noqa: E731
                     rows.append([dtype.name, f"{name} [{n_out}, {n_in}]", T, f"{ms:.4f}", tflops(ms), self.frac(nbytes, ms),
                                  f"{t_ms:.4f} ({tflops(t_ms)})" if t_ms else "-", f"{ms / t_ms:.2f}x" if t_ms else "-"])
-                    del x
-                del w
         self.md.table(["dtype", "weight [out, in]", "tokens", "linear ms", "TFLOP/s", "bytes/time (of memcpy)",
                        "torch.matmul ms (TFLOP/s)", "linear / torch time"], rows)
         self.md("")

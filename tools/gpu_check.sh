@@ -63,6 +63,9 @@ else
     MODE_LINE="**no usable CUDA device (CuPy missing or cupy.is_available() false): the GPU steps skip**"
 fi
 NO_GPU="no usable CUDA device (CuPy missing or cupy.is_available() false)"
+# compute-sanitizer ships with the CUDA toolkit, which need not be on the PATH
+SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer \
+             /usr/local/cuda*/compute-sanitizer/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -n 1)"
 
 commit_line() {
     if git rev-parse HEAD >/dev/null 2>&1; then
@@ -80,7 +83,7 @@ HEADER="$WORK/header.md"
     echo
     echo "- $MODE_LINE; $(date -u +%FT%TZ); budget ${BUDGET}s; steps $STEPS; quick=$QUICK"
     echo "- commit: $(commit_line)"
-    echo "- data: $RAWPAGED_TEST_DATA ($( [ -d "$RAWPAGED_TEST_DATA" ] && echo present || echo MISSING))"
+    echo "- data: $RAWPAGED_TEST_DATA ($( [ -d "$RAWPAGED_TEST_DATA" ] && echo present || echo MISSING)); compute-sanitizer: ${SANITIZER:-not found}"
     if command -v nvidia-smi >/dev/null 2>&1; then
         echo "- nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader 2>&1 | head -n 2 | tr '\n' ' ')"
     fi
@@ -209,10 +212,10 @@ step_sanitizer() {
     begin 4 "compute-sanitizer on tools/gpu_launch_all.py" 90 sanitizer.log || return
     if [ "$MODE" = none ]; then skip "$NO_GPU"; return; fi
     local launch=("$PY" tools/gpu_launch_all.py --no-pool)
-    if ! command -v compute-sanitizer >/dev/null 2>&1; then
+    if [ -z "$SANITIZER" ]; then
         limited "$LIMIT" "${launch[@]}"
         local rc=$?
-        { echo "compute-sanitizer is not on the PATH: the launch script ran alone."; echo '```';
+        { echo "compute-sanitizer not found (PATH, /usr/local/cuda*): the launch script ran alone."; echo '```';
           grep -E '^(launched|FAILED|NOT|NO LAUNCHER|launch-all)' "$OUT/$LOG" | tail -n 20; echo '```'; } >> "$MD"
         finish "$(verdict $rc "$LIMIT")"
         return
@@ -221,7 +224,7 @@ step_sanitizer() {
     for tool in memcheck racecheck synccheck initcheck; do
         local t=$(date +%s)
         echo "----- $tool -----" >> "$OUT/$LOG"
-        limited "$each" compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 10 "${launch[@]}"
+        limited "$each" "$SANITIZER" --tool "$tool" --error-exitcode 99 --print-limit 10 "${launch[@]}"
         local rc=$? summary
         summary=$(awk -v t="----- $tool -----" '$0 == t {on = 1} on' "$OUT/$LOG" | grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|launch-all:' | tr '\n' ' ')
         rows+=("| $tool | $(verdict $rc "$each") | $(( $(date +%s) - t ))s | ${summary:-no summary line} |")
@@ -294,6 +297,5 @@ TOTAL=$(( $(date +%s) - T0 ))
     cat "$BODY"
 } > "$REPORT.tmp" && mv "$REPORT.tmp" "$REPORT"
 rm -rf "$WORK"
-sed -n '1,/^## Failures/p' "$REPORT"
-[ -s "$FAILS" ] && head -n 40 "$FAILS"
+awk '/^## [0-9]\. / {exit} {print}' "$REPORT"          # the header, the summary and the failures
 echo "report: $REPORT ($(ls "$OUT" | wc -l) files in $OUT)"

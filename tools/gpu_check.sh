@@ -262,7 +262,7 @@ step_decode_step() {
 }
 
 step_throughput() {
-    begin 7 "throughput: bench/throughput.py --device cuda" 60 throughput.log || return
+    begin 7 "throughput: bench/throughput.py --device cuda" 90 throughput.log || return
     if [ "$MODE" = none ]; then skip "$NO_GPU"; return; fi
     local args=(--shape llama7b --layers 2 --num-requests 64)
     [ "$QUICK" = 1 ] && args=(--num-requests 1 --scale 0.01 --max-len 16)

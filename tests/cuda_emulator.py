@@ -12,8 +12,15 @@ gives rawpaged/backend/cuda/ (and, through `install`, the whole engine) what it 
     stable and accepts no other `kind`.
   - the `cupy` module: the functions the engine uses, a fallback to NumPy for the other names CuPy
     has too (`CUPY_NAMES`; a name outside it is an AttributeError, so code calling something CuPy
-    lacks fails here as it would on a device), RawModule over the host build, streams and events
-    (no-ops: one OS thread runs everything in order), memcpyAsync, memGetInfo (settable numbers).
+    lacks fails here as it would on a device), RawModule over the host build (with the compiled
+    kernels' attributes), streams and events (one OS thread runs everything in order; an event
+    records the host clock, so get_elapsed_time measures the emulation), memcpy/memset, random.
+  - device memory as CuPy manages it (`FakeMemoryPool`, `MemInfo`): every device array is counted
+    in the default pool from its allocation until it is garbage; the pool keeps the blocks of freed
+    arrays (the driver sees them as used) until `free_all_blocks()`; `memGetInfo` reports the
+    device's `MemInfo.total` less the pool's blocks and `MemInfo.outside` (the CUDA context, other
+    processes); an allocation that cannot fit raises cupy.cuda.memory.OutOfMemoryError.
+  - cuBLAS's `gemmEx` (the bf16 GEMM of dense.py) through `cupy_backends.cuda.libs.cublas`.
   - the `cupyx` module: `empty_pinned` (a plain NumPy array, as on a device).
 
 Device buffers from `empty` start as NaN (poisoned), so a kernel or an engine step that reads a
@@ -27,12 +34,15 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +81,13 @@ def _host(obj):
 
 
 def _wrap(obj):
-    """NumPy results -> device arrays; NumPy scalars -> 0-d device arrays (what CuPy returns)."""
+    """NumPy results -> device arrays; NumPy scalars -> 0-d device arrays (what CuPy returns).
+    New memory is counted in the default pool (a view of a device array is not)."""
     if isinstance(obj, np.ndarray):
+        POOL.track(obj)
         return obj.view(EmuArray)
     if isinstance(obj, np.generic):
-        return np.asarray(obj).view(EmuArray)
+        return _wrap(np.asarray(obj))
     if isinstance(obj, tuple):
         return tuple(_wrap(o) for o in obj)
     if isinstance(obj, list):
@@ -134,7 +146,9 @@ class EmuArray(np.ndarray):
 
 
 def _dev(a) -> EmuArray:
-    return np.asarray(a).view(EmuArray)
+    a = np.asarray(a)
+    POOL.track(a)
+    return a.view(EmuArray)
 
 
 def _poisoned(shape, dtype=np.float64, order="C"):
@@ -204,24 +218,33 @@ class FakeCupyModule(types.ModuleType):
 # --------------------------------------------------------------------------------------------
 # Kernels: the .cu sources built for the host emulation
 # --------------------------------------------------------------------------------------------
-_BUILD_DIR = Path(tempfile.mkdtemp(prefix="rawpaged_emu_"))
+# NOTE: RAWPAGED_EMU_BUILD_DIR keeps the builds across processes (the dry run of tools/gpu_check.sh
+# starts several); by default each process builds into a temporary folder of its own.
+_BUILD_DIR = Path(os.environ.get("RAWPAGED_EMU_BUILD_DIR") or tempfile.mkdtemp(prefix="rawpaged_emu_"))
+_BUILD_DIR.mkdir(parents=True, exist_ok=True)
 _LIBS: dict[str, ctypes.CDLL] = {}
 
 
 def compile_source(code: str, options: tuple = ()) -> ctypes.CDLL:
     """Build one source text for the host emulation (cached by text and options)."""
-    key = hashlib.sha1((code + repr(options)).encode()).hexdigest()[:16]
+    # NOTE: the key covers the emulation header too: a build kept in RAWPAGED_EMU_BUILD_DIR from an
+    # older host_emulation.h is never reused.
+    header = (KERNEL_DIR / "host_emulation.h").read_text()
+    key = hashlib.sha1((code + repr(options) + header).encode()).hexdigest()[:16]
     if key not in _LIBS:
         # Dynamic shared memory: `extern __shared__ T name[];` -> the emulator's per-block buffer.
         text = re.sub(r"extern __shared__ (\w+) (\w+)\[\];", r"\1* \2 = (\1*)rp_emu_dyn_smem();", code)
         src = _BUILD_DIR / f"{key}.cpp"
         lib = _BUILD_DIR / f"{key}.so"
-        src.write_text(text)
-        defines = [o for o in options if o.startswith("-D")]
-        cmd = [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-DRP_HOST_EMULATION",
-               f"-I{KERNEL_DIR}", *defines, "-x", "c++", str(src), "-o", str(lib)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, f"host emulation build failed:\n{res.stderr[-4000:]}"
+        if not lib.is_file():
+            tmp = _BUILD_DIR / f"{key}.{os.getpid()}.so"
+            src.write_text(text)
+            defines = [o for o in options if o.startswith("-D")]
+            cmd = [CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-DRP_HOST_EMULATION",
+                   f"-I{KERNEL_DIR}", *defines, "-x", "c++", str(src), "-o", str(tmp)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            assert res.returncode == 0, f"host emulation build failed:\n{res.stderr[-4000:]}"
+            os.replace(tmp, lib)
         dll = ctypes.CDLL(str(lib))
         dll.rp_emu_launch.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 4 + [ctypes.c_ulonglong, ctypes.c_void_p, ctypes.c_void_p]
         dll.rp_emu_launch.restype = ctypes.c_int
@@ -254,6 +277,13 @@ class EmuKernel:
         self.lib, self.name = lib, name
         self.ptr = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
         self.function = types.SimpleNamespace(ptr=0)
+        # What cupy.RawKernel reports from the compiled function; the host build has no registers.
+        self.attributes = {"max_threads_per_block": 1024, "shared_size_bytes": 0, "const_size_bytes": 0,
+                           "local_size_bytes": 0, "num_regs": 0, "ptx_version": 0, "binary_version": 0,
+                           "cache_mode_ca": 0, "max_dynamic_shared_size_bytes": 48 * 1024,
+                           "preferred_shared_memory_carveout": -1}
+        for attr, value in self.attributes.items():
+            setattr(self, attr, value)
 
     def __call__(self, grid, block, args, shared_mem=0):
         assert block[1] == block[2] == 1 and block[0] % 32 == 0 and block[0] <= 1024, block
@@ -299,14 +329,29 @@ class _Stream:
 
 
 class _Event:
+    """Recording takes the host clock: the work before it has run (everything runs in order)."""
+
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.recorded = False
+        self.disable_timing = disable_timing
+        self.time = None
 
     def record(self, stream=None):
         self.recorded = True
+        self.time = time.perf_counter()
 
     def synchronize(self):
         pass
+
+    def done(self):
+        return True
+
+
+def _elapsed_ms(start: _Event, end: _Event) -> float:
+    """cupy.cuda.get_elapsed_time: milliseconds between two recorded, timing-enabled events."""
+    if start.disable_timing or end.disable_timing or start.time is None or end.time is None:
+        raise RuntimeError("emulated cupy: get_elapsed_time needs two recorded events with timing enabled")
+    return (end.time - start.time) * 1e3
 
 
 _NULL_STREAM = _Stream(null=True)
@@ -317,13 +362,137 @@ def _memcpy(dst, src, nbytes, kind, stream):
 
 
 class MemInfo:
-    """What the fake cuda.runtime.memGetInfo reports: (free, total) bytes; tests set them."""
-    free = 1 << 30
+    """The emulated device's memory (tests set these): `total` bytes, of which `outside` are used
+    outside CuPy's pool (the CUDA context, cuBLAS workspaces, other processes)."""
     total = 1 << 31
+    outside = 0
+
+
+class OutOfMemoryError(MemoryError):
+    """cupy.cuda.memory.OutOfMemoryError."""
+
+
+class FakeMemoryPool:
+    """CuPy's default device MemoryPool, as far as the engine can see it.
+
+    Every device array is counted from its allocation until it is garbage (rounded up to 512 B, as
+    CuPy rounds). Freed memory stays in the pool: `total_bytes()` (what the pool holds from the
+    driver) only grows until `free_all_blocks()`, so the driver reports it as used. The model is a
+    perfect pool (any cached bytes serve any later allocation); CuPy's own may hold more through
+    fragmentation, never less. An allocation that does not fit even after releasing the cached
+    blocks raises OutOfMemoryError, as CuPy does.
+    """
+    UNIT = 512
+
+    def __init__(self):
+        self.used = 0
+        self.held = 0
+        self._live: dict[int, weakref.ref] = {}
+
+    def used_bytes(self) -> int:
+        return self.used
+
+    def total_bytes(self) -> int:
+        return self.held
+
+    def free_bytes(self) -> int:
+        return self.held - self.used
+
+    def free_all_blocks(self, stream=None) -> None:
+        self.held = self.used
+
+    def track(self, arr: np.ndarray) -> None:
+        root = arr
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        ref = self._live.get(id(root))
+        if ref is not None and ref() is root:
+            return                                    # memory of a live device array: a view
+        nbytes = -(-max(root.nbytes, 1) // self.UNIT) * self.UNIT
+        limit = MemInfo.total - MemInfo.outside
+        if self.used + nbytes > limit:
+            self.held = self.used                     # CuPy frees its cached blocks before giving up
+            raise OutOfMemoryError(f"emulated cupy: out of memory allocating {nbytes:,} bytes "
+                                   f"({self.used:,} in use, {limit:,} available to the pool)")
+        self.used += nbytes
+        self.held = max(self.held, self.used)
+        key = id(root)
+        self._live[key] = weakref.ref(root)
+        weakref.finalize(root, self._release, key, nbytes)
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.used -= nbytes
+        self._live.pop(key, None)
+
+
+POOL = FakeMemoryPool()
 
 
 def _mem_get_info():
-    return MemInfo.free, MemInfo.total
+    """(free, total) as the driver reports them: the pool's blocks count as used."""
+    return MemInfo.total - MemInfo.outside - POOL.held, MemInfo.total
+
+
+def _memset(ptr, value, nbytes, stream=None):
+    ctypes.memset(ptr, value, nbytes)
+
+
+def _memcpy_sync(dst, src, nbytes, kind):
+    ctypes.memmove(dst, src, nbytes)
+
+
+def _device_properties(device_id=0):
+    return {"name": b"host emulation (tests/cuda_emulator.py)", "multiProcessorCount": 4,
+            "l2CacheSize": 1 << 20, "totalGlobalMem": MemInfo.total, "major": 8, "minor": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# cuBLAS: gemmEx (column-major, as cuBLAS), for dense.py's bf16 GEMM
+# --------------------------------------------------------------------------------------------
+_CUDA_DTYPES = {0: np.float32, 2: np.float16, 14: "bfloat16"}
+
+
+def _np_cuda_dtype(code: int) -> np.dtype:
+    kind = _CUDA_DTYPES[code]
+    if kind == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(kind)
+
+
+def _column_major(ptr: int, dtype: np.dtype, rows: int, cols: int, ld: int) -> np.ndarray:
+    """The rows x cols column-major matrix at ptr (leading dimension ld), as a [cols, rows] row-major view."""
+    assert ld >= rows, (ld, rows)
+    count = ld * (cols - 1) + rows
+    buf = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(ptr)
+    flat = np.frombuffer(buf, dtype=dtype, count=count)
+    return np.lib.stride_tricks.as_strided(flat, shape=(cols, rows), strides=(ld * dtype.itemsize, dtype.itemsize))
+
+
+def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
+             computeType, algo):
+    """C = alpha op(A) op(B) + beta C, fp32 accumulation (computeType CUBLAS_COMPUTE_32F = 68 only)."""
+    assert computeType == 68, f"emulated gemmEx: compute type {computeType} not modelled"
+    a_rows, a_cols = (m, k) if transa == 0 else (k, m)
+    b_rows, b_cols = (k, n) if transb == 0 else (n, k)
+    a = _column_major(A, _np_cuda_dtype(Atype), a_rows, a_cols, lda).T.astype(np.float32)    # [a_rows, a_cols]
+    b = _column_major(B, _np_cuda_dtype(Btype), b_rows, b_cols, ldb).T.astype(np.float32)
+    op_a = a if transa == 0 else a.T                                                           # [m, k]
+    op_b = b if transb == 0 else b.T                                                           # [k, n]
+    al = ctypes.c_float.from_address(alpha).value
+    be = ctypes.c_float.from_address(beta).value
+    c_view = _column_major(C, _np_cuda_dtype(Ctype), m, n, ldc)                                # [n, m] = C^T
+    acc = al * (op_a @ op_b)
+    if be != 0.0:
+        acc = acc + be * c_view.T.astype(np.float32)
+    c_view[...] = acc.T.astype(c_view.dtype)
+
+
+def make_fake_cublas() -> types.ModuleType:
+    mod = types.ModuleType("cupy_backends.cuda.libs.cublas")
+    mod.gemmEx = _gemm_ex
+    mod.setStream = lambda handle, stream: None
+    return mod
 
 
 def make_fake_cupy() -> types.ModuleType:
@@ -340,21 +509,36 @@ def make_fake_cupy() -> types.ModuleType:
     cp.asnumpy = _asnumpy
     cp.argsort = _argsort
     cp.RawModule = EmuModule
-    cp.get_default_memory_pool = lambda: types.SimpleNamespace(used_bytes=lambda: 0, total_bytes=lambda: 0,
-                                                              free_all_blocks=lambda: None)
+    cp.__version__ = "emulated (tests/cuda_emulator.py)"
+    cp.get_default_memory_pool = lambda: POOL
     cp.get_default_pinned_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
     device = types.SimpleNamespace(attributes={"MultiProcessorCount": 4}, synchronize=lambda: None, id=0,
                                    compute_capability="80")
     driver = types.SimpleNamespace(funcSetAttribute=lambda *a: None, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
-    runtime = types.SimpleNamespace(memcpyAsync=_memcpy, memcpyDefault=4, memGetInfo=_mem_get_info,
-                                    getDeviceCount=lambda: 1)
+    runtime = types.SimpleNamespace(memcpyAsync=_memcpy, memcpy=_memcpy_sync, memsetAsync=_memset,
+                                    memcpyHostToHost=0, memcpyHostToDevice=1, memcpyDeviceToHost=2,
+                                    memcpyDeviceToDevice=3, memcpyDefault=4, memGetInfo=_mem_get_info,
+                                    getDeviceCount=lambda: 1, getDeviceProperties=_device_properties,
+                                    runtimeGetVersion=lambda: 0, driverGetVersion=lambda: 0)
+    rng = np.random.default_rng(0)
+    cp.random = types.SimpleNamespace(
+        seed=lambda s=None: rng.bit_generator.state.update(np.random.default_rng(s).bit_generator.state),
+        standard_normal=lambda size=None, dtype=np.float64: _wrap(rng.standard_normal(size).astype(dtype)),
+        random=lambda size=None, dtype=np.float64: _wrap(rng.random(size).astype(dtype)),
+        randint=lambda low, high=None, size=None, dtype=np.int64: _wrap(rng.integers(low, high, size).astype(dtype)))
     cuda_mod = types.ModuleType("cupy.cuda")
     cuda_mod.get_current_stream = lambda: _NULL_STREAM
     cuda_mod.Stream = _Stream
     cuda_mod.Event = _Event
+    cuda_mod.get_elapsed_time = _elapsed_ms
     cuda_mod.Device = lambda *a: device
     cuda_mod.driver = driver
     cuda_mod.runtime = runtime
+    cuda_mod.memory = types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError, MemoryPool=FakeMemoryPool)
+    cuda_mod.device = types.SimpleNamespace(get_cublas_handle=lambda: 1)
+    # NOTE: set_allocator(None) (plain cudaMalloc per array, for compute-sanitizer) changes nothing here.
+    cuda_mod.set_allocator = lambda allocator=None: None
+    cuda_mod.set_pinned_memory_allocator = lambda allocator=None: None
     cp.cuda = cuda_mod
     return cp
 
@@ -369,6 +553,15 @@ def make_fake_cupyx() -> types.ModuleType:
 
 fake_cupy = make_fake_cupy()
 fake_cupyx = make_fake_cupyx()
+fake_cublas = make_fake_cublas()
+_FAKE_MODULES = {"cupy": fake_cupy, "cupy.cuda": fake_cupy.cuda, "cupyx": fake_cupyx,
+                 "cupy_backends": types.ModuleType("cupy_backends"),
+                 "cupy_backends.cuda": types.ModuleType("cupy_backends.cuda"),
+                 "cupy_backends.cuda.libs": types.ModuleType("cupy_backends.cuda.libs"),
+                 "cupy_backends.cuda.libs.cublas": fake_cublas}
+_FAKE_MODULES["cupy_backends"].cuda = _FAKE_MODULES["cupy_backends.cuda"]
+_FAKE_MODULES["cupy_backends.cuda"].libs = _FAKE_MODULES["cupy_backends.cuda.libs"]
+_FAKE_MODULES["cupy_backends.cuda.libs"].cublas = fake_cublas
 
 
 def install(monkeypatch):
@@ -379,16 +572,26 @@ def install(monkeypatch):
     """
     from rawpaged.backend import cuda
 
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
-    monkeypatch.setitem(sys.modules, "cupy.cuda", fake_cupy.cuda)
-    monkeypatch.setitem(sys.modules, "cupyx", fake_cupyx)
+    for name, module in _FAKE_MODULES.items():
+        monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(cuda, "cupy", fake_cupy)          # the package forwards this to cuda.launch
     monkeypatch.setattr(cuda, "xp", fake_cupy)
     monkeypatch.setattr(cuda, "num_sms", lambda: 4)       # likewise
-    monkeypatch.setattr(MemInfo, "free", MemInfo.free)
+    monkeypatch.setattr(MemInfo, "outside", MemInfo.outside)
     monkeypatch.setattr(MemInfo, "total", MemInfo.total)
     cuda.launch.clear_caches()
     return cuda
+
+
+class _Setter:
+    """monkeypatch's setitem/setattr without the undo (install_globally)."""
+    setitem = staticmethod(lambda mapping, key, value: mapping.__setitem__(key, value))
+    setattr = staticmethod(setattr)
+
+
+def install_globally():
+    """`install` for a whole process (the dry run's scripts: RAWPAGED_EMULATE_CUDA=1); never undone."""
+    return install(_Setter())
 
 
 def uninstall_caches():

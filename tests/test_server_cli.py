@@ -90,6 +90,7 @@ def test_serve_key_template_and_sigterm(serve, stories260k_dir, tmp_path):
     url = srv.wait_ready()
     first = srv.lines[0]
     assert str(stories260k_dir) in first and "cpu" in first and "409 KV blocks" in first, first
+    assert f"kv_cache_memory={8 << 20} bytes: 409 blocks" in first, first       # how the pool was sized
     auth = {"Authorization": "Bearer k3y"}
     with httpx.Client(base_url=url, timeout=60) as c:
         assert c.post("/v1/completions", json={"prompt": "Once", "max_tokens": 2}).status_code == 401

@@ -174,9 +174,12 @@ def test_vllm_counters_and_histograms_move(http, server, ref):
     assert delta(f"vllm:iteration_tokens_total_sum{{{M}}}") == delta(f"vllm:generation_tokens_total{{{M}}}") \
         + delta(f"vllm:prompt_tokens_total{{{M}}}")
     assert delta(f'rawpaged_http_responses_total{{{M},code="200"}}') == 2
-    assert one(after, f"rawpaged_kv_cache_total_blocks{{{M}}}") == 409
-    assert one(after, f"rawpaged_kv_cache_free_blocks{{{M}}}") == 409
-    assert one(after, f'vllm:cache_config_info{{{M},block_size="16",num_gpu_blocks="409"}}') == 1
+    # max_num_seqs=1: the pool is capped at one sequence of max_model_len (512 tokens), plus the watermark
+    blocks = server.state.engine.engine.cache_size.num_device_blocks
+    assert blocks == 33
+    assert one(after, f"rawpaged_kv_cache_total_blocks{{{M}}}") == blocks
+    assert one(after, f"rawpaged_kv_cache_free_blocks{{{M}}}") == blocks
+    assert one(after, f'vllm:cache_config_info{{{M},block_size="16",num_gpu_blocks="{blocks}"}}') == 1
     for name in ("vllm:num_preemptions_total", "rawpaged_num_requests_swapped", "rawpaged_engine_steps_total",
                  "rawpaged_kv_cache_waste_slots", "rawpaged_kv_cache_mean_waste_ratio"):
         assert select(after, f"{name}{{{M}}}"), name

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import numpy as np
@@ -20,6 +21,10 @@ logger = logging.getLogger("rawpaged")
 
 GiB = 1 << 30
 CPU_DEFAULT_KV_MEMORY = 1 * GiB
+# NOTE: a bound for models whose max_num_seqs x max_model_len is huge (long-context configs):
+# 2M tokens at block size 16, more than one H200 holds for any real model but the smallest, and
+# ~1 s and ~40 MB of host memory for the block manager's records.
+MAX_KV_BLOCKS = 1 << 17
 
 
 class LocalExecutor:
@@ -40,19 +45,46 @@ class LocalExecutor:
 
     # -- the KV cache ----------------------------------------------------------------------------
     def determine_cache_size(self, max_batched_tokens: int, max_model_len: int) -> CacheSize:
+        """Blocks of the device pool and of the swap pool, and why (the engine's startup line).
+
+        The device pool gets what the memory source allows (kv_cache_memory, the GPU profiling pass,
+        or the CPU default), but never more than the engine can use: max_num_seqs sequences of
+        max_model_len tokens (plus the watermark), at most MAX_KV_BLOCKS. The swap pool likewise.
+        """
         c = self.config
         bb = block_bytes(self.model_config, c.block_size, self.dtype)
         if c.kv_cache_memory is not None:
-            memory, why = c.kv_cache_memory, "kv_cache_memory"
+            memory, why = c.kv_cache_memory, f"kv_cache_memory={c.kv_cache_memory} bytes"
         elif self.device == "cuda":
-            memory = self._profile_kv_memory(min(max_batched_tokens, max_model_len))
-            why = f"gpu_memory_utilization={c.gpu_memory_utilization}"
+            memory, why = self._profile_kv_memory(min(max_batched_tokens, max_model_len))
         else:
-            memory, why = CPU_DEFAULT_KV_MEMORY, "the CPU default"
+            memory, why = CPU_DEFAULT_KV_MEMORY, f"the CPU default of {CPU_DEFAULT_KV_MEMORY / GiB:.0f} GiB"
         num_device = num_blocks_for(memory, self.model_config, c.block_size, self.dtype)
         if num_device < 1:
-            raise RawpagedError(f"kv_cache_memory={memory} bytes holds no KV block (one block is {bb} bytes)")
-        return CacheSize(num_device, int(c.swap_space * GiB // bb), why)
+            raise RawpagedError(f"{why} holds no KV block (one block is {bb} bytes)")
+        usable, usable_why = self._usable_blocks(max_model_len)
+        if num_device > usable:
+            num_device, why = usable, f"{usable_why} (memory allowed {num_device} blocks: {why})"
+        else:
+            why = f"{why}: {num_device} blocks"
+        num_cpu = min(int(c.swap_space * GiB // bb), usable)
+        return CacheSize(num_device, num_cpu, why)
+
+    def _usable_blocks(self, max_model_len: int) -> tuple[int, str]:
+        """The most blocks the engine can ever fill: max_num_seqs sequences of max_model_len tokens,
+        each rounded up to whole blocks, plus the watermark the block manager keeps free.
+
+        NOTE: without this bound a tiny model got the whole budget (0.9 x 141 GB is tens of millions
+        of blocks of a test model): a Python record per block in the block manager costs seconds
+        and gigabytes of host memory for slots no request can reach.
+        """
+        c = self.config
+        per_seq = -(-max_model_len // c.block_size)
+        want = math.ceil(c.max_num_seqs * per_seq / (1 - c.watermark))
+        if want > MAX_KV_BLOCKS:
+            return MAX_KV_BLOCKS, f"capped at MAX_KV_BLOCKS={MAX_KV_BLOCKS} blocks"
+        return want, (f"capped at {want} blocks: max_num_seqs={c.max_num_seqs} x max_model_len={max_model_len} "
+                      f"tokens + watermark {c.watermark}")
 
     def init_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
         self.cache = CacheEngine(self.model_config, self.backend, self.dtype, self.config.block_size,
@@ -79,24 +111,40 @@ class LocalExecutor:
         finally:
             notice.cancel()
 
-    def _profile_kv_memory(self, num_tokens: int) -> int:
-        """GPU: run the largest step once, then give the KV cache what the peak leaves of
-        gpu_memory_utilization * total memory (vLLM's profiling pass)."""
+    def _profile_kv_memory(self, num_tokens: int) -> tuple[int, str]:
+        """GPU: run the largest step once, then give the KV cache what gpu_memory_utilization * total
+        leaves after what is in use and the step's peak (vLLM's profiling pass).
+
+        Everything on the device counts against the fraction (this engine's weights, other engines'
+        arrays in this process, the CUDA context, other processes): the measure is taken from CuPy's
+        pool, not from the driver alone, because the pool keeps freed blocks. Read from the driver
+        only, a second engine in a process saw the first one's cached blocks as used (and got no
+        cache), and the pass's peak hid in whatever the pool had kept before it.
+        """
         b, c = self.backend, self.config
+        before = b.memory_snapshot(release=True)          # live arrays only: weights, other engines
         blocks = -(-num_tokens // c.block_size)
         scratch = CacheEngine(self.model_config, b, self.dtype, c.block_size, blocks, 0)
+        scratch_bytes = int(scratch.device_cache.nbytes)
         seq = Sequence(-1, [0] * num_tokens)
         self.runner.execute([ScheduledSeq(seq, num_tokens, list(range(blocks)), sample=True)], scratch.device_cache)
         b.synchronize()
+        after = b.memory_snapshot()                       # the pool held the pass's peak
         del scratch
-        peak = b.total_device_memory() - b.free_device_memory()
+        b.memory_snapshot(release=True)                   # and hands it back
+        activations = max(0, after.pool_held - before.pool_used - scratch_bytes)
+        in_use = before.pool_used + after.outside_pool
         # NOTE: the sampler holds fp32 logits for up to max_num_seqs rows at once.
         logits = 4 * self.model_config.vocab_size * c.max_num_seqs * 4
-        budget = int(b.total_device_memory() * c.gpu_memory_utilization) - peak - logits
+        allowed = int(after.total * c.gpu_memory_utilization)
+        budget = allowed - in_use - activations - logits
+        what = (f"gpu_memory_utilization={c.gpu_memory_utilization} of {_size(after.total)} = {_size(allowed)}, "
+                f"less {_size(before.pool_used)} of arrays (weights, other engines), {_size(after.outside_pool)} "
+                f"outside CuPy's pool (CUDA context, cuBLAS, other processes), {_size(activations)} activation "
+                f"peak, {_size(logits)} logits")
         if budget <= 0:
-            raise RawpagedError(f"no GPU memory left for the KV cache at gpu_memory_utilization="
-                                f"{c.gpu_memory_utilization} (weights and activations use {peak / GiB:.2f} GiB)")
-        return budget
+            raise RawpagedError(f"no GPU memory left for the KV cache: {what}")
+        return budget, what
 
     # -- one step --------------------------------------------------------------------------------
     def execute_model(self, out) -> ModelOutput | None:
@@ -110,3 +158,7 @@ class LocalExecutor:
         if not out.batch:
             return None
         return ModelOutput(*self.runner.execute(out.batch, cache.device_cache))
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if abs(nbytes) >= GiB // 10 else f"{nbytes / (1 << 20):.1f} MiB"

@@ -214,9 +214,10 @@ def run_server(args) -> int:
     setup_logging(logging.DEBUG if level == "trace" else getattr(logging, level.upper()), log_format)
     engine = LLMEngine(EngineConfig.from_cli_args(args))
     blocks = engine.cache_size.num_device_blocks
-    logger.info("rawpaged serve: model %s on %s (%s), %d KV blocks of %d tokens (%d token slots), "
+    logger.info("rawpaged serve: model %s on %s (%s), %d KV blocks of %d tokens (%d token slots; %s), "
                 "max_model_len %d", args.model, engine.device, np.dtype(engine.dtype).name, blocks,
-                engine.config.block_size, blocks * engine.config.block_size, engine.max_model_len)
+                engine.config.block_size, blocks * engine.config.block_size, engine.cache_size.why,
+                engine.max_model_len)
     config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key,
                           chat_template=load_chat_template(engine.tokenizer, args.chat_template),
                           drain_timeout_s=getattr(args, "drain_timeout", 30.0), limits=limits,

@@ -31,16 +31,18 @@ def nan_like(shape, dtype):
         else cp.empty(shape, dtype=dtype)
 
 
-def run_attention(q, kv, layer, tables, ctx, qsl, scale):
+def run_attention(q, kv, layer, tables, ctx, qsl, scale, sliding_window=None):
     qd, kvd = cuda.to_device(q), cuda.to_device(kv)
     out = nan_like(q.shape, qd.dtype)
     cuda.paged_attention(qd, kvd, layer, cp.asarray(tables), cp.asarray(ctx), cp.asarray(qsl), scale, out=out,
-                         max_query_len=int(np.diff(qsl).max()), max_seq_len=int(ctx.max()))
+                         max_query_len=int(np.diff(qsl).max()), max_seq_len=int(ctx.max()),
+                         sliding_window=sliding_window)
     return host(out)
 
 
-def reference(q, kv, layer, tables, ctx, qsl, scale):
-    return cpu.paged_attention(f32(q), f32(kv), layer, tables, ctx, qsl, np.float32(scale))
+def reference(q, kv, layer, tables, ctx, qsl, scale, sliding_window=None):
+    return cpu.paged_attention(f32(q), f32(kv), layer, tables, ctx, qsl, np.float32(scale),
+                               sliding_window=sliding_window)
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +88,26 @@ def test_varlen_prefill_mixed_batch(monkeypatch, dtype, head_dim, policy):
     got = run_attention(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("policy", ["auto", "varlen"])
+@pytest.mark.parametrize("split_k", ["never", "always"])
+def test_sliding_window(monkeypatch, dtype, policy, split_k):
+    """Mistral-style window: decode (with and without split-K partitions wholly before the window),
+    tensor-core and varlen prefill, chunks straddling the window's edge."""
+    monkeypatch.setattr(cuda, "prefill_policy", policy)
+    monkeypatch.setattr(cuda, "split_k_policy", split_k)
+    monkeypatch.setattr(cuda, "PARTITION_SIZE", 64)
+    rng = np.random.default_rng(11)
+    ctx = [300, 130, 97, 40, 1]
+    q_lens = [1, 130, 33, 1, 1]
+    for window in (8, 100):
+        q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, 128, 16, 8, 2, ctx, q_lens)
+        got = run_attention(q, kv, layer, tables, ctx_a, qsl, 0.088, sliding_window=window)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, 0.088, sliding_window=window),
+                                   **TOL[dtype])
 
 
 def test_attention_q_as_view_of_fused_qkv():
@@ -202,6 +224,7 @@ def test_activations(dtype):
     np.testing.assert_allclose(host(cuda.silu_and_mul(xd)), cpu.silu_and_mul(f32(x)), **tol)
     np.testing.assert_allclose(host(cuda.gelu(xd)), cpu.gelu(f32(x)), **tol)
     np.testing.assert_allclose(host(cuda.gelu_tanh(xd)), cpu.gelu_tanh(f32(x)), **tol)
+    np.testing.assert_allclose(host(cuda.gelu_tanh_and_mul(xd)), cpu.gelu_tanh_and_mul(f32(x)), **tol)
     np.testing.assert_array_equal(host(cuda.relu(xd)), cpu.relu(f32(x)))
 
 

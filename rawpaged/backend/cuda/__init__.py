@@ -42,9 +42,10 @@ from rawpaged.backend.cuda.dispatch import (SPLIT_K_MIN_WAVES, Launch, check_att
 from rawpaged.backend.cuda.kernels import (DECODE_FAST_HEAD_DIMS, DTYPE_TAGS, GROUP_TILES, MAX_HEAD_DIM, NUM_THREADS,
                                            NUM_WARPS, PACK, PREFILL_BM, PREFILL_BN, PREFILL_MMA_HEAD_DIMS,
                                            all_kernel_names)
-from rawpaged.backend.cuda.memory import (BFLOAT16, alloc_pinned, bfloat16_supported, free_device_memory,
-                                          record_event, resolve_dtype, swap_blocks, swap_stream, synchronize,
-                                          to_device, to_host, total_device_memory, wait_event)
+from rawpaged.backend.cuda.memory import (BFLOAT16, MemorySnapshot, alloc_pinned, bfloat16_supported,
+                                          free_device_memory, memory_snapshot, record_event, resolve_dtype,
+                                          swap_blocks, swap_stream, synchronize, to_device, to_host,
+                                          total_device_memory, wait_event)
 from rawpaged.backend.cuda.ops import (copy_blocks, fused_add_rms_norm, gelu, gelu_tanh, gelu_tanh_and_mul,
                                        layer_norm, paged_attention, relu, reshape_and_cache, rms_norm,
                                        rotary_embedding, silu_and_mul)

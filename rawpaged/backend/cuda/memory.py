@@ -5,6 +5,9 @@ op runs without them).
 """
 from __future__ import annotations
 
+import gc
+from dataclasses import dataclass
+
 import numpy as np
 
 from rawpaged.backend.cuda import launch
@@ -75,8 +78,7 @@ def wait_event(event):
 
 
 def free_device_memory() -> int:
-    """Bytes the driver reports free. CuPy's pool keeps freed blocks, so after a profiling forward
-    pass total - free is the peak the model needed (weights + activations + CUDA context)."""
+    """Bytes the driver reports free (CuPy's pool counts as used, also the blocks it keeps cached)."""
     return int(require_cupy().cuda.runtime.memGetInfo()[0])
 
 
@@ -121,3 +123,39 @@ def resolve_dtype(dtype, torch_dtype=None):
     """'auto' (from the checkpoint's torch_dtype), 'float16', 'bfloat16' or 'float32' -> a NumPy dtype."""
     name_ = resolve_dtype_name(dtype, torch_dtype, bf16_ok=bfloat16_supported())
     return BFLOAT16 if name_ == "bfloat16" else np.dtype(name_)
+
+
+# --------------------------------------------------------------------------------------------
+# What the device holds, for the KV cache's profiling pass (executor/local.py)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """Device memory as CuPy's default pool and the driver see it, in bytes.
+
+    NOTE: CuPy's pool keeps the blocks of freed arrays for reuse, so the driver counts them as used
+    until `free_all_blocks()`; `pool_held` only grows while nothing releases it, which makes it the
+    peak of `pool_used` over a stretch of work started right after a release.
+    """
+    total: int          # the device's memory
+    free: int           # what the driver reports free
+    pool_used: int      # bytes of live CuPy arrays in this process
+    pool_held: int      # bytes the pool holds: live arrays plus cached blocks of freed ones
+
+    @property
+    def outside_pool(self) -> int:
+        """Used but not through the pool: the CUDA context, loaded modules, cuBLAS workspaces, other processes."""
+        return max(0, self.total - self.free - self.pool_held)
+
+
+def memory_snapshot(release: bool = False) -> MemorySnapshot:
+    """The device's memory now. release=True first collects garbage (an engine dropped inside a
+    reference cycle still holds its arrays until the collector runs) and hands the pool's cached
+    blocks back to the driver, so what is counted is what live arrays hold."""
+    cp = require_cupy()
+    pool = cp.get_default_memory_pool()
+    if release:
+        gc.collect()
+        synchronize()
+        pool.free_all_blocks()
+    free, total = cp.cuda.runtime.memGetInfo()
+    return MemorySnapshot(int(total), int(free), int(pool.used_bytes()), int(pool.total_bytes()))

@@ -1,4 +1,4 @@
-"""The `rawpaged` command: generate, convert, serve.
+"""The `rawpaged` command: generate, convert, serve, repro.
 
 Errors a user can cause print one line (`rawpaged: error: ...`) and exit non-zero, no traceback.
 """
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None)
     srv.add_argument("--chat-template", default=None, help="Jinja chat template file")
     srv.add_argument("--log-level", default="info")
+
+    rep = sub.add_parser("repro", help="re-run the PagedAttention paper's experiments (simulated and real), "
+                                       "write CSVs, PNGs and REPORT.md")
+    from rawpaged.repro.cli import add_arguments as add_repro_arguments
+    add_repro_arguments(rep)
     return parser
 
 
@@ -114,6 +119,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return run_server(a)
 
 
+def cmd_repro(a: argparse.Namespace) -> int:
+    from rawpaged.repro.cli import run
+    return run(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -122,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise RawpagedError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
             args.model = args.model_tag
         use_demo_model_if_unset(args)    # hub.py: no --model means the packaged demo model, said on stderr
-        return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve,
+                "repro": cmd_repro}[args.command](args)
     except RawpagedError as e:
         print(f"rawpaged: error: {e}", file=sys.stderr)
         return 1

@@ -19,7 +19,8 @@ import numpy as np
 from rawpaged.repro import plots
 from rawpaged.repro.costmodel import CostModel, StepShape
 from rawpaged.repro.figure import Figure
-from rawpaged.repro.runner import Point, run_points, sim_setup
+from rawpaged.errors import RawpagedError
+from rawpaged.repro.runner import Point, engine_options, run_points, sim_setup
 
 ORCA = ("orca-oracle", "orca-pow2", "orca-max")
 CONTINUOUS = ("rawpaged",) + ORCA
@@ -28,6 +29,14 @@ LABEL = {"rawpaged": "rawpaged (vLLM)", "orca-oracle": "Orca (Oracle)", "orca-po
          "orca-max": "Orca (Max)", "static": "static (FasterTransformer)"}
 GRID = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)          # fractions of rawpaged's saturated throughput
 QUICK_GRID = (0.15, 0.35, 0.55, 0.75, 0.95)
+
+
+def available(system: str) -> bool:
+    try:
+        engine_options(system, simulated=True, prefix=False)
+        return True
+    except RawpagedError:
+        return False
 
 
 @dataclass
@@ -49,6 +58,14 @@ class Context:
             rows = run_points(todo, self.data_dir, jobs=self.jobs, progress=tick, hardware=self.hardware)
             self.cache.update(zip(todo, rows))
         return [self.cache[p] for p in points]
+
+    def systems(self, names, fig: Figure | None = None) -> tuple:
+        """The systems this build can run (the Orca baselines may be absent); the rest noted in `fig`."""
+        ok = tuple(s for s in names if available(s))
+        missing = [s for s in names if s not in ok]
+        if missing and fig is not None:
+            fig.notes.append("Not run (this build of rawpaged lacks them): " + ", ".join(LABEL[s] for s in missing) + ".")
+        return ok
 
     def requests(self, workload: str, full: int) -> int:
         return max(60, full // 2) if self.quick else full
@@ -112,7 +129,10 @@ def _series(rows, key_x="rate", key_y="normalized_latency", by="system"):
     return out
 
 
-def _ratio(a: float, b: float) -> float:
+def _div(a: float | None, b: float | None) -> float | None:
+    """a / b; None when either is missing (a system not run), inf when b is 0."""
+    if a is None or b is None:
+        return None
     return a / b if b else math.inf
 
 
@@ -125,20 +145,21 @@ def fig13(ctx: Context) -> Figure:
              "alpaca": {"orca-max": 7.00, "orca-pow2": 43.24, "orca-oracle": 72.75, "rawpaged": 132.44}}
     rates = {"sharegpt": 2.0, "alpaca": 30.0}
     n = {"sharegpt": ctx.requests("sharegpt", 500), "alpaca": ctx.requests("alpaca", 1500)}
-    points = [Point("fig13", "opt-13b", s, w, n[w], rates[w]) for w in rates for s in CONTINUOUS]
+    systems = ctx.systems(CONTINUOUS, fig)
+    points = [Point("fig13", "opt-13b", s, w, n[w], rates[w]) for w in rates for s in systems]
     rows = ctx.run(points, "fig13")
     fig.rows = rows
     got = {(r["workload"], r["system"]): r["batched_requests"] for r in rows}
     for w in rates:
         for s in CONTINUOUS:
-            fig.compare(f"{w} @ {rates[w]:g} req/s, {LABEL[s]}", paper[w][s], got[(w, s)], "requests")
+            fig.compare(f"{w} @ {rates[w]:g} req/s, {LABEL[s]}", paper[w][s], got.get((w, s)), "requests")
         for s in ("orca-oracle", "orca-max"):
             fig.compare(f"{w}: rawpaged / {LABEL[s]}", round(paper[w]["rawpaged"] / paper[w][s], 2),
-                        got[(w, "rawpaged")] / got[(w, s)], "x")
+                        _div(got.get((w, "rawpaged")), got.get((w, s))), "x")
     fig.write_csv(ctx.out)
     plots.bar_panels(ctx.out / "fig13.png", [
         plots.Bars(f"{w} @ {rates[w]:g} req/s", "batched requests", [LABEL[s] for s in CONTINUOUS],
-                   {"ours": [got[(w, s)] for s in CONTINUOUS], "paper": [paper[w][s] for s in CONTINUOUS]})
+                   {"ours": [got.get((w, s)) for s in CONTINUOUS], "paper": [paper[w][s] for s in CONTINUOUS]})
         for w in rates])
     fig.files.append("fig13.png")
     return fig
@@ -149,11 +170,14 @@ def fig2(ctx: Context) -> Figure:
     fig = Figure("fig2", "Fig. 2: KV cache memory holding real tokens (OPT-13B, ShareGPT, 2 req/s)", ctx.source())
     paper = {"orca-max": 20.4, "orca-pow2": 26.8, "orca-oracle": 38.2, "rawpaged": 96.3}
     n = ctx.requests("sharegpt", 500)
-    rows = ctx.run([Point("fig13", "opt-13b", s, "sharegpt", n, 2.0) for s in CONTINUOUS], "fig2")
+    rows = ctx.run([Point("fig13", "opt-13b", s, "sharegpt", n, 2.0) for s in ctx.systems(CONTINUOUS, fig)], "fig2")
     parts = ("mem_real", "mem_reserved", "mem_internal", "mem_external")
     fig.rows = [{"system": r["system"], **{k: 100 * r[k] for k in parts}} for r in rows]
     for r in fig.rows:
         fig.compare(f"{LABEL[r['system']]}: real tokens", paper[r["system"]], r["mem_real"], "% of KV memory in use")
+    for s in CONTINUOUS:
+        if not available(s):
+            fig.compare(f"{LABEL[s]}: real tokens", paper[s], None, "% of KV memory in use")
     fig.notes.append("Shares of the KV slots in use (every slot but the free ones), averaged over time; "
                      "the paper's bars are shares of the KV memory during the same experiment.")
     fig.write_csv(ctx.out)
@@ -171,16 +195,17 @@ def fig12(ctx: Context) -> Figure:
     """Normalized latency vs request rate, OPT-13B/66B/175B x ShareGPT/Alpaca, every system."""
     fig = Figure("fig12", "Fig. 12: normalized latency vs request rate (basic sampling)", ctx.source())
     panels = []
+    systems = ctx.systems(ALL_SYSTEMS, fig)
     for workload in ("sharegpt", "alpaca"):
         for model in ("opt-13b", "opt-66b", "opt-175b"):
-            rows, sustained, thr = latency_sweep(ctx, "fig12", model, workload, ALL_SYSTEMS)
+            rows, sustained, thr = latency_sweep(ctx, "fig12", model, workload, systems)
             fig.rows += rows
-            for s in ALL_SYSTEMS:
+            for s in systems:
                 fig.rows.append({"figure": "fig12-sustained", "model": model, "workload": workload, "system": s,
                                  "sustained_rate": sustained[s], "threshold_s_per_token": thr})
-            vs_oracle = _ratio(sustained["rawpaged"], sustained["orca-oracle"])
-            vs_max = _ratio(sustained["rawpaged"], sustained["orca-max"])
-            vs_static = _ratio(sustained["rawpaged"], sustained["static"])
+            vs_oracle = _div(sustained["rawpaged"], sustained.get("orca-oracle"))
+            vs_max = _div(sustained["rawpaged"], sustained.get("orca-max"))
+            vs_static = _div(sustained["rawpaged"], sustained.get("static"))
             if workload == "sharegpt":
                 fig.compare(f"{model} sharegpt: sustained rate rawpaged / Orca (Oracle)", "1.7-2.7", vs_oracle, "x")
                 fig.compare(f"{model} sharegpt: sustained rate rawpaged / Orca (Max)", "2.7-8", vs_max, "x")
@@ -210,11 +235,12 @@ def fig14_15(ctx: Context) -> list[Figure]:
     for kind in ("n", "beam"):
         for k in (2, 4, 6):
             kw = {"n": k} if kind == "n" else {"beam_width": k}
-            rows, sustained, thr = latency_sweep(ctx, "fig14", "opt-13b", "alpaca", ("rawpaged", "orca-oracle"),
-                                                 measure_sharing=True, **kw)
+            rows, sustained, thr = latency_sweep(ctx, "fig14", "opt-13b", "alpaca",
+                                                 ctx.systems(("rawpaged", "orca-oracle"), f14 if k == 2 and kind == "n"
+                                                             else None), measure_sharing=True, **kw)
             f14.rows += rows
             f14.compare(f"{kind}={k}: sustained rate rawpaged / Orca (Oracle)", None,
-                        _ratio(sustained["rawpaged"], sustained["orca-oracle"]), "x")
+                        _div(sustained["rawpaged"], sustained.get("orca-oracle")), "x")
             mine = sorted((r for r in rows if r["system"] == "rawpaged"), key=lambda r: r["rate"])
             mid = mine[len(mine) // 2]
             saving = 100 * mid["sharing_saving"]
@@ -246,10 +272,10 @@ def fig16(ctx: Context) -> Figure:
     panels = []
     for prefix in ("one-shot", "five-shot"):
         rows, sustained, thr = latency_sweep(ctx, "fig16", "llama-13b", f"translate-{prefix}",
-                                             ("rawpaged", "orca-oracle"))
+                                             ctx.systems(("rawpaged", "orca-oracle"), fig if prefix == "one-shot" else None))
         fig.rows += rows
         fig.compare(f"{prefix}: sustained rate rawpaged / Orca (Oracle)", paper[prefix],
-                    _ratio(sustained["rawpaged"], sustained["orca-oracle"]), "x")
+                    _div(sustained["rawpaged"], sustained.get("orca-oracle")), "x")
         panels.append(plots.Panel(f"{prefix} prefix", "request rate (req/s)", "normalized latency (s/token)",
                                   _series(rows), ylim=(0, max(6 * thr, 0.1))))
     fig.notes.append("rawpaged shares the prefix through its prefix cache (computed once, blocks shared); "
@@ -263,10 +289,10 @@ def fig16(ctx: Context) -> Figure:
 def fig17(ctx: Context) -> Figure:
     """Chatbot: ShareGPT conversations, prompt = last 1024 tokens, output <= 1024 (OPT-13B)."""
     fig = Figure("fig17", "Fig. 17: chatbot workload (OPT-13B)", ctx.source())
-    rows, sustained, thr = latency_sweep(ctx, "fig17", "opt-13b", "chatbot", CONTINUOUS)
+    rows, sustained, thr = latency_sweep(ctx, "fig17", "opt-13b", "chatbot", ctx.systems(CONTINUOUS, fig))
     fig.rows = rows
     for s in ORCA:
-        fig.compare(f"sustained rate rawpaged / {LABEL[s]}", 2.0, _ratio(sustained["rawpaged"], sustained[s]), "x")
+        fig.compare(f"sustained rate rawpaged / {LABEL[s]}", 2.0, _div(sustained["rawpaged"], sustained.get(s)), "x")
     fig.write_csv(ctx.out)
     plots.line_panels(ctx.out / "fig17.png", [plots.Panel("chatbot", "request rate (req/s)",
                                                           "normalized latency (s/token)", _series(rows),

@@ -59,6 +59,7 @@ class Point:
     mode: str = "sim"            # sim | real
     scale: int = 1               # real mode: lengths, max_len and KV slots / scale
     measure_sharing: bool = False
+    device: str = "cpu"          # real mode: the backend
 
     def label(self) -> str:
         rate = "inf" if math.isinf(self.rate) else f"{self.rate:g}"
@@ -123,9 +124,11 @@ def make_engine(p: Point, *, hardware: str | None = None, real_model_dir: Path |
         raise RawpagedError("a real-mode point needs a model directory and a KV budget")
     from rawpaged.config import ModelConfig
     mc = ModelConfig.from_dir(real_model_dir)
-    per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 4          # float32 on the CPU
+    dtype_bytes = 4 if p.device == "cpu" else 2            # float32 on the CPU, float16 on a GPU
+    per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * dtype_bytes
     max_len = min(mc.max_model_len, 2048 // p.scale)
-    opts.update(model=str(real_model_dir), device="cpu", dtype="float32", kv_cache_memory=real_kv_slots * per_token,
+    opts.update(model=str(real_model_dir), device=p.device, dtype="float32" if p.device == "cpu" else "float16",
+                kv_cache_memory=real_kv_slots * per_token,
                 max_model_len=max_len, swap_space=opts["swap_space"] / 64,
                 max_num_batched_tokens=max(PAPER_ENGINE["max_num_batched_tokens"] // p.scale, max_len))
     return LLMEngine(EngineConfig(**opts))
@@ -158,8 +161,37 @@ def summarize(p: Point, r: RunResult, **extra) -> dict:
     return row
 
 
+def limit_blas_threads(n: int = 1) -> None:
+    """One OpenBLAS thread for real-mode runs, unless OPENBLAS_NUM_THREADS says otherwise.
+
+    NOTE: on this shared 2-core machine a multi-threaded OpenBLAS made the small model's decode step
+    20x slower (its threads wait on descheduled threads); one thread measures the engine, not the
+    contention. NumPy has loaded OpenBLAS by now, so the limit is set through its own entry point.
+    """
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+    except OSError:
+        return
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_",
+                     "scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            if hasattr(lib, name):
+                getattr(lib, name)(ctypes.c_int(n))
+                break
+
+
 def run_point(p: Point, data_dir: str | Path, hardware: str | None = None,
               real_model_dir: str | Path | None = None, real_kv_slots: int | None = None) -> dict:
+    if p.mode == "real":
+        limit_blas_threads(1)
     engine = make_engine(p, hardware=hardware, real_model_dir=real_model_dir and Path(real_model_dir),
                          real_kv_slots=real_kv_slots)
     wl = workload_for(p, Path(data_dir), engine.max_model_len)
@@ -174,7 +206,10 @@ def _run_packed(args):
 
 
 def run_points(points: list[Point], data_dir: Path, *, jobs: int = 1, progress=None, **kwargs) -> list[dict]:
-    """Every point's row, in the order given; `progress(done, total, point)` after each."""
+    """Every point's row, in the order given; `progress(done, total, point)` after each.
+
+    Real-mode points limit BLAS to one thread (limit_blas_threads).
+    """
     rows: list[dict | None] = [None] * len(points)
     kwargs = dict(kwargs, data_dir=data_dir)
     if jobs <= 1 or len(points) == 1:

@@ -59,6 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None)
     srv.add_argument("--chat-template", default=None, help="Jinja chat template file")
     srv.add_argument("--log-level", default="info")
+    srv.add_argument("--log-format", default="text", choices=["text", "json"],
+                     help="json: one JSON object per line, for log shippers")
+    srv.add_argument("--log-stats-interval", type=float, default=5.0, metavar="S",
+                     help="seconds between engine log lines while busy (0: none)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                     help="at SIGTERM, seconds the requests in flight get to finish")
+    lim = srv.add_argument_group("limits (docs/server.md)")
+    lim.add_argument("--max-body-bytes", type=int, default=None, help="request body size (default 16 MiB): 413")
+    lim.add_argument("--max-prompt-chars", type=int, default=None,
+                     help="characters per prompt, checked before tokenizing (default 32 x max_model_len)")
+    lim.add_argument("--body-timeout", type=float, default=None, metavar="S",
+                     help="seconds for a request body to arrive (default 60): 408")
+    lim.add_argument("--header-timeout", type=float, default=None, metavar="S",
+                     help="seconds for a request's headers to arrive (default 10): connection closed")
+    lim.add_argument("--timeout-keep-alive", type=int, default=None, metavar="S",
+                     help="seconds an idle keep-alive connection stays open (default 5)")
+    lim.add_argument("--max-header-bytes", type=int, default=None, help="request head size (default 16 KiB): 400")
+    lim.add_argument("--limit-concurrency", type=int, default=None,
+                     help="connections + requests before new requests get 503 (default: from the open-file limit)")
 
     rep = sub.add_parser("repro", help="re-run the PagedAttention paper's experiments (simulated and real), "
                                        "write CSVs, PNGs and REPORT.md")

@@ -1,7 +1,34 @@
-"""SamplingParams: how one request turns logits into tokens, and when it stops."""
+"""SamplingParams: how one request turns logits into tokens, and when it stops.
+
+`SamplingParams.__post_init__` runs the ONE validator of sampling fields: the offline API
+(`LLM.generate`) and the OpenAI server both build SamplingParams from what the user gave, so
+both refuse the same values with the same one-line message. The server passes the JSON values
+through untouched (a JSON `"n": "2"` reaches this validator as the string "2"), which is why the
+validator checks types too, not only ranges.
+
+Every refusal is a SamplingParamsError (a ValueError) whose `param` names the field; its message
+begins with that name ("temperature must be a finite number, got nan").
+"""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
+
+MAX_N = 128                 # n and best_of (a request of 10^6 samples is a mistake, not a workload)
+MAX_LOGPROBS = 20           # logprobs / prompt_logprobs, as vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 100.0      # OpenAI: bias values in [-100, 100]
+MAX_SEED = 2**64 - 1        # NumPy's SeedSequence takes non-negative integers; we keep them 64-bit
+MAX_STOP_STRINGS = 64       # every stop string is searched for after every token
+_MAX_SHOWN = 40             # characters of a refused value quoted in a message
+
+
+class SamplingParamsError(ValueError):
+    """A refused sampling field; `param` is its name (the server's error `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -30,52 +57,147 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        if self.best_of is None:
-            self.best_of = self.n
-        if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-        self._verify()
+        validate(self)
 
-    def _verify(self) -> None:
-        def bad(msg: str):
-            raise ValueError(msg)
 
-        if self.n < 1:
-            bad(f"n must be at least 1, got {self.n}")
-        if self.best_of < self.n:
-            bad(f"best_of must be >= n, got best_of={self.best_of} n={self.n}")
-        if self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            bad(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
-        if not 0.0 <= self.min_p <= 1.0:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            bad(f"logprobs must be >= 0, got {self.logprobs}")
-        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            bad(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
-        if self.use_beam_search:
-            if self.best_of < 2:
-                bad("beam search needs best_of (beam width) >= 2")
-            if self.temperature > 0:
-                bad("beam search needs temperature=0")
-        if self.early_stopping not in (True, False, "never"):
-            bad(f"early_stopping must be true, false or 'never', got {self.early_stopping!r}")
+# -- the validator ----------------------------------------------------------------------------
+def validate(p: SamplingParams) -> None:
+    """Check every field and normalize it in place (2.0 -> 2 for counts, 1 -> 1.0 for floats, a
+    stop string -> [it], logit_bias keys "5" -> 5); SamplingParamsError on the first bad one."""
+    p.n = _int("n", p.n, lo=1, hi=MAX_N)
+    p.best_of = p.n if p.best_of is None else _int("best_of", p.best_of, lo=1, hi=MAX_N)
+    if p.best_of < p.n:
+        raise SamplingParamsError("best_of", f"best_of must be >= n, got best_of={p.best_of} n={p.n}")
+    p.presence_penalty = _float("presence_penalty", p.presence_penalty, lo=-2.0, hi=2.0)
+    p.frequency_penalty = _float("frequency_penalty", p.frequency_penalty, lo=-2.0, hi=2.0)
+    p.repetition_penalty = _float("repetition_penalty", p.repetition_penalty)
+    if p.repetition_penalty <= 0:
+        raise SamplingParamsError("repetition_penalty", f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+    p.temperature = _float("temperature", p.temperature, lo=0.0)
+    p.top_p = _float("top_p", p.top_p)
+    if not 0.0 < p.top_p <= 1.0:
+        raise SamplingParamsError("top_p", f"top_p must be in (0, 1], got {p.top_p}")
+    p.top_k = _int("top_k", p.top_k)
+    if p.top_k < -1:
+        raise SamplingParamsError("top_k", f"top_k must be -1 or 0 (disabled) or >= 1, got {_shown(p.top_k)}")
+    p.min_p = _float("min_p", p.min_p, lo=0.0, hi=1.0)
+    p.seed = None if p.seed is None else _int("seed", p.seed, lo=0, hi=MAX_SEED)
+    p.use_beam_search = _bool("use_beam_search", p.use_beam_search)
+    p.length_penalty = _float("length_penalty", p.length_penalty)
+    if not (isinstance(p.early_stopping, bool) or p.early_stopping == "never"):
+        raise SamplingParamsError("early_stopping", f"early_stopping must be true, false or 'never', "
+                                                    f"got {_shown(p.early_stopping)}")
+    p.stop = _stop_strings(p.stop)
+    p.stop_token_ids = _token_ids("stop_token_ids", p.stop_token_ids)
+    p.include_stop_str_in_output = _bool("include_stop_str_in_output", p.include_stop_str_in_output)
+    p.ignore_eos = _bool("ignore_eos", p.ignore_eos)
+    p.max_tokens = None if p.max_tokens is None else _int("max_tokens", p.max_tokens, lo=1)
+    p.logprobs = None if p.logprobs is None else _int("logprobs", p.logprobs, lo=0, hi=MAX_LOGPROBS)
+    p.prompt_logprobs = None if p.prompt_logprobs is None else \
+        _int("prompt_logprobs", p.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
+    p.skip_special_tokens = _bool("skip_special_tokens", p.skip_special_tokens)
+    p.logit_bias = _logit_bias(p.logit_bias)
+    if p.use_beam_search:
+        if p.best_of < 2:
+            raise SamplingParamsError("best_of", "beam search needs best_of (beam width) >= 2")
+        if p.temperature > 0:
+            raise SamplingParamsError("temperature", "beam search needs temperature=0")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 and not self.use_beam_search
+
+def _shown(value) -> str:
+    """A refused value as quoted in a message: its repr, cut short (a 4000-digit int stays one line)."""
+    r = repr(value)
+    return r if len(r) <= _MAX_SHOWN else r[:_MAX_SHOWN - 3] + "..."
+
+
+def _wrong(name: str, want: str, value) -> SamplingParamsError:
+    return SamplingParamsError(name, f"{name} must be {want}, got {_shown(value)}")
+
+
+def _range(name: str, v, lo, hi) -> None:
+    if lo is not None and v < lo:
+        raise SamplingParamsError(name, f"{name} must be >= {lo}, got {_shown(v)}")
+    if hi is not None and v > hi:
+        raise SamplingParamsError(name, f"{name} must be <= {hi}, got {_shown(v)}")
+
+
+def _int(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
+    # NOTE: bool is a subclass of int in Python, but `true` is not a count; 2.0 is (JSON writers
+    # in some languages cannot tell 2 from 2.0).
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _wrong(name, "an integer", v)
+    _range(name, v, lo, hi)
+    return int(v)
+
+
+def _float(name: str, v, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _wrong(name, "a finite number", v)
+    try:
+        v = float(v)
+    except OverflowError:            # an int beyond the float range
+        raise _wrong(name, "a finite number", v) from None
+    if not math.isfinite(v):
+        raise _wrong(name, "a finite number", v)
+    _range(name, v, lo, hi)
+    return v
+
+
+def _bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise _wrong(name, "true or false", v)
+    return v
+
+
+def _stop_strings(stop) -> list[str]:
+    items = [stop] if isinstance(stop, str) else stop
+    if items is None:
+        return []
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise _wrong("stop", "a string or a list of strings", stop)
+    if any(s == "" for s in items):
+        # NOTE: an empty stop string matches at once: the request would stop after one token.
+        raise SamplingParamsError("stop", "stop strings must not be empty")
+    if len(items) > MAX_STOP_STRINGS:
+        raise SamplingParamsError("stop", f"stop must have at most {MAX_STOP_STRINGS} strings, got {len(items)}")
+    return list(items)
+
+
+def _token_ids(name: str, ids) -> list[int]:
+    if ids is None:
+        return []
+    if not isinstance(ids, (list, tuple)):
+        raise _wrong(name, "a list of token ids", ids)
+    out = []
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise _wrong(name, "a list of token ids (integers >= 0)", ids)
+        out.append(int(t))
+    return out
+
+
+_DECIMAL = re.compile(r"-?[0-9]{1,20}")
+
+
+def _logit_bias(bias) -> dict[int, float] | None:
+    """{token id (an int, or its decimal string as JSON keys are): bias in [-100, 100]}; {} is None."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise _wrong("logit_bias", "an object mapping token ids to biases", bias)
+    out = {}
+    for key, value in bias.items():
+        tid = int(key) if isinstance(key, str) and _DECIMAL.fullmatch(key) else key
+        if isinstance(tid, bool) or not isinstance(tid, int):
+            raise SamplingParamsError("logit_bias", f"logit_bias keys must be token ids, got {_shown(key)}")
+        where = f"logit_bias[{_shown(key)}]"
+        try:
+            v = _float(where, value)
+        except SamplingParamsError as e:
+            raise SamplingParamsError("logit_bias", str(e)) from None
+        if not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+            raise SamplingParamsError("logit_bias", f"{where} must be in [-100, 100], got {_shown(value)}")
+        out[tid] = v
+    return out or None

@@ -507,39 +507,42 @@ def _metrics(http) -> dict:
 
 
 def test_metrics_parse_and_move(http, server):
+    """vLLM's names (docs/server.md); tests/test_server_ecosystem.py checks every one of them."""
     pytest.importorskip("prometheus_client")
+    model = (("model_name", "stories260k"),)
     m0 = _metrics(http)
     r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 7, "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200
     m1 = _metrics(http)
 
     def delta(name, **labels):
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted({**dict(model), **labels}.items())))
         return m1[key] - m0.get(key, 0)
 
-    assert delta("rawpaged_generation_tokens_total") == 7
-    assert delta("rawpaged_prompt_tokens_total") >= 1
-    assert delta("rawpaged_requests_total", outcome="finished") == 1
-    assert delta("rawpaged_time_to_first_token_seconds_count") == 1
-    assert delta("rawpaged_e2e_request_latency_seconds_count") == 1
-    assert delta("rawpaged_time_per_output_token_seconds_count") == 1
-    assert delta("rawpaged_e2e_request_latency_seconds_bucket", le="+Inf") == 1
-    assert delta("rawpaged_time_to_first_token_seconds_sum") > 0
+    assert delta("vllm:generation_tokens_total") == 7
+    assert delta("vllm:prompt_tokens_total") >= 1
+    assert delta("vllm:request_success_total", finished_reason="length") == 1
+    assert delta("vllm:time_to_first_token_seconds_count") == 1
+    assert delta("vllm:e2e_request_latency_seconds_count") == 1
+    assert delta("vllm:request_time_per_output_token_seconds_count") == 1
+    assert delta("vllm:inter_token_latency_seconds_count") == 6
+    assert delta("vllm:e2e_request_latency_seconds_bucket", le="+Inf") == 1
+    assert delta("vllm:time_to_first_token_seconds_sum") > 0
     assert delta("rawpaged_http_responses_total", code="200") >= 1
-    assert m1[("rawpaged_kv_cache_total_blocks", ())] == 409
-    assert m1[("rawpaged_kv_cache_free_blocks", ())] == 409
-    for name in ("rawpaged_num_sequences_running", "rawpaged_num_requests_waiting", "rawpaged_num_requests_swapped",
-                 "rawpaged_kv_cache_usage_ratio", "rawpaged_prefix_cache_hit_rate"):
-        assert (name, ()) in m1
+    assert m1[("rawpaged_kv_cache_total_blocks", model)] == 409
+    assert m1[("rawpaged_kv_cache_free_blocks", model)] == 409
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "rawpaged_num_requests_swapped",
+                 "vllm:kv_cache_usage_perc", "vllm:num_preemptions_total"):
+        assert (name, model) in m1
     for mode in ("recompute", "swap"):
-        assert ("rawpaged_num_preemptions_total", (("mode", mode),)) in m1
+        assert ("rawpaged_num_preemptions_total", (("mode", mode),) + model) in m1
     # the prompt repeats: its full blocks come from the prefix cache the second time
     long_prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
     for _ in range(2):
         http.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 2})
     m2 = _metrics(http)
-    assert m2[("rawpaged_prefix_cache_hits_total", ())] > m1[("rawpaged_prefix_cache_hits_total", ())]
-    assert 0 < m2[("rawpaged_prefix_cache_hit_rate", ())] <= 1
+    assert m2[("vllm:prefix_cache_hits_total", model)] > m1[("vllm:prefix_cache_hits_total", model)]
+    assert m2[("vllm:prefix_cache_hits_total", model)] <= m2[("vllm:prefix_cache_queries_total", model)]
 
 
 # -- shutdown -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -26,10 +27,15 @@ TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfo
 class Served:
     """A `rawpaged serve` subprocess; its merged stdout/stderr lines are collected on a thread."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, max_open_files: int | None = None):
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+        def limit_files():                  # soft and hard: the server cannot raise it
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
         self.proc = subprocess.Popen([sys.executable, "-m", "rawpaged.cli", "serve", *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     preexec_fn=limit_files if max_open_files else None)
         self.lines: list[str] = []
         self.url: str | None = None
         self._ready = threading.Event()
@@ -66,8 +72,8 @@ class Served:
 def serve():
     started: list[Served] = []
 
-    def start(*args: str) -> Served:
-        s = Served(*args)
+    def start(*args: str, **kw) -> Served:
+        s = Served(*args, **kw)
         started.append(s)
         return s
 
@@ -143,3 +149,63 @@ def test_serve_user_errors_are_one_line(serve, stories260k_dir, tmp_path):
         assert bad_tpl.lines[-1].startswith("rawpaged: error: chat template file not found"), bad_tpl.lines
     finally:
         busy.close()
+
+
+def test_serve_json_logs_one_line_per_request(serve, stories260k_dir):
+    srv = serve("--model", str(stories260k_dir), "--device", "cpu", "--kv-cache-memory", str(8 << 20),
+                "--port", "0", "--log-format", "json", "--log-stats-interval", "0.2")
+    url = srv.wait_ready()
+    with httpx.Client(base_url=url, timeout=60) as c:
+        ok = c.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True})
+        with c.stream("POST", "/v1/completions", json={"prompt": "Once", "max_tokens": 5, "stream": True}) as resp:
+            list(resp.iter_lines())
+            streamed = resp.headers["x-request-id"]
+        bad = c.post("/v1/completions", json={"prompt": "Once", "top_p": 0})
+        junk = c.post("/v1/completions", content=b"{not json")
+        assert c.get("/health").status_code == 200
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.exit_status(30) == 0
+    records = [json.loads(line) for line in srv.lines]            # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    requests = [r for r in records if r["logger"] == "rawpaged.server.requests"]
+    ids = [ok.json()["id"], streamed, bad.headers["x-request-id"], junk.headers["x-request-id"]]
+    assert sorted(r["request_id"] for r in requests) == sorted(ids)           # one line each, nothing else
+    by_id = {r["request_id"]: r for r in requests}
+    assert by_id[ids[0]]["status"] == 200 and by_id[ids[0]]["completion_tokens"] == 200
+    assert by_id[ids[0]]["prompt_tokens"] == 5 and by_id[ids[0]]["ttft_s"] >= 0 and by_id[ids[0]]["total_s"] > 0
+    assert by_id[ids[1]]["completion_tokens"] == 5 and "error" not in by_id[ids[1]]
+    assert by_id[ids[2]]["status"] == 400 and by_id[ids[2]]["error"] == "top_p must be in (0, 1], got 0.0"
+    assert by_id[ids[3]]["status"] == 400 and "not valid JSON" in by_id[ids[3]]["error"]
+    engine = [r for r in records if r["message"].startswith("engine: ")]
+    assert engine and any(r["generation_tokens_per_s"] > 0 for r in engine)
+    assert any("running on http://" in r["message"] for r in records)
+
+
+def test_serve_accept_errors_at_the_fd_limit_do_not_flood(serve, stories260k_dir):
+    """At its open-file limit the server fails accept() in a loop; asyncio logged every failure with
+    a traceback (thousands of lines a second). Now: the first, then at most one a minute."""
+    srv = serve("--model", str(stories260k_dir), "--device", "cpu", "--kv-cache-memory", str(1 << 20),
+                "--port", "0", max_open_files=100)
+    url = srv.wait_ready()
+    host, port = url.removeprefix("http://").split(":")
+    clients = []
+    try:
+        for _ in range(150):                          # more connections than the server has descriptors
+            clients.append(socket.create_connection((host, int(port)), timeout=5))
+        time.sleep(2.5)
+    finally:
+        for c in clients:
+            c.close()
+    deadline = time.monotonic() + 20
+    while True:                                       # the server recovers once the clients are gone
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, srv.lines[-20:]
+        time.sleep(0.2)
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.exit_status(30) == 0
+    failures = [line for line in srv.lines if "socket.accept() out of system resource" in line]
+    assert 1 <= len(failures) <= 2, len(failures)

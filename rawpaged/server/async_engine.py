@@ -9,8 +9,10 @@
 
 The engine is not thread-safe, so every engine call happens on the engine thread; the event loop
 only queues commands. While no request runs, the thread blocks on the command queue (no busy
-loop). After each iteration it publishes a snapshot of the engine statistics, which /metrics
-and the tests read without touching the engine.
+loop). After each iteration it publishes a snapshot of the engine statistics, which /metrics,
+the periodic log line and the tests read without touching the engine. An observer (the server's
+metrics) hears of every accepted request, every iteration (with its start and end times) and
+every abort, on the engine thread.
 
 NOTE: RequestOutputs are cumulative (full text and tokens so far), so a stream keeps only the
 newest one: a slow client skips intermediate states and still loses nothing.
@@ -24,7 +26,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Protocol
 
 from rawpaged.outputs import CompletionOutput, RequestOutput
 from rawpaged.sampling_params import SamplingParams
@@ -93,10 +95,20 @@ class RequestStream:
         return out
 
 
+class Observer(Protocol):
+    """Called on the engine thread (the server's metrics implement it)."""
+
+    def on_added(self, request_id: str, params: SamplingParams, arrival: float) -> None: ...
+
+    def on_step(self, outputs: list[RequestOutput], started: float, ended: float, new_tokens: int) -> None: ...
+
+    def on_aborted(self, request_id: str, reason: str = "abort") -> None: ...
+
+
 class AsyncEngine:
-    def __init__(self, engine, on_finished: Callable[[RequestOutput], None] | None = None):
+    def __init__(self, engine, observer: Observer | None = None):
         self.engine = engine
-        self.on_finished = on_finished            # called on the engine thread (metrics)
+        self.observer = observer
         self.stats: dict = engine.get_stats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}      # event-loop side only
@@ -179,7 +191,8 @@ class AsyncEngine:
                 break
             if engine.has_unfinished_requests():
                 self._step()
-            self.stats = engine.get_stats()
+            else:
+                self.stats = engine.get_stats()
         self._abort_everything()
         logger.debug("engine thread stopped")
 
@@ -205,8 +218,10 @@ class AsyncEngine:
                 done.set_exception(e)
             else:
                 done.set_result(rid)
+                self._observe("on_added", rid, params, arrival or time.monotonic())
         elif kind == "abort":
-            self.engine.abort_request(cmd[1])
+            if self.engine.abort_request(cmd[1]):
+                self._observe("on_aborted", cmd[1])
         elif kind == "call":
             _, fn, done = cmd
             if not done.set_running_or_notify_cancel():
@@ -219,29 +234,37 @@ class AsyncEngine:
             self._stopping = True
 
     def _step(self) -> None:
+        started = time.monotonic()
         try:
             outputs = self.engine.step()
         except Exception as e:
             logger.exception("engine step failed; aborting the requests it held")
-            failed = self._abort_everything()
+            failed = self._abort_everything(reason="error")
             self._publish_failure(failed, EngineFailed(f"engine error: {type(e).__name__}: {e}"))
+            self.stats = self.engine.get_stats()
             return
-        if self.on_finished is not None:
-            for out in outputs:
-                if out.finished:
-                    try:
-                        self.on_finished(out)
-                    except Exception:
-                        logger.exception("metrics update failed")
+        ended = time.monotonic()
+        before, self.stats = self.stats, self.engine.get_stats()
+        new_tokens = (self.stats["prompt_tokens"] + self.stats["generation_tokens"]
+                      - before["prompt_tokens"] - before["generation_tokens"])
+        self._observe("on_step", outputs, started, ended, new_tokens)
         self._publish(outputs)
 
-    def _abort_everything(self) -> list[str]:
+    def _observe(self, hook: str, *args) -> None:
+        if self.observer is not None:
+            try:
+                getattr(self.observer, hook)(*args)
+            except Exception:                     # noqa: BLE001 - metrics must not stop the engine
+                logger.exception("metrics update (%s) failed", hook)
+
+    def _abort_everything(self, reason: str = "abort") -> list[str]:
         ids = list(self.engine.groups)
         for rid in ids:
             try:
                 self.engine.abort_request(rid)
             except Exception:
                 logger.exception("abort of %s failed", rid)
+            self._observe("on_aborted", rid, reason)
         return ids
 
     def _publish(self, outputs: list[RequestOutput]) -> None:

@@ -8,10 +8,19 @@ globals, a `tojson` filter that keeps non-ASCII text, and the variables `message
 
 The rendered text is tokenized WITHOUT adding special tokens: templates write their own BOS
 (transformers' apply_chat_template(tokenize=True) does the same).
+
+A render is bounded, so that no template and no chat can stall a worker or eat the memory: the
+sandbox's range() stops at 100,000 items, recursion stops at Python's limit, `*` and `**` refuse
+results that would be huge, every call, attribute or item access checks a deadline, and the output
+stops at a length limit. Each of these is the chat's (or the template's) fault: a 400 with the reason.
 """
 from __future__ import annotations
 
 import json
+import math
+import operator
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -39,9 +48,54 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class RenderLimit(Exception):
+    """A render went past its time, size or arithmetic bound."""
+
+
+MAX_SEQUENCE_PRODUCT = 1 << 20          # items in a string or list made by `*`
+MAX_POWER_BITS = 1 << 16                # bits in an integer made by `**`
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Transformers' sandbox plus bounds: a deadline checked on every call, attribute and item
+    access (a thread-local, set per render), and `*` / `**` that cannot build huge values."""
+
+    intercepted_binops = frozenset({"*", "**"})
+    _render = threading.local()
+
+    def tick(self) -> None:
+        deadline = getattr(self._render, "deadline", None)
+        if deadline is not None and time.monotonic() > deadline:
+            raise RenderLimit(f"rendering took longer than {self._render.budget:g} s")
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
+        __self.tick()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        self.tick()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self.tick()
+        return super().getitem(obj, argument)
+
+    def call_binop(self, context, op, left, right):
+        self.tick()
+        if op == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
+                        and len(seq) * times > MAX_SEQUENCE_PRODUCT:
+                    raise RenderLimit(f"a '*' would build {len(seq) * times} items (at most {MAX_SEQUENCE_PRODUCT})")
+            return operator.mul(left, right)
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1 \
+                and right * math.log2(abs(left)) > MAX_POWER_BITS:
+            raise RenderLimit(f"a '**' would build an integer of over {MAX_POWER_BITS} bits")
+        return operator.pow(left, right)
+
+
 def _environment() -> jinja2.Environment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -49,9 +103,11 @@ def _environment() -> jinja2.Environment:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, bos_token: str | None, eos_token: str | None, origin: str):
+    def __init__(self, source: str, bos_token: str | None, eos_token: str | None, origin: str,
+                 render_timeout_s: float = 5.0):
         self.source = source
         self.origin = origin
+        self.render_timeout_s = render_timeout_s
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
         try:
@@ -60,22 +116,44 @@ class ChatTemplate:
             raise RawpagedError(f"chat template from {origin} does not compile: line {e.lineno}: "
                                 f"{e.message}") from None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """The prompt text; a template that refuses the chat (raise_exception) gives a 400."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, max_chars: int | None = None,
+               **kwargs) -> str:
+        """The prompt text (at most max_chars); a template that refuses the chat (raise_exception), or
+        a render past its bounds, gives a 400. Thread-safe: the server renders on worker threads."""
         variables = {"tools": None, "documents": None, **kwargs, "messages": messages,
                      "add_generation_prompt": add_generation_prompt,
                      "bos_token": self.bos_token, "eos_token": self.eos_token}
+        bounds = BoundedSandbox._render
+        bounds.budget, bounds.deadline = self.render_timeout_s, time.monotonic() + self.render_timeout_s
         try:
-            return self._template.render(**variables)
+            return self._bounded_render(variables, max_chars)
         except TemplateRaised as e:
             raise bad_request(f"the chat template refused the messages: {e}", "messages") from None
         except jinja2.TemplateError as e:
             # NOTE: an undefined attribute or a type error inside the template usually means the
             # messages lack something the template expects: the client can fix it.
             raise bad_request(f"the chat template could not render the messages: {e}", "messages") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        except RenderLimit as e:
+            raise bad_request(f"the chat template was stopped: {e}", "messages") from None
+        except RecursionError:
+            raise bad_request("the chat template was stopped: it recursed too deeply", "messages") from None
+        except MemoryError:
+            raise bad_request("the chat template was stopped: out of memory", "messages") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, ArithmeticError) as e:
             raise bad_request(f"the chat template could not render the messages: {type(e).__name__}: {e}",
                               "messages") from None
+        finally:
+            bounds.deadline = None
+
+    def _bounded_render(self, variables: dict, max_chars: int | None) -> str:
+        parts, size = [], 0
+        for piece in self._template.generate(**variables):
+            size += len(piece)
+            if max_chars is not None and size > max_chars:
+                raise RenderLimit(f"the rendered chat exceeds {max_chars} characters (see --max-prompt-chars)")
+            self._template.environment.tick()
+            parts.append(piece)
+        return "".join(parts)
 
 
 def read_template_file(path: str) -> str:

@@ -1,20 +1,24 @@
-"""OpenAI requests in, SamplingParams out; errors in OpenAI's shape.
+"""OpenAI requests in, typed requests with SamplingParams out; errors in OpenAI's shape.
 
-Validation is by hand (no pydantic): each field is read with its JSON type, and a mistake becomes
-ApiError(400) naming the field in `param`, so a client sees which field to fix. A field sent as
-null means "not given" (OpenAI's clients send nulls). Unknown fields are ignored, as OpenAI does
-for fields it does not know yet; fields we know but cannot honour (`suffix`, `tools`) are refused.
+Validation is by hand (no pydantic). The sampling fields go to SamplingParams untouched: its one
+validator (rawpaged/sampling_params.py) checks types and ranges for the server and the offline API
+alike, and its error names the field, which becomes the error's `param`. The other fields are read
+here with their JSON types; every mistake is ApiError(400) naming the field.
+
+Every field a client may send has one documented behaviour (docs/server.md, "Request fields"):
+used; accepted with no effect (IGNORED, logged at debug level); or refused with a 400 naming it
+unless it holds its neutral value (REFUSED). Fields nobody knows are ignored like OpenAI does,
+logged at debug level. A field sent as null means "not given" (OpenAI's clients send nulls).
 """
 from __future__ import annotations
 
-import math
+import json
 from dataclasses import dataclass, field
 
-from rawpaged.sampling_params import SamplingParams
+from rawpaged.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
-MAX_N = 128                 # n and best_of (a request of 10^6 samples is a mistake, not a workload)
-MAX_LOGPROBS = 20           # logprobs / top_logprobs, as vLLM
-MAX_LOGIT_BIAS = 100.0      # OpenAI: bias values in [-100, 100]
+MAX_JSON_DEPTH = 64         # nesting of the request body (a chat request needs about 6)
+MAX_PROMPTS = 256           # prompts in one /v1/completions request (each is an engine request)
 
 
 class ApiError(Exception):
@@ -22,12 +26,15 @@ class ApiError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
+        # NOTE: one line: the message is also the reason in the server's log line.
+        message = " ".join(str(message).split("\n")) if message else "error"
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers: dict[str, str] | None = None      # e.g. Connection: close for 408 / 413
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -37,9 +44,66 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+# -- the body: JSON that cannot hurt us ---------------------------------------------------------
+def parse_json_body(body: bytes) -> dict:
+    """Bytes -> the request's JSON object; 400 for anything a client got wrong.
+
+    Python's json module refuses integers over 4300 digits (ValueError) and nesting deeper than
+    its recursion limit (RecursionError); both are the client's mistake. Strings must be valid
+    Unicode: JSON's "\\ud800" escape decodes to a lone surrogate that no tokenizer, template or
+    UTF-8 encoder accepts, so it is refused here, naming where it is.
+    """
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise bad_request(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as e:                       # "Exceeds the limit (4300 digits) for integer ..."
+        detail = str(e).split(";")[0]
+        raise bad_request(f"the request body holds a number too long to read: {detail}") from None
+    if not isinstance(obj, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(obj).__name__}")
+    check_json_values(obj)
+    return obj
+
+
+def check_json_values(obj) -> None:
+    """Walk the JSON value (iteratively): nesting depth and Unicode validity of every string."""
+    stack = [(obj, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                              path or None)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _check_text(k, f"{path}.{k}" if path else "a key")
+                stack.append((v, f"{path}.{k}" if path else str(k), depth + 1))
+        elif isinstance(value, list):
+            # NOTE: numbers need no check; a list of a million token ids costs one pass here.
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)
+                         if isinstance(v, (dict, list, str)))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(s: str, where: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = s[e.start]
+        raise bad_request(f"{where} holds a lone surrogate (\\u{ord(bad):04x}) at character {e.start}: "
+                          "strings must be valid Unicode", where) from None
+
+
 # -- typed field access -----------------------------------------------------------------------
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
-               list: "an array", dict: "an object"}
+_TYPE_NAMES = {int: "an integer", bool: "true or false", str: "a string", list: "an array", dict: "an object"}
+
+
+def _shown(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."
 
 
 class Fields:
@@ -49,86 +113,95 @@ class Fields:
         self.body = body
         self.prefix = prefix
 
-    def _raw(self, name: str):
-        return self.body.get(name)
-
-    def _wrong(self, name: str, want: str) -> ApiError:
-        value = self.body.get(name)
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        return bad_request(f"{self.prefix}{name} must be {want}, got {shown}", self.prefix + name)
+    def wrong(self, name: str, want: str) -> ApiError:
+        return bad_request(f"{self.prefix}{name} must be {want}, got {_shown(self.body.get(name))}",
+                           self.prefix + name)
 
     def int(self, name: str, default=None, lo: int | None = None, hi: int | None = None):
-        v = self._raw(name)
+        v = self.body.get(name)
         if v is None:
             return default
-        # NOTE: bool is a subclass of int in Python, but `true` is not a number in JSON.
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self._wrong(name, _TYPE_NAMES[int])
-        self._range(name, v, lo, hi)
+            raise self.wrong(name, _TYPE_NAMES[int])
+        if lo is not None and v < lo:
+            raise bad_request(f"{self.prefix}{name} must be >= {lo}, got {_shown(v)}", self.prefix + name)
+        if hi is not None and v > hi:
+            raise bad_request(f"{self.prefix}{name} must be <= {hi}, got {_shown(v)}", self.prefix + name)
         return v
 
-    def number(self, name: str, default=None, lo: float | None = None, hi: float | None = None):
-        v = self._raw(name)
+    def _typed(self, name: str, kind: type, default):
+        v = self.body.get(name)
         if v is None:
             return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise self._wrong(name, "a finite number")
-        self._range(name, v, lo, hi)
-        return float(v)
+        if not isinstance(v, kind):
+            raise self.wrong(name, _TYPE_NAMES[kind])
+        return v
 
     def bool(self, name: str, default=None):
-        v = self._raw(name)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            raise self._wrong(name, _TYPE_NAMES[bool])
-        return v
+        return self._typed(name, bool, default)
 
     def str(self, name: str, default=None):
-        v = self._raw(name)
-        if v is None:
-            return default
-        if not isinstance(v, str):
-            raise self._wrong(name, _TYPE_NAMES[str])
-        return v
+        return self._typed(name, str, default)
 
     def obj(self, name: str) -> dict | None:
-        v = self._raw(name)
-        if v is None:
-            return None
-        if not isinstance(v, dict):
-            raise self._wrong(name, _TYPE_NAMES[dict])
-        return v
-
-    def str_list(self, name: str) -> list[str]:
-        """A string or an array of strings (OpenAI's `stop`)."""
-        v = self._raw(name)
-        if v is None:
-            return []
-        items = [v] if isinstance(v, str) else v
-        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-            raise self._wrong(name, "a string or an array of strings")
-        return items
-
-    def int_list(self, name: str) -> list[int]:
-        v = self._raw(name)
-        if v is None:
-            return []
-        if not isinstance(v, list) or not all(_is_int(t) for t in v):
-            raise self._wrong(name, "an array of integers")
-        return [int(t) for t in v]
-
-    def _range(self, name: str, v, lo, hi) -> None:
-        if lo is not None and v < lo:
-            raise bad_request(f"{self.prefix}{name} must be >= {lo}, got {v}", self.prefix + name)
-        if hi is not None and v > hi:
-            raise bad_request(f"{self.prefix}{name} must be <= {hi}, got {v}", self.prefix + name)
+        return self._typed(name, dict, None)
 
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+# -- which field does what --------------------------------------------------------------------
+# Accepted, with no effect here (OpenAI bookkeeping, or meaningful only with features refused
+# below); logged at debug level.
+IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+           "request_id", "parallel_tool_calls"}
+# Refused with a 400 naming the field unless it holds one of these neutral values (null is always
+# neutral). response_format, tools, tool_choice and guided_* wait for structured output.
+_REFUSED_COMMON = {
+    "min_tokens": (0,), "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],),
+    "prompt_logprobs": (), "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "guided_decoding_backend": (), "guided_whitespace_pattern": (), "structured_outputs": (),
+    "logits_processors": (), "vllm_xargs": (), "kv_transfer_params": (), "cache_salt": (),
+    "priority": (0,), "spaces_between_special_tokens": (True,), "mm_processor_kwargs": (),
+}
+REFUSED_COMPLETION = {**_REFUSED_COMMON, "suffix": ("",), "response_format": ()}
+REFUSED_CHAT = {
+    **_REFUSED_COMMON, "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+    "echo": (False,), "continue_final_message": (False,), "chat_template": (), "audio": (),
+    "modalities": (["text"],), "prediction": (), "web_search_options": (), "reasoning_effort": (),
+}
+_WHY = {
+    "prompt_logprobs": "use echo with logprobs to get the prompt's logprobs",
+    "chat_template": "start the server with --chat-template FILE",
+    "echo": "chat echo is not implemented",
+    "tool_choice": "this server has no tool calling yet",
+    "tools": "this server has no tool calling yet",
+    "functions": "this server has no tool calling yet",
+    "function_call": "this server has no tool calling yet",
+    "modalities": "this server answers in text only",
+}
+SAMPLING_FIELDS = ("n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
+                   "top_p", "top_k", "min_p", "seed", "use_beam_search", "length_penalty", "early_stopping",
+                   "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+                   "logit_bias")
+_COMMON_USED = {"model", "stream", "stream_options", "max_tokens", "logprobs", "add_special_tokens", *SAMPLING_FIELDS}
+USED_COMPLETION = _COMMON_USED | {"prompt", "echo"}
+USED_CHAT = _COMMON_USED | {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
+                            "chat_template_kwargs", "documents"}
+
+
+def _screen(body: dict, used: set, refused: dict) -> list[str]:
+    """400 for a refused field holding a non-neutral value; the names of fields with no effect."""
+    for name, neutral in refused.items():
+        v = body.get(name)
+        if v is not None and not any(v == n and type(v) is type(n) for n in neutral):
+            why = f" ({_WHY[name]})" if name in _WHY else " by this server"
+            raise bad_request(f"{name} is not supported{why}", name)
+    return sorted(k for k in body if k not in used and k not in refused and body[k] is not None)
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -141,6 +214,9 @@ class CompletionRequest:
     include_usage: bool = False
     echo: bool = False
     logprobs: int | None = None
+    prompt_only: bool = False               # echo with max_tokens 0: the prompt (and its logprobs) only
+    add_special_tokens: bool = True
+    ignored: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -153,34 +229,42 @@ class ChatRequest:
     include_usage: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
-    extra_template_kwargs: dict = field(default_factory=dict)
+    add_special_tokens: bool = False
+    template_kwargs: dict = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
 
 
-def parse_completion(body: dict) -> CompletionRequest:
+def parse_completion(body: dict, max_prompt_chars: int) -> CompletionRequest:
     f = Fields(body)
-    _refuse_unsupported(f, ("suffix",))
-    prompts = _prompts(body.get("prompt"))
+    ignored = _screen(body, USED_COMPLETION, REFUSED_COMPLETION)
+    prompts = _prompts(body.get("prompt"), max_prompt_chars)
     stream, include_usage = _stream_fields(f)
-    logprobs = f.int("logprobs", None, lo=0, hi=MAX_LOGPROBS)
     echo = f.bool("echo", False)
-    # NOTE: echo with logprobs reports the prompt's logprobs too, so the engine computes them.
-    params = sampling_params(f, default_max_tokens=16, logprobs=logprobs,
+    logprobs = body.get("logprobs")
+    max_tokens = body.get("max_tokens", 16)
+    if max_tokens is None:
+        max_tokens = 16
+    # NOTE: echo with max_tokens 0 scores the prompt (vLLM accepts it). The engine always samples
+    # at least one token, so it runs with max_tokens 1 and the token is dropped from the answer.
+    prompt_only = echo and isinstance(max_tokens, (int, float)) and not isinstance(max_tokens, bool) \
+        and max_tokens == 0
+    params = sampling_params(body, max_tokens=1 if prompt_only else max_tokens, logprobs=logprobs,
                              prompt_logprobs=logprobs if echo else None, stream=stream)
     return CompletionRequest(model=f.str("model"), prompts=prompts, params=params, stream=stream,
-                             include_usage=include_usage, echo=echo, logprobs=logprobs)
+                             include_usage=include_usage, echo=echo, logprobs=params.logprobs,
+                             prompt_only=prompt_only, add_special_tokens=f.bool("add_special_tokens", True),
+                             ignored=ignored)
 
 
-def parse_chat(body: dict) -> ChatRequest:
+def parse_chat(body: dict, max_prompt_chars: int) -> ChatRequest:
     f = Fields(body)
-    _refuse_unsupported(f, ("tools", "functions"))
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported (this server has no tool calling)", "tool_choice")
-    fmt = f.obj("response_format")
-    if fmt is not None and fmt.get("type") not in (None, "text"):
-        raise bad_request(f"response_format type {fmt.get('type')!r} is not supported (only 'text')",
+    ignored = _screen(body, USED_CHAT, REFUSED_CHAT)
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") not in (None, "text")):
+        shown = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise bad_request(f"response_format type {_shown(shown)} is not supported yet (only 'text')",
                           "response_format")
-    messages = _messages(body.get("messages"))
+    messages = _messages(body.get("messages"), max_prompt_chars)
     stream, include_usage = _stream_fields(f)
     logprobs = f.bool("logprobs", False)
     top_logprobs = f.int("top_logprobs", None, lo=0, hi=MAX_LOGPROBS)
@@ -189,20 +273,34 @@ def parse_chat(body: dict) -> ChatRequest:
     top_logprobs = top_logprobs or 0
     # NOTE: OpenAI renamed max_tokens to max_completion_tokens for chat; both are accepted.
     max_tokens = f.int("max_completion_tokens", None, lo=1)
-    params = sampling_params(f, default_max_tokens=None, logprobs=top_logprobs if logprobs else None,
-                             max_tokens_override=max_tokens, stream=stream)
-    kwargs = f.obj("chat_template_kwargs") or {}
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    params = sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs if logprobs else None,
+                             stream=stream)
     return ChatRequest(model=f.str("model"), messages=messages, params=params,
                        add_generation_prompt=f.bool("add_generation_prompt", True), stream=stream,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs,
-                       extra_template_kwargs=kwargs)
+                       add_special_tokens=f.bool("add_special_tokens", False),
+                       template_kwargs=_template_kwargs(f), ignored=ignored)
 
 
-def _refuse_unsupported(f: Fields, names: tuple[str, ...]) -> None:
-    for name in names:
-        v = f.body.get(name)
-        if v not in (None, "", [], {}):
-            raise bad_request(f"{name} is not supported by this server", name)
+# Variables the server sets for the chat template; a client cannot override them.
+TEMPLATE_RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token")
+
+
+def _template_kwargs(f: Fields) -> dict:
+    kwargs = dict(f.obj("chat_template_kwargs") or {})
+    for name in TEMPLATE_RESERVED:
+        if name in kwargs:
+            own = "the request's own field" if name in ("messages", "add_generation_prompt") else "the model's"
+            raise bad_request(f"chat_template_kwargs must not set {name!r} (the template gets {own})",
+                              "chat_template_kwargs")
+    documents = f.body.get("documents")
+    if documents is not None:
+        if not isinstance(documents, list) or not all(isinstance(d, dict) for d in documents):
+            raise f.wrong("documents", "an array of objects")
+        kwargs["documents"] = documents
+    return kwargs
 
 
 def _stream_fields(f: Fields) -> tuple[bool, bool]:
@@ -214,7 +312,7 @@ def _stream_fields(f: Fields) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _prompts(prompt) -> list[str | list[int]]:
+def _prompts(prompt, max_chars: int) -> list[str | list[int]]:
     """OpenAI's four prompt forms: text, [text...], [id...], [[id...]...]."""
     def wrong(why: str) -> ApiError:
         return bad_request(f"prompt {why}: it must be a string, an array of strings, an array of token ids, "
@@ -223,23 +321,36 @@ def _prompts(prompt) -> list[str | list[int]]:
     if prompt is None:
         raise bad_request("prompt is required", "prompt")
     if isinstance(prompt, str):
-        return [prompt]
-    if not isinstance(prompt, list) or not prompt:
+        prompts = [prompt]
+    elif not isinstance(prompt, list) or not prompt:
         raise wrong("is empty" if isinstance(prompt, list) else f"has type {type(prompt).__name__}")
-    if all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    if all(_is_int(t) for t in prompt):
-        return [list(prompt)]
-    if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
-        return [list(p) for p in prompt]
-    raise wrong("has a wrong element")
+    elif all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif all(_is_int(t) for t in prompt):
+        prompts = [list(prompt)]
+    elif all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise wrong("has a wrong element")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request(f"prompt holds {len(prompts)} prompts; at most {MAX_PROMPTS} per request", "prompt")
+    for p in prompts:
+        check_chars(len(p) if isinstance(p, str) else 0, max_chars, "prompt")
+    return prompts
 
 
-def _messages(messages) -> list[dict]:
+def check_chars(n: int, max_chars: int, param: str, what: str = "the prompt") -> None:
+    """Bound the text before it is tokenized (tokenizing megabytes takes seconds)."""
+    if n > max_chars:
+        raise ApiError(400, f"{what} is {n} characters long; this server takes at most {max_chars} "
+                            "(see --max-prompt-chars)", param=param, code="context_length_exceeded")
+
+
+def _messages(messages, max_chars: int) -> list[dict]:
     """Chat messages with text content; content parts of type text are joined by newlines."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty array of message objects", "messages")
-    out = []
+    out, chars = [], 0
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -249,7 +360,9 @@ def _messages(messages) -> list[dict]:
             raise bad_request(f"{where}.role must be a non-empty string", f"{where}.role")
         msg = dict(m)
         msg["content"] = _content(m.get("content"), f"{where}.content")
+        chars += len(msg["content"] or "")
         out.append(msg)
+    check_chars(chars, max_chars, "messages", "the messages' content")
     return out
 
 
@@ -268,112 +381,50 @@ def _content(content, where: str) -> str | None:
 
 
 # -- sampling ---------------------------------------------------------------------------------
-# SamplingParams' messages begin with the field's name: that name becomes the error's `param`.
-_SAMPLING_FIELDS = {"n", "best_of", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "max_tokens", "logprobs", "prompt_logprobs",
-                    "early_stopping"}
-
-
-def sampling_params(f: Fields, *, default_max_tokens: int | None, logprobs: int | None,
-                    prompt_logprobs: int | None = None, max_tokens_override: int | None = None,
-                    stream: bool = False) -> SamplingParams:
-    use_beam_search = f.bool("use_beam_search", False)
-    n = f.int("n", 1, lo=1, hi=MAX_N)
-    best_of = f.int("best_of", None, lo=1, hi=MAX_N)
-    max_tokens = f.int("max_tokens", default_max_tokens, lo=1)
-    if max_tokens_override is not None:
-        max_tokens = max_tokens_override
-    stop = f.str_list("stop")
-    if any(s == "" for s in stop):
-        raise bad_request("stop strings must not be empty", "stop")
-    seed = f.int("seed", None)
-    if seed is not None:
-        # NOTE: OpenAI takes any 64-bit seed; NumPy seeds must be >= 0, so negatives wrap around.
-        seed %= 1 << 64
-    if stream and best_of is not None and best_of > n:
+def sampling_params(body: dict, *, max_tokens, logprobs, prompt_logprobs=None, stream: bool = False) -> SamplingParams:
+    """The request's sampling fields, as sent, through SamplingParams' validator; then the rules that
+    only the HTTP API has (what cannot be streamed or reported)."""
+    kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    # NOTE: beam search is deterministic; its default temperature is 0, not OpenAI's 1.
+    if kwargs.get("use_beam_search") is True:
+        kwargs.setdefault("temperature", 0.0)
+    try:
+        params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    except SamplingParamsError as e:
+        raise bad_request(str(e), e.param) from None
+    if stream and params.best_of > params.n:
         raise bad_request("best_of > n cannot be streamed (the best sequences are known only at the end)",
                           "best_of")
-    if use_beam_search and stream:
+    if params.use_beam_search and stream:
         raise bad_request("use_beam_search cannot be streamed (beams are decoded once, at the end)", "stream")
-    if use_beam_search and (logprobs is not None or prompt_logprobs is not None):
+    if params.use_beam_search and (params.logprobs is not None or params.prompt_logprobs is not None):
         raise bad_request("logprobs are not reported with use_beam_search", "logprobs")
-    try:
-        return SamplingParams(
-            n=n, best_of=best_of,
-            presence_penalty=f.number("presence_penalty", 0.0),
-            frequency_penalty=f.number("frequency_penalty", 0.0),
-            repetition_penalty=f.number("repetition_penalty", 1.0),
-            # NOTE: beam search is deterministic; its default temperature is 0, not OpenAI's 1.
-            temperature=f.number("temperature", 0.0 if use_beam_search else 1.0),
-            top_p=f.number("top_p", 1.0),
-            top_k=f.int("top_k", -1),
-            min_p=f.number("min_p", 0.0),
-            seed=seed,
-            use_beam_search=use_beam_search,
-            length_penalty=f.number("length_penalty", 1.0),
-            early_stopping=_early_stopping(f),
-            stop=stop,
-            stop_token_ids=f.int_list("stop_token_ids"),
-            include_stop_str_in_output=f.bool("include_stop_str_in_output", False),
-            ignore_eos=f.bool("ignore_eos", False),
-            max_tokens=max_tokens,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=f.bool("skip_special_tokens", True),
-            logit_bias=_logit_bias(f),
-        )
-    except ValueError as e:
-        msg = str(e).splitlines()[0] if str(e) else "invalid sampling parameters"
-        name = msg.split(" ", 1)[0]
-        raise bad_request(msg, name if name in _SAMPLING_FIELDS else None) from None
-
-
-def _early_stopping(f: Fields):
-    v = f.body.get("early_stopping")
-    if v is None:
-        return False
-    if isinstance(v, bool) or v == "never":
-        return v
-    raise f._wrong("early_stopping", "true, false or \"never\"")
-
-
-def _logit_bias(f: Fields) -> dict[int, float] | None:
-    """OpenAI's logit_bias: {"token id as a string": bias in [-100, 100]}; {} means none."""
-    raw = f.obj("logit_bias")
-    if not raw:
-        return None
-    bias = {}
-    for key, value in raw.items():
-        try:
-            tid = int(key)
-        except (TypeError, ValueError):
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad_request(f"logit_bias[{key!r}] must be a number, got {value!r}", "logit_bias")
-        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-            raise bad_request(f"logit_bias[{key!r}] must be in [-100, 100], got {value}", "logit_bias")
-        bias[tid] = float(value)
-    return bias
+    return params
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise bad_request(f"{param} has token id {bad}, outside the vocabulary [0, {vocab_size})", param)
+        raise bad_request(f"{param} has token id {_shown(bad)}, outside the vocabulary [0, {vocab_size})", param)
 
 
 def check_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, what: str = "prompt") -> None:
     """OpenAI's rule: the prompt plus the tokens asked for must fit the model's context."""
+    param = "prompt" if what == "prompt" else "messages"
     if num_prompt_tokens == 0:
-        raise bad_request(f"the {what} is empty (no tokens)", "prompt" if what == "prompt" else "messages")
+        raise bad_request(f"the {what} is empty (no tokens)", param)
     wanted = num_prompt_tokens + (max_tokens or 1)
     if num_prompt_tokens >= max_model_len or wanted > max_model_len:
-        detail = f"{num_prompt_tokens} in the {what}" + (f", {max_tokens} in the completion" if max_tokens else "")
+        detail = f"{num_prompt_tokens} in the {what}" + (f", {_count(max_tokens)} in the completion" if max_tokens else "")
         raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens, but "
-                            f"{wanted} were requested ({detail})",
-                       param="max_tokens" if num_prompt_tokens < max_model_len else
-                       ("prompt" if what == "prompt" else "messages"),
+                            f"{_count(wanted)} were requested ({detail})",
+                       param="max_tokens" if num_prompt_tokens < max_model_len else param,
                        code="context_length_exceeded")
+
+
+def _count(n: int) -> str:
+    s = str(n)
+    return s if len(s) <= 20 else s[:17] + "..."
 
 
 def check_vocab(params: SamplingParams, vocab_size: int) -> None:
@@ -381,3 +432,42 @@ def check_vocab(params: SamplingParams, vocab_size: int) -> None:
     if params.logit_bias:
         check_token_ids(list(params.logit_bias), vocab_size, "logit_bias")
     check_token_ids(params.stop_token_ids, vocab_size, "stop_token_ids")
+
+
+# -- /tokenize, /detokenize (vLLM's shapes) ---------------------------------------------------
+@dataclass
+class TokenizeRequest:
+    model: str | None
+    prompt: str | None                      # the completion form ...
+    messages: list[dict] | None             # ... or the chat form
+    add_special_tokens: bool
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+    template_kwargs: dict = field(default_factory=dict)
+
+
+def parse_tokenize(body: dict, max_prompt_chars: int) -> TokenizeRequest:
+    f = Fields(body)
+    _screen(body, set(body), {"tools": ([],), "chat_template": (), "continue_final_message": (False,),
+                              "mm_processor_kwargs": ()})
+    common = dict(model=f.str("model"), return_token_strs=f.bool("return_token_strs", False))
+    if body.get("messages") is not None:
+        return TokenizeRequest(prompt=None, messages=_messages(body["messages"], max_prompt_chars),
+                               add_special_tokens=f.bool("add_special_tokens", False),
+                               add_generation_prompt=f.bool("add_generation_prompt", True),
+                               template_kwargs=_template_kwargs(f), **common)
+    prompt = f.str("prompt")
+    if prompt is None:
+        raise bad_request("prompt (a string) or messages is required", "prompt")
+    check_chars(len(prompt), max_prompt_chars, "prompt")
+    return TokenizeRequest(prompt=prompt, messages=None, add_special_tokens=f.bool("add_special_tokens", True),
+                           **common)
+
+
+def parse_detokenize(body: dict, vocab_size: int) -> tuple[str | None, list[int]]:
+    f = Fields(body)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(_is_int(t) for t in tokens):
+        raise f.wrong("tokens", "an array of token ids")
+    check_token_ids(tokens, vocab_size, "tokens")
+    return f.str("model"), tokens

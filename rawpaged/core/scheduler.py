@@ -7,6 +7,10 @@ budget (`max_num_batched_tokens`) and a sequence budget (`max_num_seqs`):
      (single-sequence groups) or swapped to CPU memory (multi-sequence groups);
   2. swapped groups come back before any new group is admitted;
   3. waiting groups are admitted first-come-first-served while blocks and budgets allow.
+With `batching="static"` (FasterTransformer's request-level batching, a baseline of the paper) step 3
+forms a batch only when nothing runs: FCFS while memory and max_num_seqs allow (not the step's token
+budget: the batch's prompts are prefilled over as many steps as they need), and admits nothing else
+until every request of the batch has finished (a preempted member is the only one let back in).
 A request that can never fit is refused at admission (`why_never_fits`), or returned in
 `ignored` and finished with an error. The scheduler only does bookkeeping: the executor performs the
 swaps and copies it returns, and the output processor frees and forks sequences through it.
@@ -19,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from rawpaged.core.interface import AllocStatus, KVCacheManager
+from rawpaged.core.interface import AllocStatus, KVCacheManager, SlotAccounting
 from rawpaged.sequence import ScheduledSeq, Sequence, SequenceGroup, SequenceStatus
 
 if TYPE_CHECKING:
@@ -54,6 +58,7 @@ class SchedulerStats:
     prefix_cache_hits: int
     waste_slots: int               # allocated device slots not holding a token
     allocated_slots: int
+    kv_slots: SlotAccounting       # where every device slot is (tokens, reserved, fragmentation, free)
 
 
 @dataclass
@@ -100,6 +105,7 @@ class Scheduler:
         self.running: deque[SequenceGroup] = deque()
         self.swapped: deque[SequenceGroup] = deque()
         self.num_preemptions = {"recompute": 0, "swap": 0}
+        self.batch: list[SequenceGroup] = []      # static batching: the batch that runs now
 
     # -- queues ------------------------------------------------------------------------------
     def add_group(self, group: SequenceGroup) -> None:
@@ -184,7 +190,7 @@ class Scheduler:
         kv = bm.slot_accounting()
         return SchedulerStats(
             num_running_seqs=sum(len(g.get_unfinished_seqs()) for g in self.running),
-            waste_slots=kv.allocated - kv.real_tokens, allocated_slots=kv.allocated,
+            waste_slots=kv.allocated - kv.real_tokens, allocated_slots=kv.allocated, kv_slots=kv,
             num_waiting=len(self.waiting), num_swapped=len(self.swapped), kv_usage=bm.usage(),
             num_free_blocks=bm.get_num_free_device_blocks(), num_device_blocks=bm.num_device_blocks,
             num_cpu_blocks=bm.num_cpu_blocks, num_preemptions=dict(self.num_preemptions),
@@ -286,8 +292,15 @@ class Scheduler:
             self.running.append(group)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: _Budget) -> None:
+        static = self.config.batching == "static"
+        if static:
+            self.batch = [g for g in self.batch if not g.finished]
+        forming = static and not self.batch          # NOTE: nothing runs, nothing is swapped
+        batch_width = 0
         while self.waiting:
             group = self.waiting[0]
+            if static and not forming and group not in self.batch:
+                break                                # the batch has not drained yet
             seqs = group.get_seqs(SequenceStatus.WAITING)
             why = self.why_never_fits(group)
             if why is None:
@@ -303,7 +316,11 @@ class Scheduler:
                     seq.status = SequenceStatus.FINISHED_IGNORED
                 out.ignored.append((group, why))
                 continue
-            if not budget.can_add(1, group.max_num_running_seqs()) or not self._prompt_fits(seqs, budget):
+            if forming:
+                batch_width += group.max_num_running_seqs()
+                if batch_width > self.config.max_num_seqs:
+                    break
+            elif not budget.can_add(1, group.max_num_running_seqs()) or not self._prompt_fits(seqs, budget):
                 break
             # Prefix caching may mark part of the prompt computed, so size the chunk after allocating.
             self.block_manager.allocate(group)
@@ -311,9 +328,13 @@ class Scheduler:
             self.waiting.popleft()
             for seq in seqs:
                 seq.status = SequenceStatus.RUNNING
-            if tokens is not None:     # NOTE: None only when cache hits left a chunk no seq can take
+            # NOTE: None when cache hits left a chunk no seq can take, or a static batch's prompt waits
+            # for a later step's budget (it is prefilled as a running group then).
+            if tokens is not None:
                 self._add(out, budget, group, tokens)
             self.running.append(group)
+            if forming:
+                self.batch.append(group)
 
     # -- helpers -----------------------------------------------------------------------------
     def _prompt_fits(self, seqs: list[Sequence], budget: _Budget) -> bool:

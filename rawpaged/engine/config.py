@@ -11,9 +11,11 @@ import re
 import typing
 from dataclasses import dataclass, field, fields
 
+from rawpaged.core.kv_managers import KV_MANAGERS
 from rawpaged.errors import RawpagedError
 
 BLOCK_SIZES = (8, 16, 32)
+BATCHING = ("continuous", "static")
 
 
 def parse_size(text) -> int:
@@ -54,12 +56,26 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "longest prompt + output (default: the model's, capped to the cache)")
     preemption_mode: str = _opt("auto", "how to preempt when blocks run out (auto: recompute single "
                                         "sequences, swap groups)", choices=("auto", "recompute", "swap"))
-    enable_prefix_caching: bool = _opt(True, "reuse the KV blocks of prompts' shared prefixes")
+    enable_prefix_caching: bool | None = _opt(None, "reuse the KV blocks of prompts' shared prefixes "
+                                                    "(default: on with the paged KV manager)")
     enable_chunked_prefill: bool = _opt(True, "split long prompts across steps")
     watermark: float = _opt(0.01, "fraction of KV blocks kept free when admitting requests")
     seed: int = _opt(0, "random seed (generate: also the requests' sampling seed)")
+    kv_manager: str = _opt("paged", "KV cache manager: paged (PagedAttention), or a baseline of the paper: "
+                                    "Orca's one contiguous range per sequence of max_model_len tokens "
+                                    "(orca-max), of the next power of two of prompt + max_tokens "
+                                    "(orca-pow2), of exactly prompt + max_tokens (orca-oracle)",
+                           choices=KV_MANAGERS)
+    orca_granularity: int | None = _opt(None, "tokens per allocation unit of the orca-* managers "
+                                              "(default: block_size; 1, Orca's own, only for an executor "
+                                              "that reads no KV cache, the simulator)")
+    batching: str = _opt("continuous", "continuous (iteration-level) or static (request-level, "
+                                       "FasterTransformer's: a batch starts when the last one has "
+                                       "finished)", choices=BATCHING)
 
     def __post_init__(self):
+        if self.enable_prefix_caching is None:
+            self.enable_prefix_caching = self.kv_manager == "paged"
         self.verify()
 
     def verify(self) -> None:
@@ -84,6 +100,21 @@ class EngineConfig:
             bad(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not 0.0 <= self.watermark < 1.0:
             bad(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.kv_manager not in KV_MANAGERS:
+            bad(f"kv_manager must be one of {', '.join(KV_MANAGERS)}, got {self.kv_manager!r}")
+        if self.batching not in BATCHING:
+            bad(f"batching must be continuous or static, got {self.batching!r}")
+        if self.kv_manager == "paged":
+            if self.orca_granularity is not None:
+                bad("orca_granularity applies to the orca-* KV managers only (kv_manager is paged)")
+        else:
+            if self.orca_granularity is not None and self.orca_granularity < 1:
+                bad(f"orca_granularity must be at least 1 token, got {self.orca_granularity}")
+            if self.enable_prefix_caching:
+                bad(f"kv_manager={self.kv_manager} shares nothing: prefix caching needs the paged manager")
+            if self.preemption_mode == "swap":
+                bad(f"kv_manager={self.kv_manager} never preempts and cannot swap: "
+                    f"preemption_mode=swap needs the paged manager")
 
     # -- the command line --------------------------------------------------------------------------
     @classmethod

@@ -12,7 +12,7 @@ import itertools
 import time
 
 from rawpaged.config import ModelConfig
-from rawpaged.core.block_manager import BlockSpaceManager
+from rawpaged.core.kv_managers import make_kv_manager
 from rawpaged.core.scheduler import Scheduler
 from rawpaged.engine.config import EngineConfig
 from rawpaged.engine.output_processor import OutputProcessor
@@ -45,9 +45,9 @@ class LLMEngine:
         self.executor.init_cache(size.num_device_blocks, size.num_cpu_blocks)
         self.cache_size = size
         self.max_model_len = self._cap_to_cache(max_model_len, size.num_device_blocks)
-        block_manager = BlockSpaceManager(config.block_size, size.num_device_blocks, size.num_cpu_blocks,
-                                          watermark=config.watermark,
-                                          enable_prefix_caching=config.enable_prefix_caching)
+        # NOTE: an executor that reads no KV cache (the simulator) says so with reads_block_tables = False.
+        block_manager = make_kv_manager(config, size.num_device_blocks, size.num_cpu_blocks, self.max_model_len,
+                                        getattr(self.executor, "reads_block_tables", True))
         self.scheduler = Scheduler(dataclasses.replace(config, max_model_len=self.max_model_len,
                                                        max_num_batched_tokens=max_tokens), block_manager)
         self.stats = EngineStats()

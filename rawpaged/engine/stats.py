@@ -2,13 +2,20 @@
 
 Counters only grow; gauges come from the scheduler's live snapshot (`Scheduler.stats()`). Memory
 waste follows the paper's definition: token slots allocated in the KV cache minus the slots holding
-real tokens.
+real tokens. The KV manager's slot accounting (interface.SlotAccounting) is read after every step:
+`kv_*_slots` are the latest, `mean_kv_*_fraction` its parts as fractions of the slots in use
+(allocated + external fragmentation: everything not free), averaged over the steps where some slot
+was in use. mean_kv_token_fraction is the paper's Fig. 2 "token states" share; the four add up to 1.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from rawpaged.sequence import SequenceStatus
+
+# The parts of the slots in use (stats name -> SlotAccounting field), as the paper's Fig. 2 splits them.
+KV_PARTS = {"token": "real_tokens", "reserved": "reserved_unused", "internal": "internal_fragmentation",
+            "external": "external_fragmentation"}
 
 
 @dataclass
@@ -27,6 +34,8 @@ class EngineStats:
     # running means
     sum_running_seqs: int = 0
     sum_waste_fraction: float = 0.0
+    num_kv_steps: int = 0              # steps that ended with some KV slot in use
+    sum_kv_fractions: dict = field(default_factory=lambda: dict.fromkeys(KV_PARTS, 0.0))
     time_to_first_token: list = field(default_factory=list, repr=False)
     e2e_latency: list = field(default_factory=list, repr=False)
 
@@ -56,6 +65,12 @@ class EngineStats:
         self.sum_running_seqs += snapshot.num_running_seqs
         if snapshot.allocated_slots:
             self.sum_waste_fraction += snapshot.waste_slots / snapshot.allocated_slots
+        kv = snapshot.kv_slots
+        in_use = kv.allocated + kv.external_fragmentation
+        if in_use:
+            self.num_kv_steps += 1
+            for part, attr in KV_PARTS.items():
+                self.sum_kv_fractions[part] += getattr(kv, attr) / in_use
 
     def as_dict(self, snapshot) -> dict:
         """Counters and means, with the gauges of the scheduler's live `snapshot`."""
@@ -76,4 +91,13 @@ class EngineStats:
             "num_steps": steps, "memory_waste_slots": self.memory_waste_slots,
             "mean_running_seqs": self.sum_running_seqs / steps if steps else 0.0,
             "mean_waste_fraction": self.sum_waste_fraction / steps if steps else 0.0,
+            **kv_gauges(snapshot.kv_slots),
+            **{f"mean_kv_{part}_fraction": total / self.num_kv_steps if self.num_kv_steps else 0.0
+               for part, total in self.sum_kv_fractions.items()},
         }
+
+
+def kv_gauges(kv) -> dict:
+    """The slot accounting as flat stats: kv_total_slots, kv_token_slots, ... kv_free_slots."""
+    return {"kv_total_slots": kv.total, **{f"kv_{part}_slots": getattr(kv, attr) for part, attr in KV_PARTS.items()},
+            "kv_free_slots": kv.free}

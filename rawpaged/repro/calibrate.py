@@ -1,15 +1,18 @@
 """Fitting the cost model's constants to step times the REAL engine measured.
 
-    profile, report = fit_profile(base, spec, shapes, times)    # shapes: StepShape per step, times: s
+    profile, info = fit_profile(base, spec, shapes, times)    # shapes: StepShape per step, times: s
 
-The cost model (costmodel.py) is linear in the inverse of each achieved rate once it is known, step
-by step, whether the GEMMs were bound by reading the weights or by their FLOPs. So the fit alternates:
-classify every step under the current constants, solve a non-negative least squares problem on the
-relative error (every step counts the same, short or long), repeat until the classification stops
-changing. Steps whose residual is beyond 4 median absolute deviations (another process took the
-core: the machine is shared) are dropped once, then the fit is redone.
-Unknowns: step_overhead, seq_overhead, 1/(hbm_bw*mem_eff), 1/(flops*gemm_eff), 1/(hbm_bw*attn_eff),
-1/(flops*attn_flop_eff). The base profile's peaks are kept as the normalizers of the fractions.
+Unknowns, each a time per unit of one feature of the step: step_overhead (per step), seq_overhead
+(per sequence), 1/(flops*gemm_eff) (per GEMM FLOP: every computed token through every weight, the
+sampled rows through the LM head), 1/(hbm_bw*attn_eff) (per decode KV byte), 1/(flops*attn_flop_eff)
+(per prefill attention FLOP). The weight-read floor of the cost model's GEMM term (its max with the
+FLOPs) is not fitted: for one model it is a constant per step, indistinguishable from step_overhead,
+which absorbs it (the fitted profile reads weights for free). So the fit is linear: a non-negative
+least squares problem on the relative error (every step counts the same, short or long). What it
+does not estimate (KV writes, all-reduces, swaps, copies) is priced by the base profile and taken
+off the measured times first. Steps whose residual is beyond 4 median absolute deviations (another
+process took the core: the machine is shared) are dropped once and the fit redone. The base
+profile's peaks stay as the normalizers of the fitted fractions.
 """
 from __future__ import annotations
 
@@ -21,12 +24,11 @@ from rawpaged.errors import RawpagedError
 from rawpaged.repro.costmodel import CostModel
 from rawpaged.repro.specs import HardwareProfile, ModelSpec, SimSetup
 
-COLUMNS = ("step_overhead", "seq_overhead", "weights", "gemm_flops", "decode_kv", "prefill_flops")
+COLUMNS = ("step_overhead", "seq_overhead", "weights", "per_gemm_flop", "per_decode_kv_byte", "per_prefill_flop")
 
 
 def features(spec: ModelSpec, shapes) -> tuple[np.ndarray, np.ndarray]:
-    """Per step: [1, S, weight bytes, GEMM FLOPs, decode KV bytes, prefill attention FLOPs], and the
-    fixed time the model does not fit (KV writes, swaps, copies) is left to CostModel."""
+    """Per step: [1, S, weight bytes, GEMM FLOPs, decode KV bytes, prefill attention FLOPs]."""
     rows = []
     for s in shapes:
         rows.append((1.0, s.num_seqs, spec.weight_bytes if s.num_tokens else 0.0,
@@ -51,19 +53,11 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _solve(x: np.ndarray, t: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Coefficients for [1, S, weights-or-0, flops-or-0, kv, prefill], alternating the GEMM bound."""
-    compute_bound = np.ones(len(t), dtype=bool)
+    """Coefficients of [1, S, -, flops, kv, prefill] (the weights column stays 0: see the docstring)."""
+    cols = [0, 1, 3, 4, 5]
+    w = 1.0 / t[keep]                             # relative error
     coef = np.zeros(6)
-    for _ in range(20):
-        a = x.copy()
-        a[:, 2] *= ~compute_bound                 # memory-bound steps pay the weight read ...
-        a[:, 3] *= compute_bound                  # ... compute-bound ones their GEMM FLOPs
-        w = 1.0 / t[keep]                         # relative error
-        coef = _nnls(a[keep] * w[:, None], t[keep] * w)
-        new = x[:, 3] * coef[3] >= x[:, 2] * coef[2]
-        if (new == compute_bound).all():
-            break
-        compute_bound = new
+    coef[cols] = _nnls(x[keep][:, cols] * w[:, None], t[keep] * w)
     return coef
 
 
@@ -74,7 +68,13 @@ def fit_profile(base: HardwareProfile, spec: ModelSpec, shapes, times) -> tuple[
     if len(shapes) != len(t) or len(t) < 8:
         raise RawpagedError(f"calibration needs at least 8 measured steps, got {len(t)}")
     x, _ = features(spec, shapes)
-    keep = (t > 0) & (x[:, 1] > 0)
+    # NOTE: what the fit does not estimate (KV writes at peak bandwidth, all-reduces, swaps, copies)
+    # is taken off the measured times first, as the base profile prices it.
+    base_cm = CostModel(SimSetup(spec, base, kv_memory=0))
+    fixed = np.array([_fixed(base_cm.step(s)) for s in shapes])
+    t_all = t
+    t = np.maximum(t - fixed, 1e-9)
+    keep = (t_all > 0) & (x[:, 1] > 0)
     coef = _solve(x, t, keep)
     resid = np.abs(_predict(x, coef) - t) / t
     mad = np.median(np.abs(resid[keep] - np.median(resid[keep])))
@@ -83,9 +83,10 @@ def fit_profile(base: HardwareProfile, spec: ModelSpec, shapes, times) -> tuple[
     coef = _solve(x, t, keep)
     inv = lambda c, peak: (1.0 / (c * peak)) if c > 0 else 1e9  # noqa: E731  (an unused term: ~free)
     profile = replace(base, step_overhead=float(coef[0]), seq_overhead=float(coef[1]),
-                      mem_eff=inv(coef[2], base.hbm_bw), gemm_eff=inv(coef[3], base.flops),
+                      mem_eff=1e9, gemm_eff=inv(coef[3], base.flops),
                       attn_eff=inv(coef[4], base.hbm_bw), attn_flop_eff=inv(coef[5], base.flops))
     pred = np.array([CostModel(SimSetup(spec, profile, kv_memory=0)).step_time(s) for s in shapes])
+    t = t_all
     err = (pred - t) / t
     return profile, {"steps": int(len(t)), "outliers": int(outliers.sum()),
                      "fit_mean_step_error": float(pred[keep].mean() / t[keep].mean() - 1),
@@ -93,6 +94,9 @@ def fit_profile(base: HardwareProfile, spec: ModelSpec, shapes, times) -> tuple[
                      **dict(zip(COLUMNS, map(float, coef)))}
 
 
+def _fixed(cost) -> float:
+    return cost.kv_write + cost.comm + cost.swap + cost.copy
+
+
 def _predict(x: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    gemm = np.maximum(x[:, 2] * coef[2], x[:, 3] * coef[3])
-    return coef[0] * x[:, 0] + coef[1] * x[:, 1] + gemm + x[:, 4] * coef[4] + x[:, 5] * coef[5]
+    return x @ coef

@@ -64,27 +64,39 @@ class RunResult:
     wall_s: float                      # how long the run took on this machine
     batches: list = field(default_factory=list)   # per step composition (record_batches=True)
     step_wall: np.ndarray | None = None           # measured wall seconds of each step
+    overloaded: bool = False                      # stopped early: the queue outgrew max_waiting
 
     @property
     def num_requests(self) -> int:
         return len(self.arrival)
 
     @property
+    def done(self) -> np.ndarray:
+        return ~np.isnan(self.finish)
+
+    @property
     def duration(self) -> float:
-        return float(self.finish.max() - self.arrival.min()) if self.num_requests else 0.0
+        """From the first arrival to the last completion (to the last step when stopped early)."""
+        if not self.num_requests:
+            return 0.0
+        end = float(self.steps["t"][-1] + self.steps["dt"][-1]) if self.overloaded else float(np.nanmax(self.finish))
+        return end - float(self.arrival.min())
 
     @property
     def throughput(self) -> float:
-        """Requests per second from the first arrival to the last completion."""
-        return self.num_requests / self.duration if self.duration > 0 else math.inf
+        """Completed requests per second from the first arrival to the last completion."""
+        return int(self.done.sum()) / self.duration if self.duration > 0 else math.inf
 
     @property
     def token_throughput(self) -> float:
-        return float(self.output_len.sum()) / self.duration if self.duration > 0 else math.inf
+        return float(self.output_len[self.done].sum()) / self.duration if self.duration > 0 else math.inf
 
     @property
     def normalized_latency(self) -> float:
-        """The paper's metric: mean over requests of end-to-end latency / output length (s/token)."""
+        """The paper's metric: mean over requests of end-to-end latency / output length (s/token);
+        inf for a run stopped because its queue kept growing (past the knee of the curve)."""
+        if self.overloaded:
+            return math.inf
         return float(np.mean((self.finish - self.arrival) / self.output_len))
 
     @property
@@ -92,26 +104,39 @@ class RunResult:
         dt = self.steps["dt"]
         return float(dt[self.steps["num_seqs"] > 0].mean())
 
+    def window(self) -> np.ndarray:
+        """Time weights of the steady state: steps between the arrival of the request 10% into the
+        workload and the last arrival (no warm-up from an empty engine, no drain after the last
+        arrival), each weighted by its duration. A run with all arrivals at once: every step."""
+        s = self.steps
+        lo, hi = float(np.sort(self.arrival)[len(self.arrival) // 10]), float(self.arrival.max())
+        if hi <= lo:
+            return s["dt"].copy()
+        end = s["t"] + s["dt"]
+        overlap = np.clip(np.minimum(end, hi) - np.maximum(s["t"], lo), 0, None)
+        return overlap if overlap.sum() > 0 else s["dt"].copy()
+
     @property
     def mean_batched_requests(self) -> float:
-        """Requests in a step's batch, averaged over the steps that ran a batch (Fig. 13)."""
-        b = self.steps["batched_requests"]
-        return float(b[b > 0].mean()) if (b > 0).any() else 0.0
+        """Requests in the batch, time-averaged over the steady state (Fig. 13). NOTE: a plain mean
+        over steps counts the many short steps of small batches (warm-up, drain) too often."""
+        w = self.window()
+        return float((self.steps["batched_requests"] * w).sum() / w.sum()) if w.sum() > 0 else 0.0
 
     def memory_fractions(self) -> dict:
-        """Time-weighted shares of the KV memory in use (every slot but the free ones) (Fig. 2)."""
+        """Shares of the KV memory in use (every slot but the free ones), over the steady state (Fig. 2)."""
         s = self.steps
         used = s["total"] - s["free"]
-        w = s["dt"] * (used > 0)
+        w = self.window() * (used > 0)
         if w.sum() == 0:
             return {k: 0.0 for k in ("real_tokens", "reserved", "internal", "external")}
         safe = np.maximum(used, 1)
         return {k: float((s[k] / safe * w).sum() / w.sum()) for k in ("real_tokens", "reserved", "internal", "external")}
 
     def sharing_saving(self) -> float:
-        """Time-weighted share of KV blocks sharing saves: 1 - physical / logical (Fig. 15)."""
+        """Share of KV blocks sharing saves: 1 - physical / logical, over the steady state (Fig. 15)."""
         s = self.steps
-        w = s["dt"] * (s["logical_blocks"] > 0)
+        w = self.window() * (s["logical_blocks"] > 0)
         if w.sum() == 0:
             return 0.0
         frac = 1 - s["physical_blocks"] / np.maximum(s["logical_blocks"], 1)
@@ -140,12 +165,15 @@ def _sharing(engine) -> tuple[int, int]:
 
 def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: CostModel | None = None,
                  vocab: int, record_batches: bool = False, measure_sharing: bool = False,
-                 max_steps: int = 10_000_000, progress=None) -> RunResult:
+                 max_waiting: int | None = None, max_steps: int = 10_000_000, progress=None) -> RunResult:
     """Replay `wl` through `engine` (see the module docstring); `progress(done, total)` is called
-    now and then."""
+    now and then. With `max_waiting`, a run whose waiting queue grows past it stops early and is
+    marked overloaded (its rate is past the system's capacity: latency grows without bound)."""
     if clock not in ("model", "wall"):
         raise RawpagedError(f"clock must be 'model' or 'wall', got {clock!r}")
     ex = record_shapes(engine.executor, record_batches)
+    snapshot = _record_snapshots(engine.scheduler)
+    overloaded = False
     if clock == "model" and cost_model is None:
         cost_model = getattr(ex, "cost_model", None)
         if cost_model is None:
@@ -184,7 +212,7 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
                     raise RawpagedError(f"request {o.request_id} was refused: {o.error}")
                 finish[i] = t
                 done += 1
-        kv = engine.block_manager.slot_accounting()
+        kv = snapshot[0].kv_slots              # the accounting the engine's own stats just took
         logical, physical = _sharing(engine) if measure_sharing else (0, 0)
         rows.append((t - dt, dt, shape.num_seqs, shape.num_tokens, shape.num_sampled, shape.decode_context,
                      shape.prefill_pairs, shape.swap_blocks, shape.copy_blocks, ex.last_batched_requests,
@@ -198,6 +226,9 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
             raise RawpagedError(f"workload did not finish in {max_steps} steps ({done}/{n} requests done)")
         if progress is not None and steps % 500 == 0:
             progress(done, n)
+        if max_waiting is not None and len(engine.scheduler.waiting) > max_waiting:
+            overloaded = True
+            break
     cols = np.array(rows, dtype=np.float64).T if rows else np.zeros((len(STEP_FIELDS), 0))
     stats = engine.get_stats()
     return RunResult(
@@ -205,4 +236,17 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
         finish=finish, prompt_len=np.array([r.prompt_len for r in reqs]),
         output_len=np.array([r.output_len for r in reqs]),
         num_preemptions=stats["num_preemptions_recompute"] + stats["num_preemptions_swap"],
-        wall_s=time.perf_counter() - start_wall, batches=batches, step_wall=np.array(walls))
+        wall_s=time.perf_counter() - start_wall, batches=batches, step_wall=np.array(walls), overloaded=overloaded)
+
+
+def _record_snapshots(scheduler) -> list:
+    """Keep the last Scheduler.stats() the engine took (one slot accounting per step, not two)."""
+    holder = [None]
+    inner = scheduler.stats
+
+    def stats():
+        holder[0] = inner()
+        return holder[0]
+
+    scheduler.stats = stats
+    return holder

@@ -109,7 +109,7 @@ def latency_sweep(ctx: Context, figure: str, model: str, workload: str, systems,
     cap = capacity(ctx, model, workload, figure, **kw)
     n = ctx.requests(workload, N_REQUESTS[workload])
     rates = [round(cap * f, 4) for f in ctx.grid]
-    points = [Point(figure, model, s, workload, n, r, **kw) for s in systems for r in rates]
+    points = [Point(figure, model, s, workload, n, r, stop_overloaded=True, **kw) for s in systems for r in rates]
     rows = ctx.run(points, f"{figure} {model} {workload}")
     base = min(r["normalized_latency"] for r in rows if r["system"] == "rawpaged")
     threshold = threshold_x * base
@@ -144,7 +144,7 @@ def fig13(ctx: Context) -> Figure:
     paper = {"sharegpt": {"orca-max": 7.00, "orca-pow2": 9.81, "orca-oracle": 13.62, "rawpaged": 30.42},
              "alpaca": {"orca-max": 7.00, "orca-pow2": 43.24, "orca-oracle": 72.75, "rawpaged": 132.44}}
     rates = {"sharegpt": 2.0, "alpaca": 30.0}
-    n = {"sharegpt": ctx.requests("sharegpt", 500), "alpaca": ctx.requests("alpaca", 1500)}
+    n = {"sharegpt": ctx.requests("sharegpt", 300), "alpaca": ctx.requests("alpaca", 1000)}
     systems = ctx.systems(CONTINUOUS, fig)
     points = [Point("fig13", "opt-13b", s, w, n[w], rates[w]) for w in rates for s in systems]
     rows = ctx.run(points, "fig13")
@@ -169,7 +169,7 @@ def fig2(ctx: Context) -> Figure:
     """KV memory: where the slots in use go (Fig. 13's ShareGPT runs, time-weighted)."""
     fig = Figure("fig2", "Fig. 2: KV cache memory holding real tokens (OPT-13B, ShareGPT, 2 req/s)", ctx.source())
     paper = {"orca-max": 20.4, "orca-pow2": 26.8, "orca-oracle": 38.2, "rawpaged": 96.3}
-    n = ctx.requests("sharegpt", 500)
+    n = ctx.requests("sharegpt", 300)
     rows = ctx.run([Point("fig13", "opt-13b", s, "sharegpt", n, 2.0) for s in ctx.systems(CONTINUOUS, fig)], "fig2")
     parts = ("mem_real", "mem_reserved", "mem_internal", "mem_external")
     fig.rows = [{"system": r["system"], **{k: 100 * r[k] for k in parts}} for r in rows]

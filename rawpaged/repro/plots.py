@@ -65,6 +65,8 @@ def line_panels(path: Path, panels: list[Panel]) -> None:
     fig, axes = _grid(plt, len(panels))
     for ax, p in zip(axes, panels):
         for label, (xs, ys) in p.series.items():
+            if p.ylim:        # NOTE: an overloaded point (inf) is drawn at the top edge
+                ys = [min(y, p.ylim[1]) if y == y else y for y in ys]
             ax.plot(xs, ys, marker="o", markersize=3, label=label, color=COLORS.get(label))
         ax.set_title(p.title, fontsize=9)
         ax.set_xlabel(p.xlabel, fontsize=8)

@@ -58,6 +58,7 @@ class Point:
     preemption_mode: str = "auto"
     mode: str = "sim"            # sim | real
     scale: int = 1               # real mode: lengths, max_len and KV slots / scale
+    stop_overloaded: bool = False    # stop when a quarter of the requests wait (rate past capacity)
     measure_sharing: bool = False
     device: str = "cpu"          # real mode: the backend
 
@@ -157,7 +158,8 @@ def summarize(p: Point, r: RunResult, **extra) -> dict:
         batched_requests=r.mean_batched_requests, mean_step_time=r.mean_step_time, steps=len(r.steps["dt"]),
         preemptions=r.num_preemptions, sharing_saving=r.sharing_saving() if p.measure_sharing else float("nan"),
         mem_real=mem["real_tokens"], mem_reserved=mem["reserved"], mem_internal=mem["internal"],
-        mem_external=mem["external"], sim_seconds=r.duration, wall_s=r.wall_s, **extra)
+        mem_external=mem["external"], sim_seconds=r.duration, wall_s=r.wall_s, overloaded=r.overloaded,
+        completed=int(r.done.sum()), **extra)
     return row
 
 
@@ -196,7 +198,8 @@ def run_point(p: Point, data_dir: str | Path, hardware: str | None = None,
                          real_kv_slots=real_kv_slots)
     wl = workload_for(p, Path(data_dir), engine.max_model_len)
     r = run_workload(engine, wl, clock="model" if p.mode == "sim" else "wall", vocab=SIM_VOCAB,
-                     measure_sharing=p.measure_sharing)
+                     measure_sharing=p.measure_sharing,
+                     max_waiting=max(20, p.num_requests // 4) if p.stop_overloaded else None)
     return summarize(p, r)
 
 

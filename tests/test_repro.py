@@ -151,7 +151,7 @@ def test_calibration_recovers_known_constants():
               for s, t in zip(rng.integers(1, 60, 200), rng.integers(60, 4000, 200))]
     times = [cm.step_time(s) for s in shapes]
     fitted, info = fit_profile(HW, SPEC, shapes, times)
-    assert info["outliers"] == 0
+    assert info["fit_median_abs_step_error"] < 1e-9
     for name in ("step_overhead", "seq_overhead", "gemm_eff", "attn_eff", "attn_flop_eff"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
     with pytest.raises(RawpagedError, match="at least 8"):
@@ -221,13 +221,11 @@ def test_bad_hardware_profile_is_one_line(tmp_path, capsys, data_dir):
 
 
 def test_report_lists_paper_ours_ratio_and_why(tmp_path):
-    from rawpaged.repro.explain import explain
     from rawpaged.repro.figure import Figure
     from rawpaged.repro.report import save_figure, write_report
     fig = Figure("fig13", "Fig. 13: test", "simulator")
     fig.compare("sharegpt @ 2 req/s, Orca (Max)", 7.0, 7.7, "requests")
     fig.compare("opt-13b sharegpt: sustained rate rawpaged / Orca (Oracle)", "1.7-2.7", 3.1, "x")
-    explain(fig)
     save_figure(fig, tmp_path)
     text = write_report(tmp_path, {"command": "test"}).read_text()
     assert "| sharegpt @ 2 req/s, Orca (Max) | 7.00 | 7.70 requests | 1.10 | ours is 10% above the paper's: Orca (Max)" \

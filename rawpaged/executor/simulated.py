@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rawpaged.config import ModelConfig
+from rawpaged.engine.config import BLOCK_SIZES, EngineConfig
 from rawpaged.errors import RawpagedError
 from rawpaged.executor import CacheSize, ModelOutput
 from rawpaged.repro.costmodel import CostModel, StepCost, StepShape
@@ -102,18 +103,33 @@ class SimulatedExecutor:
         return ModelOutput(sample_logits=logits, prompt_logits=[None] * len(out.batch))
 
 
+@dataclasses.dataclass
+class SimEngineConfig(EngineConfig):
+    """EngineConfig that accepts any block size >= 1. NOTE: EngineConfig allows 8/16/32, the sizes the
+    kernels are built for; no kernel runs in a simulation (the paper's block-size sweep goes 1..256).
+    The engine copies its config (dataclasses.replace), so the copies keep this check too."""
+
+    def verify(self) -> None:
+        size = self.block_size
+        if size < 1:
+            raise RawpagedError(f"block_size must be >= 1, got {size}")
+        self.block_size = BLOCK_SIZES[0] if size not in BLOCK_SIZES else size
+        try:
+            super().verify()
+        finally:
+            self.block_size = size
+
+
 def build_sim_engine(setup: SimSetup, config, cost_model: CostModel | None = None, block_size: int | None = None):
     """An LLMEngine whose executor is the simulator (the engine seam: model_config + tokenizer).
 
-    `block_size` overrides config.block_size with any size >= 1. NOTE: EngineConfig allows 8/16/32,
-    the sizes the kernels are built for; no kernel runs in a simulation (the block-size sweep).
+    `block_size` overrides config.block_size with any size >= 1 (SimEngineConfig).
     """
     from rawpaged.engine.llm_engine import LLMEngine
 
-    if block_size is not None and block_size != config.block_size:
-        if block_size < 1:
-            raise RawpagedError(f"block_size must be >= 1, got {block_size}")
-        config = dataclasses.replace(config)
-        object.__setattr__(config, "block_size", block_size)
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)}
+    if block_size is not None:
+        values["block_size"] = block_size
+    config = SimEngineConfig(**values)
     executor = functools.partial(SimulatedExecutor, setup=setup, cost_model=cost_model)
     return LLMEngine(config, executor, model_config=sim_model_config(setup), tokenizer=SimTokenizer())

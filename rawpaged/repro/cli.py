@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -19,6 +20,7 @@ from rawpaged.errors import RawpagedError
 SIM_EXPERIMENTS = ("fig2", "fig12", "fig13", "fig14", "fig15", "fig16", "fig17", "fig18", "fig19")
 REAL_EXPERIMENTS = ("calibrate", "validate", "real")
 EXPERIMENTS = SIM_EXPERIMENTS + REAL_EXPERIMENTS
+# `report` runs nothing: it rewrites REPORT.md from the figures already in --out.
 MODELS_OF = {"fig16": ("llama-13b",), "fig12": ("opt-13b", "opt-66b", "opt-175b")}
 WORKLOADS_OF = {"fig2": ("sharegpt",), "fig13": ("sharegpt", "alpaca"), "fig12": ("sharegpt", "alpaca"),
                 "fig14": ("alpaca",), "fig15": ("alpaca",), "fig16": ("translate-one-shot",), "fig17": ("chatbot",),
@@ -28,7 +30,7 @@ WORKLOADS_OF = {"fig2": ("sharegpt",), "fig13": ("sharegpt", "alpaca"), "fig12":
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("experiments", nargs="+", metavar="EXPERIMENT",
-                   help=f"all, or any of: {', '.join(EXPERIMENTS)}")
+                   help=f"all, report (rewrite REPORT.md only), or any of: {', '.join(EXPERIMENTS)}")
     p.add_argument("--out", required=True, help="folder for the CSVs, PNGs and REPORT.md")
     p.add_argument("--data", default=None, help="the shared data folder (workloads, tokenizers); default "
                                                 "$RAWPAGED_TEST_DATA, else ../shared/data beside the repository")
@@ -53,11 +55,11 @@ def _selected(names: list[str]) -> list[str]:
     for name in names:
         if name == "all":
             out += [e for e in EXPERIMENTS if e not in out]
-        elif name in EXPERIMENTS:
+        elif name in EXPERIMENTS or name == "report":
             if name not in out:
                 out.append(name)
         else:
-            raise RawpagedError(f"unknown experiment {name!r}: choose all or any of {', '.join(EXPERIMENTS)}")
+            raise RawpagedError(f"unknown experiment {name!r}: choose all, report or any of {', '.join(EXPERIMENTS)}")
     return out
 
 
@@ -132,7 +134,7 @@ def run(a: argparse.Namespace) -> int:
              "real": lambda c: real.real_fig13(c) + [real.real_fig15(c)]}
     done_fns = set()
     for name in ("fig13", "fig2") + tuple(e for e in selected if e not in ("fig13", "fig2")):
-        if name not in selected:
+        if name not in selected or name == "report":
             continue
         if name == "calibrate":
             t0 = time.perf_counter()
@@ -148,13 +150,16 @@ def run(a: argparse.Namespace) -> int:
             done_fns.add(fn)
             figs = ex.timed(fn, ctx)
         for f in figs:
-            from rawpaged.repro.explain import explain
-            explain(f)
             save_figure(f, out)
             progress.say(f"wrote {f.key}: {', '.join(f.files)}")
         info["wall_s"] = time.perf_counter() - started
         write_report(out, info)
     info["wall_s"] = time.perf_counter() - started
+    run_file = out / "run.json"
+    if selected == ["report"] and run_file.is_file():
+        info = json.loads(run_file.read_text())           # keep the header of the run that made the figures
+    else:
+        run_file.write_text(json.dumps(info, indent=1) + "\n")
     path = write_report(out, info)
     progress.say(f"wrote {path} ({info['wall_s']:.0f} s)")
     return 0

@@ -5,7 +5,9 @@
 
 Loop: requests whose arrival time has passed join the engine; one engine step runs; the clock
 advances by the step's time: the cost model's (`model`: the simulator's, or a real engine timed by
-the same model, for validation) or the step's measured wall time (`wall`). When nothing is in the
+the same model, for validation), the step's measured wall time (`wall`), or the CPU time this
+process spent in it (`cpu`: on a machine shared with other jobs, what the step would take alone
+when one thread does the work; calibration measures with it). When nothing is in the
 engine the clock jumps to the next arrival (nobody sleeps). First tokens and completions are stamped
 with the clock at the end of the step that produced them: arrivals, first tokens and completions
 are all in the driver's time, never the engine's own timestamps.
@@ -64,6 +66,7 @@ class RunResult:
     wall_s: float                      # how long the run took on this machine
     batches: list = field(default_factory=list)   # per step composition (record_batches=True)
     step_wall: np.ndarray | None = None           # measured wall seconds of each step
+    step_cpu: np.ndarray | None = None            # CPU seconds of this process in each step
     overloaded: bool = False                      # stopped early: the queue outgrew max_waiting
 
     @property
@@ -169,8 +172,8 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
     """Replay `wl` through `engine` (see the module docstring); `progress(done, total)` is called
     now and then. With `max_waiting`, a run whose waiting queue grows past it stops early and is
     marked overloaded (its rate is past the system's capacity: latency grows without bound)."""
-    if clock not in ("model", "wall"):
-        raise RawpagedError(f"clock must be 'model' or 'wall', got {clock!r}")
+    if clock not in ("model", "wall", "cpu"):
+        raise RawpagedError(f"clock must be 'model', 'wall' or 'cpu', got {clock!r}")
     ex = record_shapes(engine.executor, record_batches)
     snapshot = _record_snapshots(engine.scheduler)
     overloaded = False
@@ -183,7 +186,7 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
     index = {}
     first = np.full(n, np.nan)
     finish = np.full(n, np.nan)
-    rows, batches, walls = [], [], []
+    rows, batches, walls, cpus = [], [], [], []
     t, nxt, done, steps = 0.0, 0, 0, 0
     start_wall = time.perf_counter()
     while done < n:
@@ -197,11 +200,11 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
         if not engine.has_unfinished_requests():
             t = max(t, reqs[nxt].arrival)
             continue
-        w0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         outputs = engine.step()
-        wall = time.perf_counter() - w0
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         shape = ex.last_out_shape
-        dt = cost_model.step_time(shape) if clock == "model" else wall
+        dt = cost_model.step_time(shape) if clock == "model" else wall if clock == "wall" else cpu
         t += dt
         for o in outputs:
             i = index[o.request_id]
@@ -219,6 +222,7 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
                      kv.real_tokens, kv.reserved_unused, kv.internal_fragmentation, kv.external_fragmentation,
                      kv.free, kv.total, logical, physical))
         walls.append(wall)
+        cpus.append(cpu)
         if record_batches:
             batches.append(ex.last_batch)
         steps += 1
@@ -236,7 +240,8 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
         finish=finish, prompt_len=np.array([r.prompt_len for r in reqs]),
         output_len=np.array([r.output_len for r in reqs]),
         num_preemptions=stats["num_preemptions_recompute"] + stats["num_preemptions_swap"],
-        wall_s=time.perf_counter() - start_wall, batches=batches, step_wall=np.array(walls), overloaded=overloaded)
+        wall_s=time.perf_counter() - start_wall, batches=batches, step_wall=np.array(walls), step_cpu=np.array(cpus),
+        overloaded=overloaded)
 
 
 def _record_snapshots(scheduler) -> list:

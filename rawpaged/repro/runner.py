@@ -163,6 +163,12 @@ def summarize(p: Point, r: RunResult, **extra) -> dict:
     return row
 
 
+def clock_of(p: Point) -> str:
+    """The simulator's cost model; on the real engine the CPU time of a step on the CPU backend
+    (robust to other jobs on a shared machine: see driver.py), wall time on a GPU."""
+    return "model" if p.mode == "sim" else "cpu" if p.device == "cpu" else "wall"
+
+
 def limit_blas_threads(n: int = 1) -> None:
     """One OpenBLAS thread for real-mode runs, unless OPENBLAS_NUM_THREADS says otherwise.
 
@@ -197,7 +203,7 @@ def run_point(p: Point, data_dir: str | Path, hardware: str | None = None,
     engine = make_engine(p, hardware=hardware, real_model_dir=real_model_dir and Path(real_model_dir),
                          real_kv_slots=real_kv_slots)
     wl = workload_for(p, Path(data_dir), engine.max_model_len)
-    r = run_workload(engine, wl, clock="model" if p.mode == "sim" else "wall", vocab=SIM_VOCAB,
+    r = run_workload(engine, wl, clock=clock_of(p), vocab=SIM_VOCAB,
                      measure_sharing=p.measure_sharing,
                      max_waiting=max(20, p.num_requests // 4) if p.stop_overloaded else None)
     return summarize(p, r)
@@ -223,7 +229,12 @@ def run_points(points: list[Point], data_dir: Path, *, jobs: int = 1, progress=N
         return rows
     # NOTE: the longest points first, so the pool does not wait on one long tail at the end.
     order = sorted(range(len(points)), key=lambda i: -_weight(points[i]))
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
+    context = None
+    if any(p.mode == "real" for p in points):
+        # NOTE: the real engine's Numba kernels start OpenMP threads; fork() after that is unsafe.
+        import multiprocessing
+        context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = {pool.submit(_run_packed, (points[i], kwargs)): i for i in order}
         for done, fut in enumerate(as_completed(futures), 1):
             i = futures[fut]

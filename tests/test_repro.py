@@ -75,6 +75,18 @@ def test_cost_model_tensor_parallel_and_swaps_by_hand():
     assert swap.copy == pytest.approx(0.01 + 2 * 4 * 64 / 1000, rel=1e-12)
 
 
+def test_prefill_alone_prices_a_mixed_step_as_two_steps():
+    cm = CostModel(SimSetup(SPEC, dataclasses.replace(HW, prefill_alone=True), kv_memory=0))
+    mixed = StepShape(num_seqs=3, num_tokens=12, num_sampled=3, decode_context=20, prefill_pairs=55,
+                      prefill_seqs=1, prefill_tokens=10)
+    weights = SPEC.weight_bytes / 1000
+    prompt = weights + 55 * 64 / 5000 + 10 * 64 / 1000 + 0.5 + 0.25          # one row of 10 tokens
+    decode = weights + 20 * 64 / 500 + 2 * 64 / 1000 + 0.5 + 2 * 0.25         # two one-token rows
+    assert cm.step_time(mixed) == pytest.approx(prompt + decode, rel=1e-12)
+    together = CostModel(SimSetup(SPEC, HW, kv_memory=0)).step_time(mixed)    # weights read once
+    assert together == pytest.approx(prompt + decode - weights - 0.5, rel=1e-12)
+
+
 def _lengths(n=400, seed=3) -> LengthSource:
     rng = np.random.default_rng(seed)
     return LengthSource("synthetic", rng.integers(4, 40, n), rng.integers(4, 60, n), paired=False,

@@ -123,7 +123,8 @@ def run(a: argparse.Namespace) -> int:
         raise RawpagedError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress()
-    ctx = ex.Context(out, data_dir, jobs=a.jobs, quick=a.quick, hardware=a.hardware, progress=progress)
+    ctx = ex.Context(out, data_dir, jobs=a.jobs, quick=a.quick, hardware=a.hardware, device=a.device,
+                     progress=progress)
     info = {"command": "rawpaged repro " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["repro"] else a.experiments),
             "commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     info["workloads"] = _workload_lines(ctx)

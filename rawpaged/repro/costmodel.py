@@ -20,6 +20,10 @@ of the KV heads, and they run in lockstep), as a sum of parts:
             block-major: one contiguous copy per block; each rank moves its heads)
   copy      per copy-on-write block: transfer_latency + 2 * block bytes / p / hbm_bw
   overhead  step_overhead + seq_overhead * S  (CPU: schedule, prepare inputs, sample, outputs)
+
+A profile with `prefill_alone` (the paper's vLLM 0.1 and Orca: a step computes prompts or decodes,
+never both) prices a step that mixes prompt rows and one-token rows as two steps, the prompts'
+and the decodes': the scheduling stays rawpaged's, the time is what the paper's systems paid.
 """
 from __future__ import annotations
 
@@ -38,12 +42,14 @@ class StepShape:
     prefill_pairs: int = 0       # (query, key) pairs of multi-token rows under the causal mask
     swap_blocks: int = 0         # blocks swapped in + out
     copy_blocks: int = 0         # copy-on-write block copies
+    prefill_seqs: int = 0        # rows computing more than one token (prompts, recomputations)
+    prefill_tokens: int = 0      # their tokens
 
     @classmethod
     def of(cls, out) -> "StepShape":
         """The shape of a SchedulerOutput, read before the step runs (num_computed_tokens is
         still the count before this step's tokens)."""
-        tokens = sampled = decode_ctx = pairs = 0
+        tokens = sampled = decode_ctx = pairs = pre_seqs = pre_tokens = 0
         for s in out.batch:
             q, c0 = s.num_new_tokens, s.seq.num_computed_tokens
             tokens += q
@@ -52,8 +58,22 @@ class StepShape:
                 decode_ctx += c0 + 1
             else:
                 pairs += q * c0 + q * (q + 1) // 2     # query at position p sees keys 0..p
+                pre_seqs += 1
+                pre_tokens += q
         return cls(len(out.batch), tokens, sampled, decode_ctx, pairs,
-                   len(out.blocks_to_swap_in) + len(out.blocks_to_swap_out), len(out.blocks_to_copy))
+                   len(out.blocks_to_swap_in) + len(out.blocks_to_swap_out), len(out.blocks_to_copy),
+                   pre_seqs, pre_tokens)
+
+    def split(self) -> tuple["StepShape", "StepShape"]:
+        """(the prompt rows alone, the one-token rows with the swaps and copies)."""
+        pre_sampled = min(self.num_sampled, self.prefill_seqs)
+        pre = StepShape(num_seqs=self.prefill_seqs, num_tokens=self.prefill_tokens, num_sampled=pre_sampled,
+                        prefill_pairs=self.prefill_pairs, prefill_seqs=self.prefill_seqs,
+                        prefill_tokens=self.prefill_tokens)
+        dec = StepShape(num_seqs=self.num_seqs - self.prefill_seqs, num_tokens=self.num_tokens - self.prefill_tokens,
+                        num_sampled=self.num_sampled - pre_sampled, decode_context=self.decode_context,
+                        swap_blocks=self.swap_blocks, copy_blocks=self.copy_blocks)
+        return pre, dec
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -94,6 +114,12 @@ class CostModel:
         self._copy_per_block = hw.transfer_latency + 2 * block_rank / hw.hbm_bw
 
     def step(self, s: StepShape) -> StepCost:
+        if self.setup.hardware.prefill_alone and 0 < s.prefill_seqs < s.num_seqs:
+            a, b = (self._step(part) for part in s.split())
+            return StepCost(*(getattr(a, f.name) + getattr(b, f.name) for f in fields(StepCost)))
+        return self._step(s)
+
+    def _step(self, s: StepShape) -> StepCost:
         if s.num_seqs == 0 and s.swap_blocks == 0 and s.copy_blocks == 0:
             return StepCost()
         hw, m = self.setup.hardware, self.setup.model

@@ -31,7 +31,8 @@ from rawpaged.sampling_params import SamplingParams
 
 STEP_FIELDS = ("t", "dt", "num_seqs", "num_tokens", "num_sampled", "decode_context", "prefill_pairs",
                "swap_blocks", "copy_blocks", "batched_requests", "real_tokens", "reserved",
-               "internal", "external", "free", "total", "logical_blocks", "physical_blocks")
+               "internal", "external", "free", "total", "logical_blocks", "physical_blocks", "prefill_seqs",
+               "prefill_tokens")
 
 
 def record_shapes(executor, record_batches: bool = False):
@@ -220,7 +221,7 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
         rows.append((t - dt, dt, shape.num_seqs, shape.num_tokens, shape.num_sampled, shape.decode_context,
                      shape.prefill_pairs, shape.swap_blocks, shape.copy_blocks, ex.last_batched_requests,
                      kv.real_tokens, kv.reserved_unused, kv.internal_fragmentation, kv.external_fragmentation,
-                     kv.free, kv.total, logical, physical))
+                     kv.free, kv.total, logical, physical, shape.prefill_seqs, shape.prefill_tokens))
         walls.append(wall)
         cpus.append(cpu)
         if record_batches:

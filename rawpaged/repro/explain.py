@@ -15,8 +15,11 @@ ORCA_WHY = ("the paper's Orca baselines allocate through a buddy allocator, whic
 
 # (figure key, words the comparison's label contains) -> the reason for a difference
 REASONS = [
-    (("fig13", "rawpaged (vLLM)"), "rawpaged's batch at a given rate is Little's law: rate x time in the system; "
-     "it follows the A100 profile's step time (a stated assumption) and, near capacity, the KV memory."),
+    (("fig13", "sharegpt @ 2 req/s, rawpaged (vLLM)"), "the A100 profile's one fitted constant (0.25 ms of CPU per "
+     "batched sequence) was chosen to match this number; the batch is Little's law (rate x time in the system)."),
+    (("fig13", "rawpaged (vLLM)"), "rawpaged's batch at a given rate is Little's law: rate x time in the system; it "
+     "follows the A100 profile's step time (its constants are assumptions, one fitted to the ShareGPT point) and, "
+     "near capacity, the KV memory."),
     (("fig13", "Orca (Max)"), "Orca (Max) reserves max_model_len = 2048 slots per request: 15.7K slots hold 7, "
      "as in the paper."),
     (("fig13", "Orca (Pow2)"), ORCA_WHY),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from rawpaged.repro.driver import run_workload
 from rawpaged.repro.experiments import CONTINUOUS, LABEL, Context
 from rawpaged.repro.figure import Figure
 from rawpaged.repro.runner import PAPER_ENGINE, Point, engine_options, lengths_for, limit_blas_threads, real_model
-from rawpaged.repro.specs import GiB, HardwareProfile, ModelSpec, SimSetup
+from rawpaged.repro.specs import HARDWARE, GiB, HardwareProfile, ModelSpec, SimSetup
 from rawpaged.repro.workloads import make_workload, with_rate
 
 PAPER_SLOTS = 15_728
@@ -52,7 +53,8 @@ def real_source(ctx: Context) -> str:
 
 
 def _real_points(ctx: Context, figure: str, system: str, workload: str, num: int, rate: float, **kw) -> Point:
-    return Point(figure, "tiny", system, workload, num, rate, mode="real", scale=SCALE[workload], **kw)
+    return Point(figure, "tiny", system, workload, num, rate, mode="real", scale=SCALE[workload],
+                 device=ctx.device, **kw)
 
 
 def _run(ctx: Context, points, what):
@@ -142,14 +144,15 @@ def _tiny_spec(md: Path, dtype_bytes: int = 4) -> ModelSpec:
     return ModelSpec.from_hf_config("tiny", json.loads((md / "config.json").read_text()), dtype_bytes)
 
 
-def twin_engines(md: Path, profile: HardwareProfile, system: str, kv_slots: int, max_len: int, block_size: int = 16):
+def twin_engines(md: Path, profile: HardwareProfile, system: str, kv_slots: int, max_len: int, block_size: int = 16,
+                 device: str = "cpu"):
     """(real engine, simulated engine, cost model) of one configuration: same options, same KV pool."""
-    spec = _tiny_spec(md)
+    spec = _tiny_spec(md, 4 if device == "cpu" else 2)
     opts = dict(PAPER_ENGINE, **engine_options(system, simulated=False, prefix=False), block_size=block_size,
                 max_model_len=max_len, max_num_batched_tokens=max(PAPER_ENGINE["max_num_batched_tokens"] // 4, max_len),
                 swap_space=PAPER_ENGINE["swap_space"] / 64)
     from rawpaged.engine.llm_engine import LLMEngine
-    real = LLMEngine(EngineConfig(model=str(md), device="cpu", dtype="float32",
+    real = LLMEngine(EngineConfig(model=str(md), device=device, dtype="float32" if device == "cpu" else "float16",
                                   kv_cache_memory=kv_slots * spec.kv_bytes_per_token, **opts))
     setup = SimSetup(spec, profile, kv_memory=kv_slots * spec.kv_bytes_per_token)
     cm = CostModel(setup, block_size)
@@ -218,27 +221,29 @@ def calibrate(ctx: Context, device: str = "cpu") -> tuple[Figure, HardwareProfil
                  f"real engine ({device}, {what}) vs simulator with the fitted profile")
     md = model_dir(ctx)
     spec = _tiny_spec(md, 4 if device == "cpu" else 2)
+    base = CPU_BASE if device == "cpu" else replace(HARDWARE["h200-141gb"], name="gpu-local")
     kv = slots("sharegpt")
-    real, _, _ = twin_engines(md, CPU_BASE, "rawpaged", kv, 512)
+    real, _, _ = twin_engines(md, base, "rawpaged", kv, 512, device=device)
     fit_src = lengths_for("sharegpt", ctx.data_dir).scaled(4)
     n = 80 if ctx.quick else 150
     burst = make_workload(fit_src, n, math.inf, seed=11, max_len=real.max_model_len)
     r0 = _measure(ctx, real, burst, device)
-    real, _, _ = twin_engines(md, CPU_BASE, "rawpaged", kv, 512)
+    real, _, _ = twin_engines(md, base, "rawpaged", kv, 512, device=device)
     r1 = _measure(ctx, real, with_rate(burst, 0.5 * r0.throughput), device)
     shapes = _shapes(r0) + _shapes(r1)
     times = list(_times(r0, device)) + list(_times(r1, device))
-    profile, info = fit_profile(CPU_BASE, spec, shapes, times)
-    profile.to_json(ctx.out / "cpu_profile.json")
-    fig.files.append("cpu_profile.json")
+    profile, info = fit_profile(base, spec, shapes, times)
+    name = f"{'cpu' if device == 'cpu' else 'gpu'}_profile.json"
+    profile.to_json(ctx.out / name)
+    fig.files.append(name)
     # held out: Alpaca, full lengths, at 0.7x the capacity the FITTED simulator predicts
     hold_src = lengths_for("alpaca", ctx.data_dir)
     m = 150 if ctx.quick else 300
     wl = make_workload(hold_src, m, math.inf, seed=12, max_len=512)
-    _, sim, cm = twin_engines(md, profile, "rawpaged", kv, 512)
+    _, sim, cm = twin_engines(md, profile, "rawpaged", kv, 512, device=device)
     cap = run_workload(sim, wl, "model", cost_model=cm, vocab=SIM_VOCAB).throughput
     wl = with_rate(wl, 0.7 * cap)
-    real, sim, cm = twin_engines(md, profile, "rawpaged", kv, 512)
+    real, sim, cm = twin_engines(md, profile, "rawpaged", kv, 512, device=device)
     measured = _measure(ctx, real, wl, device)
     simulated = run_workload(sim, wl, "model", cost_model=cm, vocab=SIM_VOCAB)
     replay = np.array([cm.step_time(s) for s in _shapes(measured)])
@@ -272,5 +277,5 @@ def calibrate(ctx: Context, device: str = "cpu") -> tuple[Figure, HardwareProfil
 def _shapes(r):
     from rawpaged.repro.costmodel import StepShape
     s = r.steps
-    keys = ("num_seqs", "num_tokens", "num_sampled", "decode_context", "prefill_pairs", "swap_blocks", "copy_blocks")
-    return [StepShape(*(int(s[k][i]) for k in keys)) for i in range(len(s["dt"]))]
+    keys = [f.name for f in fields(StepShape)]
+    return [StepShape(**{k: int(s[k][i]) for k in keys}) for i in range(len(s["dt"]))]

@@ -157,10 +157,14 @@ def run(a: argparse.Namespace) -> int:
         write_report(out, info)
     info["wall_s"] = time.perf_counter() - started
     run_file = out / "run.json"
-    if selected == ["report"] and run_file.is_file():
-        info = json.loads(run_file.read_text())           # keep the header of the run that made the figures
-    else:
-        run_file.write_text(json.dumps(info, indent=1) + "\n")
+    if set(selected) != set(EXPERIMENTS) and run_file.is_file():
+        # NOTE: a partial run keeps the header of the run that made the other figures, and is listed under it.
+        first = json.loads(run_file.read_text())
+        if selected != ["report"]:
+            first.setdefault("later_runs", []).append(
+                {k: info[k] for k in ("command", "commit", "date", "wall_s")} | {"experiments": selected})
+        info = first
+    run_file.write_text(json.dumps(info, indent=1) + "\n")
     path = write_report(out, info)
     progress.say(f"wrote {path} ({info['wall_s']:.0f} s)")
     return 0

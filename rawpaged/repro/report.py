@@ -117,6 +117,9 @@ def write_report(out: Path, info: dict) -> Path:
              f"- reference: Kwon et al., SOSP 2023 (numbers from the paper's text and figures as listed in "
              "the project's DESIGN.md and the issue); each figure says whether its points are simulated or measured.",
              ""]
+    for later in info.get("later_runs", []):
+        lines.append(f"- rerun later: `{later['command']}` at {later['date']} (commit {later['commit']}, "
+                     f"{later['wall_s']:.0f} s): {', '.join(later['experiments'])}")
     for w in info.get("workloads", []):
         lines.append(f"- workload {w}")
     if info.get("workloads"):

@@ -135,7 +135,8 @@ class RunResult:
         if w.sum() == 0:
             return {k: 0.0 for k in ("real_tokens", "reserved", "internal", "external")}
         safe = np.maximum(used, 1)
-        return {k: float((s[k] / safe * w).sum() / w.sum()) for k in ("real_tokens", "reserved", "internal", "external")}
+        parts = ("real_tokens", "reserved", "internal", "external")
+        return {k: float((s[k] / safe * w).sum() / w.sum()) for k in parts}
 
     def sharing_saving(self) -> float:
         """Share of KV blocks sharing saves: 1 - physical / logical, over the steady state (Fig. 15)."""

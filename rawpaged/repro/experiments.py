@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
+from rawpaged.errors import RawpagedError
 from rawpaged.repro import plots
 from rawpaged.repro.costmodel import CostModel, StepShape
 from rawpaged.repro.figure import Figure
-from rawpaged.errors import RawpagedError
 from rawpaged.repro.runner import Point, engine_options, run_points, sim_setup
 
 ORCA = ("orca-oracle", "orca-pow2", "orca-max")
@@ -68,7 +66,8 @@ class Context:
         ok = tuple(s for s in names if available(s))
         missing = [s for s in names if s not in ok]
         if missing and fig is not None:
-            fig.notes.append("Not run (this build of rawpaged lacks them): " + ", ".join(LABEL[s] for s in missing) + ".")
+            names = ", ".join(LABEL[s] for s in missing)
+            fig.notes.append(f"Not run (this build of rawpaged lacks them): {names}.")
         return ok
 
     def requests(self, workload: str, full: int) -> int:
@@ -297,7 +296,8 @@ def fig16(ctx: Context) -> Figure:
     panels = []
     for prefix in ("one-shot", "five-shot"):
         rows, sustained, thr = latency_sweep(ctx, "fig16", "llama-13b", f"translate-{prefix}",
-                                             ctx.systems(("rawpaged", "orca-oracle"), fig if prefix == "one-shot" else None))
+                                             ctx.systems(("rawpaged", "orca-oracle"),
+                                                         fig if prefix == "one-shot" else None))
         fig.rows += rows
         fig.compare(f"{prefix}: sustained rate rawpaged / Orca (Oracle)", paper[prefix],
                     _div(sustained["rawpaged"], sustained.get("orca-oracle")), "x")

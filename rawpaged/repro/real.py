@@ -86,7 +86,8 @@ def _available(systems):
 
 def real_fig13(ctx: Context) -> list[Figure]:
     f13 = Figure("real-fig13", "Fig. 13 at small scale on the real engine: average batched requests", real_source(ctx))
-    f2 = Figure("real-fig2", "Fig. 2 at small scale on the real engine: KV memory holding real tokens", real_source(ctx))
+    f2 = Figure("real-fig2", "Fig. 2 at small scale on the real engine: KV memory holding real tokens",
+                real_source(ctx))
     paper13 = {"sharegpt": {"orca-max": 7.00, "orca-oracle": 13.62, "rawpaged": 30.42},
                "alpaca": {"orca-max": 7.00, "orca-oracle": 72.75, "rawpaged": 132.44}}
     paper2 = {"orca-max": 20.4, "orca-pow2": 26.8, "orca-oracle": 38.2, "rawpaged": 96.3}
@@ -94,7 +95,8 @@ def real_fig13(ctx: Context) -> list[Figure]:
     n = {"sharegpt": 150 if ctx.quick else 250, "alpaca": 300 if ctx.quick else 600}
     bars = []
     for w in ("sharegpt", "alpaca"):
-        cap = _run(ctx, [_real_points(ctx, "real", "rawpaged", w, n[w], math.inf)], f"real {w} capacity")[0]["throughput"]
+        first = _run(ctx, [_real_points(ctx, "real", "rawpaged", w, n[w], math.inf)], f"real {w} capacity")[0]
+        cap = first["throughput"]
         rate = round(0.9 * cap, 3)
         rows = _run(ctx, [_real_points(ctx, "real", s, w, n[w], rate) for s in systems], f"real fig13 {w}")
         f13.rows += rows
@@ -112,7 +114,8 @@ def real_fig13(ctx: Context) -> list[Figure]:
                                {"ours": [got[s]["batched_requests"] for s in systems]}))
     f13.notes.append(f"ShareGPT lengths, max_model_len and KV slots / 4 ({slots('sharegpt')} slots, 512 tokens); "
                      f"Alpaca at full length with {slots('alpaca')} slots; rate 0.9x rawpaged's saturated "
-                     "throughput on this CPU (the paper's 2 and 30 req/s are about 0.9x of its capacity in the simulator).")
+                     "throughput on this CPU (the paper's 2 and 30 req/s are about 0.9x of its capacity in the "
+                     "simulator).")
     f13.write_csv(ctx.out)
     f2.write_csv(ctx.out)
     plots.bar_panels(ctx.out / "real-fig13.png", bars)
@@ -175,7 +178,8 @@ def validate(ctx: Context, profile: HardwareProfile | None = None) -> Figure:
                  "real engine (CPU) and simulator, both on the cost model's clock")
     md = model_dir(ctx)
     profile = profile or CPU_BASE
-    cases = [("rawpaged", "sharegpt", 1), ("rawpaged", "alpaca", 2)] + [(s, "sharegpt", 1) for s in _available(("orca-oracle",))]
+    cases = [("rawpaged", "sharegpt", 1), ("rawpaged", "alpaca", 2)]
+    cases += [(s, "sharegpt", 1) for s in _available(("orca-oracle",))]
     for system, workload, n in cases:
         scale = 4
         src = lengths_for(workload, ctx.data_dir).scaled(scale)

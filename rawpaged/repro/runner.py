@@ -13,7 +13,6 @@ budget divided by `scale`, measured step times). Systems are the engine's KV man
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -247,7 +246,3 @@ def run_points(points: list[Point], data_dir: Path, *, jobs: int = 1, progress=N
 def _weight(p: Point) -> float:
     per = {"sharegpt": 340, "chatbot": 440, "alpaca": 60}.get(p.workload, 45)
     return p.num_requests * per * max(p.n, p.beam_width, 1)
-
-
-def replace_point(p: Point, **changes) -> Point:
-    return dataclasses.replace(p, **changes)

@@ -1,6 +1,7 @@
 // activations.cu: the feed-forward nonlinearities, elementwise, fp32 math, storage type T.
 //
 //   silu_and_mul  x [rows, 2*I] -> out [rows, I] = silu(x[:, :I]) * x[:, I:]   (LLaMA's SwiGLU)
+//   gelu_tanh_and_mul  the same with gelu_tanh for silu                      (Gemma's GeGLU)
 //   gelu          out = x * Phi(x)                  (exact, erf)
 //   gelu_tanh     out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 //   relu          out = max(x, 0)                   (OPT)
@@ -30,6 +31,19 @@ __device__ void silu_and_mul_impl(T* __restrict__ out, const T* __restrict__ x, 
     }
 }
 
+// out[r, j] = gelu_tanh(x[r, j]) * x[r, I + j]; one thread per output element.
+template <typename T>
+__device__ void gelu_tanh_and_mul_impl(T* __restrict__ out, const T* __restrict__ x, long long rows, int inner) {
+    const long long n = rows * inner;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long r = i / inner;
+        const int j = (int)(i - r * inner);
+        const float gate = to_float(x[r * 2 * inner + j]);
+        const float up = to_float(x[r * 2 * inner + inner + j]);
+        out[i] = from_float<T>(gelu_tanh_f(gate) * up);
+    }
+}
+
 // op: 0 = gelu (erf), 1 = gelu_tanh, 2 = relu.
 template <typename T>
 __device__ void unary_impl(T* __restrict__ out, const T* __restrict__ x, long long n, int op) {
@@ -43,5 +57,5 @@ __device__ void unary_impl(T* __restrict__ out, const T* __restrict__ x, long lo
     }
 }
 
-// Entry points: the extern "C" kernels silu_and_mul_<dt>, unary_<dt> are generated from the
+// Entry points: the extern "C" kernels silu_and_mul_<dt>, gelu_tanh_and_mul_<dt>, unary_<dt> are generated from the
 // table in rawpaged/backend/cuda/kernels.py, one wrapper per instantiation calling the templates above.

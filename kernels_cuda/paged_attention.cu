@@ -1,7 +1,9 @@
 // paged_attention.cu: attention over the paged KV cache.
 //
 // Every kernel here computes, for each query token t of sequence s at absolute position pos,
-//     out[t, h] = softmax_j( q[t, h] . K[s, j, kvh]  * scale ) @ V[s, j, kvh],   j = 0 .. pos
+//     out[t, h] = softmax_j( q[t, h] . K[s, j, kvh]  * scale ) @ V[s, j, kvh],   j = lo .. pos
+// with lo = 0, or lo = max(0, pos - sliding_window + 1) when sliding_window > 0 (Mistral-style
+// sliding-window attention: the last sliding_window positions, the query's own included),
 // where kvh = h / (num_heads / num_kv_heads) (GQA/MQA: a group of query heads shares one KV head)
 // and row j of sequence s lives in physical block block_tables[s, j / block_size] at offset
 // j % block_size. The new tokens of sequence s are its last q_len positions:
@@ -61,7 +63,7 @@ __device__ __forceinline__ void paged_decode_impl(
     const T* __restrict__ q, long long q_stride, const T* __restrict__ kv_cache, const int* __restrict__ block_tables,
     const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc, int layer, int num_layers,
     int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, int head_dim, int partition_size,
-    int num_partitions, float scale) {
+    int num_partitions, int sliding_window, float scale) {
     // Packs per lane per step: fewer when GT heads' worth of q and acc registers are live.
     constexpr int WEIGHT = (sizeof(T) == 4 ? 2 : 1) * GT;            // fp32 packs take two uint4
     constexpr int VPL = WEIGHT >= 8 ? 2 : (WEIGHT >= 4 ? 4 : 8);
@@ -85,11 +87,12 @@ __device__ __forceinline__ void paged_decode_impl(
     const int t = query_start_loc[s];
     if (query_start_loc[s + 1] - t != 1) return;                   // decode: one query token per sequence
     const int ctx = seq_lens[s];
-    int tok_begin = 0, tok_end = ctx;
+    const int lo = sliding_window > 0 ? max(0, ctx - sliding_window) : 0;   // the query sits at ctx - 1
+    int tok_begin = lo, tok_end = ctx;
     if (partition_size > 0) {
-        tok_begin = blockIdx.z * partition_size;
-        tok_end = min(ctx, tok_begin + partition_size);
-        if (tok_begin >= tok_end) return;                          // the reduce kernel skips it too
+        tok_begin = max(lo, (int)blockIdx.z * partition_size);
+        tok_end = min(ctx, (int)blockIdx.z * partition_size + partition_size);
+        if (tok_begin >= tok_end) return;       // past the context or wholly before the window: the reduce skips it too
     }
 
     // q for our GT heads, our chunk, pre-scaled into the log2 domain: qr[g][e] = q[t, h0+g, chunk*8+e].
@@ -257,23 +260,26 @@ template <typename T>
 __device__ __forceinline__ void paged_decode_reduce_impl(
     T* __restrict__ out, const float* __restrict__ part_out, const float* __restrict__ part_max,
     const float* __restrict__ part_sum, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-    int num_heads, int head_dim, int partition_size, int num_partitions) {
+    int num_heads, int head_dim, int partition_size, int num_partitions, int sliding_window) {
     extern __shared__ float weights[];
     const int h = blockIdx.x, s = blockIdx.y;
     const int t = query_start_loc[s];
     if (query_start_loc[s + 1] - t != 1) return;
-    const int n_parts = (seq_lens[s] + partition_size - 1) / partition_size;
+    const int ctx = seq_lens[s];
+    const int n_parts = (ctx + partition_size - 1) / partition_size;
+    // Partitions wholly before the window wrote nothing: start at the one holding its first token.
+    const int p0 = sliding_window > 0 ? max(0, ctx - sliding_window) / partition_size : 0;
     const long long base = ((long long)s * num_heads + h) * num_partitions;
     float M = RP_NEG_INF;
-    for (int p = 0; p < n_parts; ++p) M = fmaxf(M, part_max[base + p]);
+    for (int p = p0; p < n_parts; ++p) M = fmaxf(M, part_max[base + p]);
     float L = 0.0f;
-    for (int p = 0; p < n_parts; ++p) L += part_sum[base + p] * exp2f(part_max[base + p] - M);
-    for (int p = threadIdx.x; p < n_parts; p += blockDim.x)
+    for (int p = p0; p < n_parts; ++p) L += part_sum[base + p] * exp2f(part_max[base + p] - M);
+    for (int p = p0 + threadIdx.x; p < n_parts; p += blockDim.x)
         weights[p] = part_sum[base + p] * exp2f(part_max[base + p] - M) / L;
     __syncthreads();
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float o = 0.0f;
-        for (int p = 0; p < n_parts; ++p) o = fmaf(weights[p], part_out[(base + p) * head_dim + d], o);
+        for (int p = p0; p < n_parts; ++p) o = fmaf(weights[p], part_out[(base + p) * head_dim + d], o);
         out[((long long)t * num_heads + h) * head_dim + d] = from_float<T>(o);
     }
 }
@@ -289,7 +295,7 @@ __device__ __forceinline__ void paged_varlen_impl(
     T* __restrict__ out, const T* __restrict__ q, long long q_stride, const T* __restrict__ kv_cache,
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
     int num_seqs, int layer, int num_layers, int num_heads, int num_kv_heads, int block_size,
-    int max_blocks_per_seq, int head_dim, float scale) {
+    int max_blocks_per_seq, int head_dim, int sliding_window, float scale) {
     const int lane = threadIdx.x & 31;
     const int h = blockIdx.y * NUM_WARPS + (threadIdx.x >> 5);
     if (h >= num_heads) return;
@@ -302,7 +308,8 @@ __device__ __forceinline__ void paged_varlen_impl(
     }
     const int s = lo;
     const int q_len = query_start_loc[s + 1] - query_start_loc[s];
-    const int pos = seq_lens[s] - q_len + (t - query_start_loc[s]);   // attend to 0..pos
+    const int pos = seq_lens[s] - q_len + (t - query_start_loc[s]);   // attend to first_key..pos
+    const int first_key = sliding_window > 0 ? max(0, pos - sliding_window + 1) : 0;
     const int kvh = h / (num_heads / num_kv_heads);
 
     const float qscale = scale * RP_LOG2E;
@@ -319,7 +326,7 @@ __device__ __forceinline__ void paged_varlen_impl(
     const T* k_base = kv_cache + ((long long)layer * 2 * num_kv_heads + kvh) * tile;
     const long long v_off = (long long)num_kv_heads * tile;
     float m = RP_NEG_INF, l = 0.0f;
-    for (int j = 0; j <= pos; ++j) {
+    for (int j = first_key; j <= pos; ++j) {
         const long long blk = table[j / block_size];
         const T* kr = k_base + blk * block_stride + (long long)(j % block_size) * head_dim;
         float part = 0.0f;
@@ -402,7 +409,8 @@ template <typename T, int HD>
 __device__ __forceinline__ void paged_prefill_impl(
     T* __restrict__ out, const T* __restrict__ q, long long q_stride, const T* __restrict__ kv_cache,
     const int* __restrict__ block_tables, const int* __restrict__ seq_lens, const int* __restrict__ query_start_loc,
-    int layer, int num_layers, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, float scale) {
+    int layer, int num_layers, int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq,
+    int sliding_window, float scale) {
     constexpr int STRIDE = HD + 8;            // padded shared-memory row, elements
     constexpr int NP = HD / PACK;             // 16-byte packs per row
     const int s = blockIdx.z, h = blockIdx.y;
@@ -412,7 +420,9 @@ __device__ __forceinline__ void paged_prefill_impl(
     if (row0 >= q_len) return;
     const int rows_here = min(PF_BM, q_len - row0);
     const int first_pos = seq_lens[s] - q_len + row0;             // position of this block's row 0
-    const int kv_end = first_pos + rows_here;                      // keys 0 .. kv_end-1 are needed
+    const int kv_end = first_pos + rows_here;                      // keys kv_begin .. kv_end-1 are needed
+    // Sliding window: row 0 sees keys from first_pos - W + 1 on; tiles wholly before that are never read.
+    const int kv_begin = sliding_window > 0 ? max(0, first_pos - sliding_window + 1) : 0;
     const int kvh = h / (num_heads / num_kv_heads);
 
     extern __shared__ uint4 smem_u4[];                             // 16-byte aligned
@@ -433,6 +443,7 @@ __device__ __forceinline__ void paged_prefill_impl(
     const int ra = warp * 16 + g;                                  // this lane's two rows: ra, ra + 8
     const int pos_a = first_pos + ra, pos_b = pos_a + 8;
     const int warp_last_pos = first_pos + warp * 16 + 15;
+    const int warp_first_key = sliding_window > 0 ? first_pos + warp * 16 - sliding_window + 1 : 0;
 
     const int* table = block_tables + (long long)s * max_blocks_per_seq;
     const long long tile = (long long)block_size * HD;
@@ -447,7 +458,7 @@ __device__ __forceinline__ void paged_prefill_impl(
     for (int dt = 0; dt < HD / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float m[2] = {RP_NEG_INF, RP_NEG_INF}, l[2] = {0.0f, 0.0f};
 
-    for (int kv0 = 0; kv0 < kv_end; kv0 += PF_BN) {
+    for (int kv0 = kv_begin; kv0 < kv_end; kv0 += PF_BN) {
         __syncthreads();                                           // the previous tile is consumed
         // Gather keys kv0 .. kv0+31 through the block table (zero past kv_end).
         for (int p = threadIdx.x; p < PF_BN * NP; p += NUM_THREADS) {
@@ -465,6 +476,7 @@ __device__ __forceinline__ void paged_prefill_impl(
         }
         __syncthreads();
         if (kv0 > warp_last_pos) continue;                         // causal: the whole tile is in our future
+        if (kv0 + PF_BN <= warp_first_key) continue;               // window: the whole tile is before our rows' windows
 
         // S = Q K^T for our 16 rows and the tile's 32 keys: 4 n-tiles of 8 keys.
         float sc[PF_BN / 8][4];
@@ -485,14 +497,16 @@ __device__ __forceinline__ void paged_prefill_impl(
                 mma_16816<T>(sc[nt], a, b);
             }
         }
-        // Scale into the log2 domain and mask: key j is visible to the row at position p iff j <= p.
+        // Scale into the log2 domain and mask: key j is visible to the row at position p iff
+        // j <= p (causal) and, with a window W, j > p - W.
 #pragma unroll
         for (int nt = 0; nt < PF_BN / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = kv0 + nt * 8 + c2 + (e & 1);
                 const int p = e < 2 ? pos_a : pos_b;
-                sc[nt][e] = (j <= p && j < kv_end) ? sc[nt][e] * qscale : RP_NEG_INF;
+                const bool seen = j <= p && j < kv_end && (sliding_window <= 0 || j > p - sliding_window);
+                sc[nt][e] = seen ? sc[nt][e] * qscale : RP_NEG_INF;
             }
         // Online softmax, row ra (elements 0,1 of each n-tile) and row ra+8 (elements 2,3). A row's
         // 32 scores are spread over the 4 lanes of its quad: reduce the max with xor 1, 2.

@@ -7,21 +7,33 @@ from rawpaged.errors import RawpagedError
 from rawpaged.worker.model_runner import AttentionMetadata
 
 
-def attention(backend, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale):
+def attention(backend, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale, sliding_window=None):
     """Store this step's K/V in the paged cache, then attend through the block tables.
 
     q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]. Writing first means one entry point serves
     prefill, chunked prefill, prefix-cached prefill and decode: every key is read from the cache.
+    sliding_window W (None or 0: none): the query at position p sees positions max(0, p-W+1)..p.
     """
     backend.reshape_and_cache(k, v, kv_cache, layer, meta.slot_mapping)
     out = backend.paged_attention(q, kv_cache, layer, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, scale,
-                                  max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+                                  max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+                                  sliding_window=sliding_window or None)
     return out.reshape(out.shape[0], -1)
 
 
+def split_heads(xp, qkv, num_heads: int, num_kv_heads: int, head_dim: int):
+    """[T, (Hq + 2 Hkv) D] fused projection -> contiguous q [T, Hq, D], k, v [T, Hkv, D]."""
+    T, nq, nkv = qkv.shape[0], num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :nq].reshape(T, num_heads, head_dim)
+    k = qkv[:, nq:nq + nkv].reshape(T, num_kv_heads, head_dim)
+    v = qkv[:, nq + nkv:].reshape(T, num_kv_heads, head_dim)
+    return tuple(xp.ascontiguousarray(t) for t in (q, k, v))
+
+
 def rope_cos_sin_cache(rot_dim: int, max_pos: int, theta: float) -> np.ndarray:
-    """[max_pos, rot_dim] float32: cos(pos * f_i) then sin(pos * f_i), f_i = theta^(-2i/rot_dim)."""
+    """[max_pos, rot_dim] float32: cos(pos * f_i) then sin(pos * f_i), f_i = theta^(-2i/rot_dim).
+    (Unscaled RoPE; model_impl/rope.py builds every table the models use.)"""
     inv_freq = 1.0 / (theta ** (np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim))
     angles = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None, :]
     return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)

@@ -1,7 +1,7 @@
 """rawpaged: an LLM serving engine doing PagedAttention without PyTorch."""
 from rawpaged.errors import RawpagedError
 from rawpaged.outputs import CompletionOutput, RequestOutput
-from rawpaged.sampling_params import SamplingParams
+from rawpaged.sampling_params import SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -17,4 +17,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "RawpagedError"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
+           "RawpagedError"]

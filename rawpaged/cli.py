@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None)
     srv.add_argument("--served-model-name", default=None)
-    srv.add_argument("--chat-template", default=None, help="Jinja chat template file")
+    srv.add_argument("--chat-template", default=None,
+                     help="Jinja chat template: a file, or the template text itself")
     srv.add_argument("--log-level", default="info")
     srv.add_argument("--log-format", default="text", choices=["text", "json"],
                      help="json: one JSON object per line, for log shippers")
@@ -87,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    import logging
+
     from rawpaged import LLM, SamplingParams
+
+    logging.basicConfig(level=logging.INFO, format="rawpaged: %(message)s")
 
     try:
         params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,

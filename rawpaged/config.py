@@ -17,12 +17,72 @@ from pathlib import Path
 from rawpaged.convert.paths import check_model_files, model_file
 from rawpaged.errors import RawpagedError
 
-# Hugging Face architecture name -> model family implemented in model_impl/.
+# Hugging Face architecture name -> model family implemented in model_impl/ (one file per family).
+# NOTE: the one table of what rawpaged runs: ModelConfig resolves against it and `rawpaged convert hf`
+# refuses anything else.
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GemmaForCausalLM": "gemma",
+    "Phi3ForCausalLM": "phi3",
+    "GPT2LMHeadModel": "gpt2",
+    "GPTNeoXForCausalLM": "gpt_neox",
     "OPTForCausalLM": "opt",
 }
+
+# config.json's `model_type` -> the architecture, for a config without `architectures`.
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM", "opt": "OPTForCausalLM",
+}
+
+# Families whose attention rotates q and k (RoPE; the table of model_impl/rope.py).
+ROTARY_FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox")
+# Families with a gated MLP of `intermediate_size` (gate and up projections).
+GATED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma", "phi3")
+
+# Older spellings of the fields rawpaged reads, per family: config.json's name -> the name used here.
+# NOTE: GPT-2's files say n_embd/n_layer/...; transformers maps them with `attribute_map`, we rename
+# them once when the file is read, so the checks and the models see one vocabulary.
+FIELD_ALIASES = {
+    "gpt2": {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+             "n_positions": "max_position_embeddings", "n_inner": "intermediate_size",
+             "layer_norm_epsilon": "layer_norm_eps"},
+    "gpt_neox": {"rotary_pct": "partial_rotary_factor", "rotary_emb_base": "rope_theta"},
+}
+
+
+def resolve_architecture(hf: dict, cfg_file: Path) -> tuple[str, str]:
+    """(architecture, family) of a config.json: from `architectures`, else from `model_type`."""
+    archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise RawpagedError(f"{cfg_file}: architectures must be a list of names, got {archs!r:.60}")
+    model_type = hf.get("model_type")
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None and not archs and isinstance(model_type, str):
+        arch = MODEL_TYPES.get(model_type)
+    if arch is None:
+        named = f"architectures {archs}" if archs else f"model_type {model_type!r}" if model_type else \
+            "no architectures or model_type"
+        raise RawpagedError(f"unknown architecture ({named}) in {cfg_file}: supported are "
+                            f"{', '.join(ARCHITECTURES)} (model_type {', '.join(MODEL_TYPES)})")
+    return arch, ARCHITECTURES[arch]
+
+
+def normalize_fields(hf: dict, family: str) -> dict:
+    """A copy of config.json with the family's older field names renamed (FIELD_ALIASES)."""
+    out = dict(hf)
+    for old, new in FIELD_ALIASES.get(family, {}).items():
+        if old in out and out.get(new) is None:
+            out[new] = out.pop(old)
+    if family == "gpt_neox" and "partial_rotary_factor" not in out \
+            and "partial_rotary_factor" not in (out.get("rope_parameters") or {}):
+        out["partial_rotary_factor"] = 0.25          # GPTNeoXConfig's default rotary_pct
+    return out
+
 
 # Files of a model directory the engine reads besides the weights (config, tokenizer, templates);
 # each must stay inside the directory (see rawpaged/convert/paths.py).
@@ -53,10 +113,11 @@ CONFIG_FIELDS: dict[str, Field] = {
     "num_key_value_heads": Field("int", low=1),
     "head_dim": Field("int", low=1),
     "max_position_embeddings": Field("int", required=True, low=1),
-    "intermediate_size": Field("int", required=True, low=1, families=("llama",)),
+    "intermediate_size": Field("int", required=True, low=1, families=GATED_FAMILIES + ("gpt_neox",)),
     "ffn_dim": Field("int", required=True, low=1, families=("opt",)),
     "word_embed_proj_dim": Field("int", low=1, families=("opt",)),
     "rms_norm_eps": Field("number", low=0),
+    "layer_norm_eps": Field("number", low=0),
     "rope_theta": Field("number", above=0),
     "partial_rotary_factor": Field("number", above=0, high=1),
     "rope_scaling": Field("object"),
@@ -74,14 +135,50 @@ CONFIG_FIELDS: dict[str, Field] = {
     "dtype": Field("str"),
     "bos_token_id": Field("token_ids"),
     "eos_token_id": Field("token_ids"),
+    # sliding-window attention (Mistral, Phi-3; Qwen2/3 per layer)
+    "sliding_window": Field("int", low=1),
+    "use_sliding_window": Field("bool"),
+    "max_window_layers": Field("int", low=0),
+    "layer_types": Field("str_list"),
+    # GPT-2 (after FIELD_ALIASES) and GPT-NeoX
+    "scale_attn_weights": Field("bool", families=("gpt2",)),
+    "scale_attn_by_inverse_layer_idx": Field("bool", families=("gpt2",)),
+    "use_parallel_residual": Field("bool", families=("gpt_neox",)),
+    "original_max_position_embeddings": Field("int", low=1),
 }
 
-# Fields read inside "rope_parameters" / "rope_scaling" (the model refuses rope types it lacks).
+# Fields read inside "rope_parameters" / "rope_scaling" (model_impl/rope.py; the types it lacks are
+# refused by rope_spec below).
 ROPE_FIELDS: dict[str, Field] = {
     "rope_theta": Field("number", above=0),
     "rope_type": Field("str"),
     "type": Field("str"),
+    "partial_rotary_factor": Field("number", above=0, high=1),
+    "factor": Field("number", above=0),
+    "original_max_position_embeddings": Field("int", low=1),
+    "low_freq_factor": Field("number", above=0),
+    "high_freq_factor": Field("number", above=0),
+    "attention_factor": Field("number", above=0),
+    "beta_fast": Field("number", above=0),
+    "beta_slow": Field("number", above=0),
+    "mscale": Field("number"),
+    "mscale_all_dim": Field("number"),
+    "truncate": Field("bool"),
 }
+
+# RoPE scaling rawpaged implements (model_impl/rope.py follows transformers' modeling_rope_utils.py).
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """What the rotary table needs, read from config.json's top level and rope_parameters/rope_scaling."""
+    rope_type: str
+    theta: float
+    rot_dim: int
+    partial: float          # partial_rotary_factor: the fraction of head_dim that rotates
+    params: dict            # the merged rope dict (factor, original_max_position_embeddings, ...)
+
 
 # NOTE: a RoPE table up to this size is always accepted; beyond it, it may not exceed the weight
 # files (a real model's table is a small fraction of its weights: 64 MiB for 8B LLaMA-3.1's
@@ -94,8 +191,8 @@ ROPE_BUILD_FACTOR = 6   # float64 angles, cos, sin and their concatenation while
 class ModelConfig:
     path: Path
     architecture: str          # HF name, e.g. "LlamaForCausalLM"
-    family: str                # "llama" or "opt"
-    hf: dict = field(repr=False)
+    family: str                # model_impl's family: a value of ARCHITECTURES
+    hf: dict = field(repr=False)   # config.json, older field names renamed (normalize_fields)
     vocab_size: int = 0
     hidden_size: int = 0
     num_layers: int = 0
@@ -118,16 +215,9 @@ class ModelConfig:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise RawpagedError(f"no config.json in model directory {path}")
-        hf = _read_json_object(cfg_file)
-        archs = hf.get("architectures") or []
-        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise RawpagedError(f"{cfg_file}: architectures must be a list of names, got {archs!r:.60}")
-        arch = next((a for a in archs if a in ARCHITECTURES), None)
-        if arch is None:
-            raise RawpagedError(
-                f"unknown architecture {archs or hf.get('model_type')!r} in {cfg_file}: "
-                f"supported are {', '.join(ARCHITECTURES)}")
-        family = ARCHITECTURES[arch]
+        raw = _read_json_object(cfg_file)
+        arch, family = resolve_architecture(raw, cfg_file)
+        hf = normalize_fields(raw, family)
         validate_config(hf, family, cfg_file)
         cfg = cls(path=path, architecture=arch, family=family, hf=hf)
         cfg._read_common()
@@ -150,7 +240,7 @@ class ModelConfig:
         self.num_heads = hf["num_attention_heads"]
         self.num_kv_heads = hf.get("num_key_value_heads") or self.num_heads
         self.head_dim = hf.get("head_dim") or self.hidden_size // self.num_heads
-        self.max_model_len = hf["max_position_embeddings"]
+        self.max_model_len = derived_max_len(hf, self.family)
         self.torch_dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
         self.bos_token_id = hf.get("bos_token_id")
         self.eos_token_ids = _token_ids(hf.get("eos_token_id"))
@@ -163,6 +253,15 @@ class ModelConfig:
             if eos is not None:
                 self.eos_token_ids = _token_ids(eos)
             self.bos_token_id = g.get("bos_token_id", self.bos_token_id)
+
+    @property
+    def rope(self) -> RopeSpec:
+        return rope_spec(self.hf, self.path / "config.json")
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Sliding window of each layer (0: full causal attention)."""
+        return layer_windows(self.hf, self.architecture)
 
     def kv_bytes_per_token(self, dtype_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_size
@@ -188,12 +287,92 @@ def validate_config(hf: dict, family: str, cfg_file: Path) -> None:
     if (hf.get("head_dim") is None or family == "opt") and hf["hidden_size"] % heads:
         raise RawpagedError(f"{cfg_file}: hidden_size={hf['hidden_size']} is not a multiple of "
                             f"num_attention_heads={heads} (and no head_dim is given)")
-    if family == "llama":
-        rot_dim = _rotary_dim(hf)
-        if rot_dim < 2 or rot_dim % 2:
+    if family in ROTARY_FAMILIES:
+        spec = rope_spec(hf, cfg_file)
+        if spec.rot_dim < 2 or spec.rot_dim % 2:
             raise RawpagedError(f"{cfg_file}: head_dim={_head_dim(hf)} times partial_rotary_factor="
-                                f"{hf.get('partial_rotary_factor', 1.0)} gives {rot_dim} rotary dimensions: "
+                                f"{spec.partial:g} gives {spec.rot_dim} rotary dimensions: "
                                 f"must be even and at least 2")
+    types = hf.get("layer_types")
+    if types is not None and (len(types) != hf["num_hidden_layers"]
+                              or not set(types) <= {"full_attention", "sliding_attention"}):
+        raise RawpagedError(f"{cfg_file}: layer_types must list 'full_attention' or 'sliding_attention' "
+                            f"for each of the {hf['num_hidden_layers']} layers, got {_show(types)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE parameters, sliding windows, the context length
+# ---------------------------------------------------------------------------------------------
+
+def rope_spec(hf: dict, cfg_file: Path) -> RopeSpec:
+    """The rotary parameters of a config, from rope_parameters / rope_scaling over the top level
+    (transformers' standardize_rope_params: the rope dict wins, top-level fields fill it in)."""
+    scaling = hf.get("rope_scaling") or {}
+    rope = {**(hf.get("rope_parameters") or {}), **scaling}
+    # NOTE: a legacy rope_scaling names its type "type"; it overrides a rope_parameters' "rope_type".
+    rope_type = scaling.get("rope_type") or scaling.get("type") or rope.get("rope_type") or rope.get("type") or "default"
+    where = f"{cfg_file} (rope_scaling / rope_parameters)"
+    if rope_type in ("longrope", "su"):
+        raise RawpagedError(f"rope type {rope_type!r} (Phi-3's LongRoPE long-context scaling) in {where} is not "
+                            f"supported: supported are {', '.join(ROPE_TYPES)}")
+    if rope_type not in ROPE_TYPES:
+        raise RawpagedError(f"rope type {rope_type!r} in {where} is not supported: supported are {', '.join(ROPE_TYPES)}")
+    theta = rope.get("rope_theta") or hf.get("rope_theta") or 10000.0
+    factor = rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0
+    if rope_type != "default":
+        params = dict(rope)
+        # NOTE: Phi-3 keeps original_max_position_embeddings at the top level, and there it wins
+        # (standardize_rope_params' exception); elsewhere it defaults to max_position_embeddings.
+        if rope_type in ("yarn", "llama3"):
+            top = hf.get("original_max_position_embeddings")
+            params["original_max_position_embeddings"] = top if top is not None and hf.get("model_type") == "phi3" \
+                else params.get("original_max_position_embeddings") or hf["max_position_embeddings"]
+        needed = {"linear": ("factor",), "dynamic": ("factor",), "yarn": (),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+        missing = [k for k in needed if params.get(k) is None]
+        if missing:
+            raise RawpagedError(f"rope type {rope_type!r} in {where} needs {', '.join(missing)}")
+        if rope_type == "dynamic" and int(_head_dim(hf) * float(factor)) <= 2:
+            raise RawpagedError(f"rope type 'dynamic' in {where} needs more than 2 rotary dimensions")
+        if rope_type == "llama3" and params["high_freq_factor"] <= params["low_freq_factor"]:
+            raise RawpagedError(f"{where}: llama3 high_freq_factor must exceed low_freq_factor")
+        rope = params
+    return RopeSpec(rope_type, float(theta), int(_head_dim(hf) * float(factor)), float(factor), rope)
+
+
+def derived_max_len(hf: dict, family: str) -> int:
+    """The longest context the model serves: max_position_embeddings, stretched by the RoPE
+    scaling factor for linear / dynamic (x factor) and yarn (original_max_position_embeddings x
+    factor), as vLLM derives it; llama3 configs already give the stretched length."""
+    base = hf["max_position_embeddings"]
+    if family not in ROTARY_FAMILIES:
+        return base
+    spec = rope_spec(hf, Path("config.json"))
+    if spec.rope_type in ("linear", "dynamic"):
+        return int(base * spec.params["factor"])
+    if spec.rope_type == "yarn":
+        orig = spec.params["original_max_position_embeddings"]
+        return int(orig * (spec.params.get("factor") or base / orig))
+    return base
+
+
+# Defaults transformers gives `sliding_window` when config.json leaves it out.
+_DEFAULT_WINDOW = {"MistralForCausalLM": 4096, "Qwen2ForCausalLM": 4096, "Qwen3ForCausalLM": 4096}
+
+
+def layer_windows(hf: dict, architecture: str) -> tuple[int, ...]:
+    """Sliding window per layer, 0 for full attention, as transformers masks it: Mistral and Phi-3
+    window every layer when `sliding_window` is set; Qwen2/Qwen3 only with `use_sliding_window`, and
+    then the layers `layer_types` names (default: those from `max_window_layers` on)."""
+    n = hf["num_hidden_layers"]
+    window = hf.get("sliding_window", _DEFAULT_WINDOW.get(architecture))
+    if architecture in ("MistralForCausalLM", "Phi3ForCausalLM"):
+        return (window or 0,) * n
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window") and window:
+        types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(n)]
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    return (0,) * n
 
 
 def _check_field(hf: dict, name: str, spec: Field, cfg_file: Path, label: str | None = None) -> None:
@@ -227,6 +406,8 @@ def _field_problem(value, spec: Field) -> str | None:
         return None if isinstance(value, str) else "a string"
     if spec.kind == "object":
         return None if isinstance(value, dict) else "a JSON object"
+    if spec.kind == "str_list":
+        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
     if spec.kind == "token_ids":
         ids = value if isinstance(value, list) else [value]
         return None if all(type(t) is int and t >= 0 for t in ids) else "a token id (integer >= 0) or a list of them"
@@ -245,7 +426,7 @@ def _head_dim(hf: dict) -> int:
 
 
 def _rotary_dim(hf: dict) -> int:
-    return int(_head_dim(hf) * float(hf.get("partial_rotary_factor") or 1.0))
+    return rope_spec(hf, Path("config.json")).rot_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,17 +441,17 @@ def implied_parameters(cfg: ModelConfig) -> int:
     """
     hf, H = cfg.hf, cfg.hidden_size
     embed_dim = hf.get("word_embed_proj_dim") or H
-    mlp_dim = hf.get("intermediate_size") or hf.get("ffn_dim") or 0
+    mlp_dim = hf.get("intermediate_size") or hf.get("ffn_dim") or (4 * H if cfg.family == "gpt2" else 0)
     attention = H * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     params = cfg.vocab_size * embed_dim + cfg.num_layers * (attention + 2 * H * mlp_dim)
-    if cfg.family == "opt":                          # learned positions are weights too
-        params += (cfg.max_model_len + 2) * H
+    if cfg.family in ("opt", "gpt2"):                # learned positions are weights too
+        params += hf["max_position_embeddings"] * H
     return params
 
 
 def rope_table_bytes(cfg: ModelConfig) -> int:
-    """The float32 cos/sin table the LLaMA family builds: [max_position_embeddings, rotary dims]."""
-    return cfg.max_model_len * _rotary_dim(cfg.hf) * 4 if cfg.family == "llama" else 0
+    """The float32 cos/sin table a rotary family builds: [max context, rotary dims]."""
+    return cfg.max_model_len * _rotary_dim(cfg.hf) * 4 if cfg.family in ROTARY_FAMILIES else 0
 
 
 def physical_memory() -> int | None:
@@ -304,8 +485,8 @@ def check_sizes(cfg: ModelConfig) -> None:
         raise RawpagedError(f"{cfg_file}: the sizes it gives ({fields}) imply at least {params} parameters, "
                             f"but the weight files hold only {on_disk} bytes")
     rope = rope_table_bytes(cfg)
-    table = f"max_position_embeddings={cfg.max_model_len} needs a {rope / 1e6:.0f} MB RoPE table " \
-            f"({_rotary_dim(cfg.hf)} rotary dims)"
+    table = f"max_position_embeddings={cfg.hf['max_position_embeddings']} needs a {rope / 1e6:.0f} MB RoPE table " \
+            f"({cfg.max_model_len} positions x {_rotary_dim(cfg.hf)} rotary dims)"
     if rope > max(on_disk, ROPE_TABLE_FLOOR):
         raise RawpagedError(f"{cfg_file}: {table}, more than the {on_disk / 1e6:.0f} MB of weight files: "
                             f"is max_position_embeddings right?")

@@ -8,6 +8,7 @@ Every file is resolved inside the model directory (`paths.model_file`): an index
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 from safetensors import safe_open
 
 from rawpaged.convert.hf import SafetensorsFile
+from rawpaged.convert.progress import Progress
 from rawpaged.convert.paths import model_file
 from rawpaged.errors import RawpagedError
 
@@ -52,10 +54,29 @@ def _index_shards(index: Path) -> set[str]:
     return set(weight_map.values())
 
 
-def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) for every tensor of every weight file. BF16 arrives as float32."""
-    for f in weight_files(Path(model_dir)):
-        yield from _read_file(f)
+PROGRESS_MIN_BYTES = 256 << 20      # smaller models load too fast for a progress bar to help
+
+
+def iter_tensors(model_dir: str | Path, progress: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) for every tensor of every weight file. BF16 arrives as float32.
+
+    With `progress`, a bar on stderr counts tensors and bytes (only for a terminal and a model of at
+    least PROGRESS_MIN_BYTES)."""
+    files = weight_files(Path(model_dir))
+    bar = None
+    if progress and sys.stderr.isatty():
+        entries = [SafetensorsFile(f).entries for f in files]
+        total = sum(e.nbytes for es in entries for e in es.values())
+        if total >= PROGRESS_MIN_BYTES:
+            bar = Progress(sum(map(len, entries)), total, label="loading weights")
+    for i, f in enumerate(files):
+        for name, array in _read_file(f):
+            if bar is not None:
+                bar.update(entries[i][name].nbytes)        # bytes as stored (BF16 arrives widened)
+                bar.tensor_done()
+            yield name, array
+    if bar is not None:
+        bar.close()
 
 
 def _read_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:

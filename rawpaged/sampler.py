@@ -3,15 +3,22 @@
 API (array-module generic: `xp` is numpy on the CPU backend, cupy on the GPU backend)
     rows = [SamplingRow(params, prompt_token_ids, output_token_ids, generator, num_logprobs), ...]
     sampler = Sampler(xp, seed=0)
-    results = sampler(logits, rows)            # logits[B, V] -> list[SampleResult], one per row
+    results = sampler(logits, rows, mask)      # logits[B, V] -> list[SampleResult], one per row;
+                                               # mask: a TokenMask for the constrained rows, or None
     lps, tops = sampler.logprobs(logits, ids, num_top)
                                                # prompt logprobs: logits[T, V], next tokens ids[T]
                                                # -> host lps[T], per row {id: logprob}
-    values, ids = sampler.topk_logprobs(logits, k)   # beam search: host [B, k] each, best first
+    values, ids = sampler.topk_logprobs(logits, k, mask)   # beam search: host [B, k] each, best first
     processed = process_logits(xp, logits, rows)     # logit_bias + penalties only, on a copy
+    allowed = unpack_mask(xp, bits, V)         # packed bitmask [C, W] -> device bool [C, V]
+    apply_mask(xp, logits, mask)               # in place: -inf where the TokenMask forbids
     verify_for_vocab(params, vocab_size)       # the engine calls it once at add_request
 
 What happens to a row, in vLLM's order:
+  0. structured outputs: tokens the row's grammar forbids get -inf (TokenMask: a packed bitmask the
+     grammar engine filled for the whole batch, unpacked and applied in one vectorised where()).
+     A constrained row can never come out with a forbidden token: one whose rounding would pick
+     one (a parallel scan's cumsum) gets its best allowed token instead.
   1. logit_bias is added.
   2. repetition penalty (HF / CTRL): every token seen in prompt + output has its logit divided by
      the penalty when positive, multiplied by it otherwise.
@@ -30,7 +37,11 @@ What happens to a row, in vLLM's order:
 Logprobs (SampleResult.logprob, top_logprobs, prompt logprobs, topk_logprobs) are log_softmax of
 the model's RAW logits, before bias, penalties and temperature: what the model itself believes, as
 vLLM v1 reports by default ("raw_logprobs"). Beam search gets the same raw scores; an engine that
-wants penalised beams can pass `process_logits(...)` to topk_logprobs instead.
+wants penalised beams can pass `process_logits(...)` to topk_logprobs instead. On a constrained
+row the normalizer is still the whole vocabulary's (an allowed token's logprob is the number it
+has unconstrained), and forbidden tokens are -inf: they never rank among the top-N (unless fewer
+tokens are allowed) nor among a beam's candidates (Hugging Face's constrained beam search: masked
+log_softmax, not renormalized).
 
 NOTE: seeded requests are batch-invariant: every step works on its own row only (per-row sort,
 cumsum and reductions), the path a row takes depends on its own params only, and its uniform comes
@@ -58,6 +69,14 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: np.random.Generator | None = None   # the request's seeded one; None: the sampler's
     num_logprobs: int | None = None                # top-N logprobs wanted with the chosen token
+
+
+@dataclass
+class TokenMask:
+    """The batch's structured-output constraint: which rows, and what each may sample."""
+    rows: list[int]          # indices into the batch (sorted)
+    bits: np.ndarray         # host int32 [len(rows), ceil(V/32)]: bit t % 32 of word t // 32 set =
+                             # token t allowed (llguidance's layout); words past V are ignored
 
 
 @dataclass
@@ -96,6 +115,51 @@ def _argsort_desc(xp, x):
     NOTE: cupy's argsort is always stable, and older cupy releases accept no `kind`.
     """
     return xp.argsort(-x, axis=-1, **({"kind": "stable"} if xp is np else {}))
+
+
+# -- 0: the structured-output mask --------------------------------------------------------------
+
+def unpack_mask(xp, bits: np.ndarray, vocab: int):
+    """Packed bitmask (host int32 [C, W]) -> device bool [C, vocab], token t = bit t % 32 of word t // 32.
+
+    NOTE: on the CPU NumPy's unpackbits does it in one pass over a uint8 view (the int32 words are
+    little-endian, so byte-wise little bit order is token order); on the device the shift-and-test
+    is one elementwise kernel over [C, W, 32] (CuPy's unpackbits lacks bitorder in older releases).
+    """
+    if xp is np:
+        u8 = np.ascontiguousarray(bits, dtype="<i4").view(np.uint8)            # [C, 4W]
+        return np.unpackbits(u8, axis=1, bitorder="little")[:, :vocab].view(np.bool_)
+    words = xp.asarray(bits)                                                    # [C, W]
+    shifts = xp.arange(32, dtype=xp.int32)                                      # [32]
+    on = ((words[:, :, None] >> shifts) & 1) != 0                               # [C, W, 32]
+    return on.reshape(words.shape[0], -1)[:, :vocab]                            # [C, V]
+
+
+def apply_mask(xp, logits, mask: "TokenMask") -> None:
+    """In place: the mask's rows of logits (float32 [B, V]) get -inf where their token is forbidden.
+
+    NOTE: on the CPU this is the only pass over [C, V] floats: the packed words are inverted (cheap,
+    [C, W]), unpacked to a forbidden-mask and written with copyto(where=), in place when every row
+    is constrained (a gather and a scatter otherwise). On the device one where() does it.
+    """
+    V = logits.shape[1]
+    if xp is np:
+        forbidden = unpack_mask(np, ~mask.bits, V)                             # [C, V]
+        if len(mask.rows) == logits.shape[0]:                                  # rows are 0..B-1
+            np.copyto(logits, -np.inf, where=forbidden)
+        else:
+            sub = logits[mask.rows]
+            np.copyto(sub, -np.inf, where=forbidden)
+            logits[mask.rows] = sub
+        return
+    sel = xp.asarray(mask.rows)
+    logits[sel] = xp.where(unpack_mask(xp, mask.bits, V), logits[sel], -xp.inf)
+
+
+def _allowed(xp, bits, token_ids):
+    """Is token_ids[i] allowed by row i of the packed mask? bits host [C, W], token_ids device [C]."""
+    words = xp.take_along_axis(xp.asarray(bits), (token_ids // 32)[:, None], axis=-1)[:, 0]   # [C]
+    return ((words >> (token_ids % 32).astype(xp.int32)) & 1) != 0
 
 
 # -- 1-3: logit_bias and penalties --------------------------------------------------------------
@@ -196,12 +260,18 @@ class Sampler:
         self.xp = xp
         self.rng = np.random.default_rng(seed)   # for rows without their own generator
 
-    def __call__(self, logits, rows: list[SamplingRow]) -> list[SampleResult]:
+    def __call__(self, logits, rows: list[SamplingRow], mask: TokenMask | None = None) -> list[SampleResult]:
         xp = self.xp
         if not rows:
             return []
         raw = logits.astype(xp.float32, copy=False)                             # [B, V]
         processed = process_logits(xp, raw, rows)                               # [B, V]
+        lse = _logsumexp(xp, raw)                           # [B] NOTE: the whole vocabulary's
+        if mask is not None:
+            apply_mask(xp, processed, mask)
+            if any(rows[i].num_logprobs is not None for i in mask.rows):       # top-N: allowed only
+                raw = raw.copy()                            # NOTE: never write the caller's logits
+                apply_mask(xp, raw, mask)
         # NOTE: a row's path depends on its own params only, so batch-mates never change its token.
         paths = ((self._greedy, [i for i, r in enumerate(rows) if _is_greedy(r.params)]),
                  (self._sample_plain, [i for i, r in enumerate(rows)
@@ -211,13 +281,29 @@ class Sampler:
         token_ids = xp.zeros(len(rows), dtype=xp.int64)                         # [B]
         for pick, idx in paths:
             if idx:
-                sel = xp.asarray(idx)
-                token_ids[sel] = pick(processed[sel], [rows[i] for i in idx])
-        lse = _logsumexp(xp, raw)                                               # [B]
+                at = xp.asarray(idx)
+                token_ids[at] = pick(processed[at], [rows[i] for i in idx])
+        if mask is not None:
+            self._only_allowed(token_ids, processed, mask)
         chosen_lp = xp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
         ids_h, lp_h = _to_host(token_ids), _to_host(chosen_lp)
         tops = self._top_logprobs(raw, lse, rows, ids_h, lp_h)
         return [SampleResult(int(ids_h[i]), float(lp_h[i]), tops[i]) for i in range(len(rows))]
+
+    def _only_allowed(self, token_ids, processed, mask: TokenMask) -> None:
+        """Constrained rows whose token is forbidden get their best allowed token instead (in place).
+
+        NOTE: inverse-CDF sampling cannot pick a zero-probability token with a sequential cumsum, but
+        a parallel scan (CuPy) may round a prefix sum up past a neighbour; the grammar must never see
+        a forbidden token, whatever the rounding. On the device the where() runs either way (no host
+        sync); on the host only when a token is forbidden.
+        """
+        xp = self.xp
+        sel = xp.asarray(mask.rows)
+        ok = _allowed(xp, mask.bits, token_ids[sel])                            # [C]
+        if xp is np and ok.all():
+            return
+        token_ids[sel] = xp.where(ok, token_ids[sel], xp.argmax(processed[sel], axis=-1))
 
     def _greedy(self, logits, rows):
         return self.xp.argmax(logits, axis=-1)                                  # ties: lowest id
@@ -294,8 +380,13 @@ class Sampler:
                 d.update(zip(i_row, v_row))
         return lp_h, tops
 
-    def topk_logprobs(self, logits, k: int):
+    def topk_logprobs(self, logits, k: int, mask: TokenMask | None = None):
         """Beam search: the k best raw logprobs per row -> host (values[B, k], ids[B, k]),
-        best first, lowest id on ties."""
-        raw = logits.astype(self.xp.float32, copy=False)
-        return self._topk(raw, _logsumexp(self.xp, raw), min(k, raw.shape[1]))
+        best first, lowest id on ties. With a mask, forbidden tokens are -inf (they rank last)."""
+        xp = self.xp
+        raw = logits.astype(xp.float32, copy=False)
+        lse = _logsumexp(xp, raw)
+        if mask is not None:
+            raw = raw.copy()
+            apply_mask(xp, raw, mask)
+        return self._topk(raw, lse, min(k, raw.shape[1]))

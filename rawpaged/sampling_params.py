@@ -8,6 +8,11 @@ validator checks types too, not only ranges.
 
 Every refusal is a SamplingParamsError (a ValueError) whose `param` names the field; its message
 begins with that name ("temperature must be a finite number, got nan").
+
+`structured_outputs` constrains what may be generated (a JSON schema, any JSON object, a regex, one
+of several strings, or a grammar); see StructuredOutputsParams. It is compiled here, once, by the
+grammar engine (rawpaged/structured_output.py), so a bad schema, regex or grammar is refused with
+the others, in one line that names it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,45 @@ MAX_LOGIT_BIAS = 100.0      # OpenAI: bias values in [-100, 100]
 MAX_SEED = 2**64 - 1        # NumPy's SeedSequence takes non-negative integers; we keep them 64-bit
 MAX_STOP_STRINGS = 64       # every stop string is searched for after every token
 _MAX_SHOWN = 40             # characters of a refused value quoted in a message
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What the generated text must match (vLLM's StructuredOutputsParams). Exactly one of json,
+    json_object, regex, choice, grammar.
+
+    json                a JSON schema (an object, or its JSON text)
+    json_object         any JSON object
+    regex               a regular expression (Rust `regex` syntax) the whole output matches
+    choice              one of these strings, exactly
+    grammar             a context-free grammar: Lark (llguidance's dialect) or GBNF (llama.cpp's)
+    whitespace_pattern  JSON only: a regex for the whitespace allowed between tokens; default none
+                        (compact JSON: `{"a":1,"b":[2,3]}`)
+    strict              JSON only: objects with no `additionalProperties` get none (OpenAI's strict
+                        mode), rather than JSON Schema's default of any
+    """
+    json: dict | bool | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    whitespace_pattern: str | None = None
+    strict: bool = False
+    # The grammar engine's text for the constraint, set by validate() (compiled once per request).
+    compiled: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint: "json", "json_object", "regex", "choice" or "grammar"."""
+        return next(k for k in _STRUCTURED_KINDS if _given(self, k))
+
+
+_STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def _given(so: StructuredOutputsParams, kind: str) -> bool:
+    v = getattr(so, kind)
+    return v is True if kind == "json_object" else v is not None
 
 
 class SamplingParamsError(ValueError):
@@ -55,6 +99,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | dict | None = None   # a dict: its fields
 
     def __post_init__(self):
         validate(self)
@@ -97,6 +142,7 @@ def validate(p: SamplingParams) -> None:
         _int("prompt_logprobs", p.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
     p.skip_special_tokens = _bool("skip_special_tokens", p.skip_special_tokens)
     p.logit_bias = _logit_bias(p.logit_bias)
+    p.structured_outputs = _structured_outputs(p.structured_outputs)
     if p.use_beam_search:
         if p.best_of < 2:
             raise SamplingParamsError("best_of", "beam search needs best_of (beam width) >= 2")
@@ -201,3 +247,51 @@ def _logit_bias(bias) -> dict[int, float] | None:
             raise SamplingParamsError("logit_bias", f"{where} must be in [-100, 100], got {_shown(value)}")
         out[tid] = v
     return out or None
+
+
+# -- structured outputs -----------------------------------------------------------------------
+_SO = "structured_outputs"
+
+
+def _structured_outputs(so) -> StructuredOutputsParams | None:
+    """Check the constraint's fields and compile it (the grammar engine's own checks included).
+    Every refusal's `param` is "structured_outputs"; the message names the sub-field."""
+    if so is None:
+        return None
+    try:
+        return _check_structured(so)
+    except SamplingParamsError as e:
+        raise SamplingParamsError(_SO, str(e)) from None
+
+
+def _check_structured(so) -> StructuredOutputsParams:
+    if isinstance(so, dict):
+        unknown = sorted(set(so) - {f for f in StructuredOutputsParams.__dataclass_fields__ if f != "compiled"})
+        if unknown:
+            raise SamplingParamsError(_SO, f"{_SO} has unknown field(s) {', '.join(map(_shown, unknown))}")
+        so = StructuredOutputsParams(**so)
+    if not isinstance(so, StructuredOutputsParams):
+        raise _wrong(_SO, "a StructuredOutputsParams or a dict of its fields", so)
+    kinds = [k for k in _STRUCTURED_KINDS if _given(so, k)]
+    if len(kinds) != 1:
+        raise SamplingParamsError(_SO, f"{_SO} needs exactly one of {', '.join(_STRUCTURED_KINDS)}, got "
+                                       f"{', '.join(kinds) if kinds else 'none'}")
+    so.json_object = _bool(f"{_SO}.json_object", so.json_object)
+    so.strict = _bool(f"{_SO}.strict", so.strict)
+    if so.json is not None and not isinstance(so.json, (dict, bool, str)):
+        raise _wrong(f"{_SO}.json", "a JSON schema (an object or its JSON text)", so.json)
+    for name in ("regex", "grammar", "whitespace_pattern"):
+        v = getattr(so, name)
+        if v is not None and not isinstance(v, str):
+            raise _wrong(f"{_SO}.{name}", "a string", v)
+    if so.choice is not None:
+        if not isinstance(so.choice, (list, tuple)) or not so.choice or not all(isinstance(c, str) for c in so.choice):
+            raise _wrong(f"{_SO}.choice", "a non-empty list of strings", so.choice)
+        so.choice = list(so.choice)
+    # NOTE: imported here: the grammar engine loads only for requests that use it.
+    from rawpaged.structured_output import GrammarError, compile_grammar
+    try:
+        so.compiled = compile_grammar(so)
+    except GrammarError as e:
+        raise SamplingParamsError(_SO, f"{_SO}.{so.kind} {e}") from None
+    return so

@@ -64,6 +64,9 @@ class Sequence:
     stop_reason: int | str | None = None
     # The request's seeded generator for this sample (None: the sampler's own).
     generator: np.random.Generator | None = None
+    # Structured output: where this sequence stands in its grammar (structured_output.GrammarState),
+    # advanced as its tokens are accepted, copied on fork, released (None) when it finishes.
+    constraint: object = None
 
     # -- token bookkeeping ------------------------------------------------------------------
     @property
@@ -130,6 +133,7 @@ class Sequence:
             output_text=self.output_text,
             detok_state=_copy_state(self.detok_state),
             stop_reason=self.stop_reason,
+            constraint=None if self.constraint is None else self.constraint.copy(),
             # NOTE: no generator: a parallel sample gets its own (seed, index) one when it starts.
         )
 

@@ -385,7 +385,7 @@ def test_unsupported_dtypes_are_refused(tmp_path):
     header = json.dumps({"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
     fp8 = tmp_path / "fp8"
     fp8.mkdir()
-    (fp8 / "config.json").write_text("{}")
+    (fp8 / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (fp8 / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\x00\x00")
     refuses(fp8, tmp_path / "out", "unsupported dtype 'F8_E4M3' for tensor 'w'")
 
@@ -406,7 +406,7 @@ def test_existing_output_needs_force(tmp_path):
 def test_no_weights_or_no_config_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     refuses(tmp_path / "empty", tmp_path / "out", "no config.json")
-    (tmp_path / "empty" / "config.json").write_text("{}")
+    (tmp_path / "empty" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     refuses(tmp_path / "empty", tmp_path / "out", "no weights found")
 
 

@@ -316,6 +316,8 @@ def _layer_samples(k):
                                     64, 32, True)]
     if f is kernels.SILU_AND_MUL:
         return [kernels.silu_and_mul_args(k, np.zeros((2, 16), dt), x)]
+    if k.family is kernels.GELU_TANH_AND_MUL:
+        return [kernels.gelu_tanh_and_mul_args(k, np.zeros((2, 16), dt), x)]
     return [kernels.unary_args(k, np.zeros_like(x), x, 1)]
 
 
@@ -364,7 +366,7 @@ def test_the_parameter_check_rejects_wrong_builders(builds, monkeypatch):
 
     # 2. a builder that forgets the last argument (scale)
     problems = signature_problems(k.name, good[:-1], sigs[k.name])
-    assert len(problems) == 1 and "passes 19 arguments, the kernel takes 20" in problems[0]
+    assert len(problems) == 1 and "passes 20 arguments, the kernel takes 21" in problems[0]
 
     # 3. pointer and int64 swapped (q_stride before q): both are .u64 in PTX; the C types tell them apart
     swapped = good[:4] + (good[5], good[4]) + good[6:]

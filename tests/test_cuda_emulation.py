@@ -72,15 +72,24 @@ def make_batch(rng, dtype, head_dim, block_size, num_heads, num_kv_heads, ctx_le
     return q, kv, tables, np.asarray(ctx_lens, np.int32), qsl, layer
 
 
-def reference_attention(q, kv, layer, tables, ctx, qsl, scale):
+def reference_attention(q, kv, layer, tables, ctx, qsl, scale, window=None):
     f32 = lambda a: np.ascontiguousarray(np.asarray(a).astype(np.float32))
-    return cpu.paged_attention(f32(q), f32(kv), layer, tables, ctx, qsl, scale)
+    return cpu.paged_attention(f32(q), f32(kv), layer, tables, ctx, qsl, scale, sliding_window=window)
 
 
-def run_attention(emu, q, kv, layer, tables, ctx, qsl, scale):
+def run_attention(emu, q, kv, layer, tables, ctx, qsl, scale, window=None):
     out = emu.paged_attention(_dev(q), _dev(kv), layer, tables, ctx, qsl, scale,
-                              max_query_len=int(np.diff(qsl).max()), max_seq_len=int(ctx.max()))
+                              max_query_len=int(np.diff(qsl).max()), max_seq_len=int(ctx.max()), sliding_window=window)
     return np.asarray(out).astype(np.float32)
+
+
+def poison_outside_windows(kv, tables, ctx, qsl, block_size, window, layer):
+    """NaN in every K/V row of `layer` that no query's window covers: a kernel that reads one fails.
+    (Each query token i of sequence s sits at ctx - q_len + i and sees its last `window` positions.)"""
+    for s, c in enumerate(ctx):
+        first_needed = max(0, int(c) - int(qsl[s + 1] - qsl[s]) - window + 1)
+        for j in range(first_needed):
+            kv[tables[s, j // block_size], layer, :, :, j % block_size, :] = np.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +178,65 @@ def test_bf16_attention_matches_cpu(emu, ctx, qlens):
     q, kv, tables, ctx_a, qsl, layer = make_batch(rng, "bfloat16", 64, 16, 4, 2, ctx, qlens)
     got = run_attention(emu, q, kv, layer, tables, ctx_a, qsl, 0.125)
     np.testing.assert_allclose(got, reference_attention(q, kv, layer, tables, ctx_a, qsl, 0.125), **TOL["bfloat16"])
+
+
+# --------------------------------------------------------------------------------------------
+# Sliding-window attention: every path (decode, split-K, tensor-core and varlen prefill, fp32), keys
+# outside every window poisoned with NaN, so a kernel that reads one (or a partition the reduce
+# should skip) fails, and a kernel that ignores the window fails on the values.
+# --------------------------------------------------------------------------------------------
+WINDOW_CASES = [
+    # dtype, head_dim, block_size, heads, kv heads, contexts, new tokens, window, path
+    ("float16", 128, 16, 8, 2, [1, 17, 70], [1, 1, 1], 8, "decode"),      # hd128 g4; window inside a block
+    ("float16", 64, 8, 4, 4, [40, 9, 33], [1, 1, 1], 16, "decode"),       # window = 2 blocks; ctx < window
+    ("float32", 16, 8, 4, 2, [30, 5], [1, 1], 7, "decode"),               # fp32 generic decode
+    ("float16", 64, 16, 4, 2, [70, 65, 33], [70, 20, 1], 24, "mma"),      # prefill + chunk + decode, 64-row tiles
+    ("float16", 64, 16, 4, 1, [130], [130], 40, "mma"),                   # tiles wholly before a warp's window
+    ("float16", 64, 16, 4, 2, [70, 65, 33], [70, 20, 1], 24, "varlen"),
+    ("float32", 16, 8, 2, 1, [12, 29], [12, 4], 5, "varlen"),
+]
+
+
+@pytest.mark.parametrize("dtype,head_dim,block_size,heads,kv_heads,ctx,qlens,window,path", WINDOW_CASES)
+def test_sliding_window_matches_cpu(emu, monkeypatch, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens,
+                                    window, path):
+    if path != "decode":
+        monkeypatch.setattr(cuda, "prefill_policy", path)
+    rng = np.random.default_rng(window * 100 + head_dim)
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens)
+    poison_outside_windows(kv, tables, ctx_a, qsl, block_size, window, layer)
+    scale = head_dim ** -0.5
+    got = run_attention(emu, q, kv, layer, tables, ctx_a, qsl, scale, window)
+    want = reference_attention(q, kv, layer, tables, ctx_a, qsl, scale, window)
+    assert np.isfinite(got).all() and np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("partition,window", [(16, 20), (16, 16), (48, 30)])
+def test_sliding_window_split_k_skips_partitions_before_the_window(emu, monkeypatch, partition, window):
+    """Partitions wholly before a sequence's window write nothing (their scratch stays NaN from
+    cupy.empty in the emulator): the reduce must start at the partition holding the window's first key."""
+    monkeypatch.setattr(cuda, "split_k_policy", "always")
+    monkeypatch.setattr(cuda, "PARTITION_SIZE", partition)
+    rng = np.random.default_rng(partition + window)
+    q, kv, tables, ctx, qsl, layer = make_batch(rng, "float16", 64, 16, 4, 1, [5, 100, 47], [1, 1, 1])
+    poison_outside_windows(kv, tables, ctx, qsl, 16, window, layer)
+    got = run_attention(emu, q, kv, layer, tables, ctx, qsl, 0.125, window)
+    want = reference_attention(q, kv, layer, tables, ctx, qsl, 0.125, window)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, **TOL["float16"])
+
+
+def test_a_kernel_ignoring_the_window_fails_here(emu):
+    """The windowed reference differs from full attention on these batches by far more than the
+    tolerance, so a kernel that dropped the window could not pass the tests above."""
+    rng = np.random.default_rng(1)
+    q, kv, tables, ctx, qsl, layer = make_batch(rng, "float32", 16, 8, 2, 1, [12, 29], [12, 4])
+    windowed = reference_attention(q, kv, layer, tables, ctx, qsl, 0.25, 5)
+    full = reference_attention(q, kv, layer, tables, ctx, qsl, 0.25)
+    assert np.abs(windowed - full).max() > 0.1
+    with pytest.raises(ValueError, match="sliding_window"):
+        emu.paged_attention(_dev(q), _dev(kv), layer, tables, ctx, qsl, 0.25, sliding_window=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +334,7 @@ def test_activations_match_cpu(emu, dtype):
     f = lambda a: np.asarray(a).astype(np.float32)
     tol = TOL[dtype]
     np.testing.assert_allclose(f(emu.silu_and_mul(_dev(x))), cpu.silu_and_mul(f(x)), **tol)
+    np.testing.assert_allclose(f(emu.gelu_tanh_and_mul(_dev(x))), cpu.gelu_tanh_and_mul(f(x)), **tol)
     np.testing.assert_allclose(f(emu.gelu(_dev(x))), cpu.gelu(f(x)), **tol)
     np.testing.assert_allclose(f(emu.gelu_tanh(_dev(x))), cpu.gelu_tanh(f(x)), **tol)
     np.testing.assert_array_equal(f(emu.relu(_dev(x))), cpu.relu(f(x)))

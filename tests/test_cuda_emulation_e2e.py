@@ -131,6 +131,31 @@ def test_fixture_fp16_follows_cpu_fp32(emu, name, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Every architecture and RoPE scaling (issue 14's fixtures), fp32 on the emulated kernels: greedy
+# tokens equal transformers', and their logprobs within 1e-4 of transformers' log-softmax. The
+# sliding-window fixtures (mistral-swa W=8, qwen2-swa W=6 on layer 1, phi3 W=12) run prompts and
+# decodes longer than their windows through the decode and varlen kernels.
+# --------------------------------------------------------------------------------------------
+NEW_FIXTURES = ["llama-rope-linear", "llama-rope-dynamic", "llama-rope-yarn", "llama-rope-llama3", "mistral-swa",
+                "qwen2-swa", "qwen3", "gemma", "phi3", "gpt2", "gpt-neox", "gpt-neox-seq"]
+
+
+@pytest.mark.parametrize("name", NEW_FIXTURES)
+def test_new_architectures_fp32_equal_transformers(emu, name):
+    prompts, greedy = _fixture(name)
+    ref = np.load(FIXTURES / name / "reference.npz")["decode_logits"].astype(np.float64)
+    want = ref - ref.max(-1, keepdims=True)
+    want -= np.log(np.exp(want).sum(-1, keepdims=True))                         # log-softmax [B, 16, V]
+    llm = LLM(FIXTURES / name, device="cuda", dtype="float32", kv_cache_memory=1 << 20, swap_space=0.001,
+              block_size=8)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=16, logprobs=1, **GREEDY))
+    assert _ids(outs) == greedy.tolist()
+    for i, out in enumerate(outs):
+        for step, (tok, lps) in enumerate(zip(out.outputs[0].token_ids, out.outputs[0].logprobs)):
+            assert abs(lps[tok] - want[i, step, tok]) <= 1e-4, f"{name} prompt {i} step {step}"
+
+
+# --------------------------------------------------------------------------------------------
 # Preemption by swap through the pinned pool, the swap stream and its events
 # --------------------------------------------------------------------------------------------
 def test_preemption_by_swap_changes_nothing(emu, stories260k_dir):

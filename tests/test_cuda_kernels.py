@@ -73,7 +73,7 @@ def test_declaration_check_sees_two_swapped_ints():
 def test_every_source_and_kernel_name_comes_from_the_table():
     names = cuda.all_kernel_names()
     assert list(names) == list(SOURCES) and all(names.values())
-    assert sum(map(len, names.values())) == len(kernels.KERNELS) == 92
+    assert sum(map(len, names.values())) == len(kernels.KERNELS) == 95      # 92 + gelu_tanh_and_mul_{f16,bf16,f32}
     assert len(names["paged_attention.cu"]) == 68
     for source in SOURCES:
         # the sources hold templates only: every extern "C" kernel is generated
@@ -240,5 +240,5 @@ def test_a_compiled_head_size_must_be_q_s():
     plan = dispatch.select_decode_kernel(64, "float16", 16, 2, 4, 2, 10, 132)
     with pytest.raises(ValueError, match="paged_decode_f16_hd128_g2 is compiled for head_dim 128"):
         kernels.decode_args(kernels.PAGED_DECODE.kernel(T="f16", HD=128, GT=2), q, batch, plan)
-    assert len(kernels.decode_args(kernels.kernel(plan.kernel), q, batch, plan)) == 20     # hd64_g2: fits
-    assert len(kernels.decode_args(kernels.PAGED_DECODE.kernel(T="f16", HD=0, GT=2), q, batch, plan)) == 20
+    assert len(kernels.decode_args(kernels.kernel(plan.kernel), q, batch, plan)) == 21     # hd64_g2: fits (20 + sliding_window)
+    assert len(kernels.decode_args(kernels.PAGED_DECODE.kernel(T="f16", HD=0, GT=2), q, batch, plan)) == 21

@@ -5,24 +5,28 @@ import pytest
 from rawpaged.backend import cpu
 
 
-def naive_attention(q, k_ctx, v_ctx, scale, q_pos):
-    """q [n, H, D], k_ctx/v_ctx [L, Hkv, D] (the whole context); causal by absolute position."""
+def naive_attention(q, k_ctx, v_ctx, scale, q_pos, window=0):
+    """q [n, H, D], k_ctx/v_ctx [L, Hkv, D] (the whole context); causal by absolute position,
+    and with a sliding window W only positions q_pos - W + 1 .. q_pos (transformers' mask)."""
     n, H, D = q.shape
     group = H // k_ctx.shape[1]
     out = np.zeros_like(q, dtype=np.float64)
     for i in range(n):
+        lo = max(0, q_pos[i] - window + 1) if window else 0
         for h in range(H):
             kv = h // group
-            s = (k_ctx[: q_pos[i] + 1, kv] @ q[i, h].astype(np.float64)) * scale
+            s = (k_ctx[lo: q_pos[i] + 1, kv] @ q[i, h].astype(np.float64)) * scale
             p = np.exp(s - s.max())
-            out[i, h] = (p / p.sum()) @ v_ctx[: q_pos[i] + 1, kv]
+            out[i, h] = (p / p.sum()) @ v_ctx[lo: q_pos[i] + 1, kv]
     return out
 
 
+@pytest.mark.parametrize("window", [0, 1, 5, 16])
 @pytest.mark.parametrize("head_dim", [8, 64, 72])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)])
-def test_paged_attention_matches_naive(head_dim, block_size, heads):
+def test_paged_attention_matches_naive(head_dim, block_size, heads, window):
+    """window 0: full causal; 1, 5, 16: sliding windows shorter than most contexts here."""
     rng = np.random.default_rng(head_dim * 100 + block_size)
     H, Hkv = heads
     layers, layer = 2, 1
@@ -49,9 +53,10 @@ def test_paged_attention_matches_naive(head_dim, block_size, heads):
     qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     scale = head_dim ** -0.5
     out = np.full_like(q, np.nan)            # poisoned: every element must be written
-    cpu.paged_attention(q, kv_cache, layer, bt, np.array(ctx_lens, np.int32), qsl, scale, out=out)
+    cpu.paged_attention(q, kv_cache, layer, bt, np.array(ctx_lens, np.int32), qsl, scale, out=out,
+                        sliding_window=window or None)
     for s, (c, n) in enumerate(zip(ctx_lens, q_lens)):
-        ref = naive_attention(q[qsl[s]:qsl[s + 1]], ks[s], vs[s], scale, np.arange(c - n, c))
+        ref = naive_attention(q[qsl[s]:qsl[s + 1]], ks[s], vs[s], scale, np.arange(c - n, c), window)
         np.testing.assert_allclose(out[qsl[s]:qsl[s + 1]], ref, rtol=1e-5, atol=1e-5)
 
 
@@ -130,3 +135,26 @@ def test_rotary_embedding(is_neox):
             z = (x0[..., 0::2] + 1j * x0[..., 1::2]) * rot
             ref = np.stack([z.real, z.imag], -1).reshape(x0.shape)
         np.testing.assert_allclose(x, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_window_changes_the_output_and_bad_windows_are_refused():
+    """A window shorter than the context must matter (else the test above proves nothing), and a
+    window of 0, a negative or a fractional one is a one-line ValueError."""
+    rng = np.random.default_rng(9)
+    kv = rng.standard_normal((4, 1, 2, 2, 16, 8), dtype=np.float32)
+    q = rng.standard_normal((1, 4, 8), dtype=np.float32)
+    args = (q, kv, 0, np.array([[0, 1, 2]], np.int32), np.array([40], np.int32), np.array([0, 1], np.int32), 0.3)
+    full, windowed = cpu.paged_attention(*args), cpu.paged_attention(*args, sliding_window=8)
+    assert np.abs(full - windowed).max() > 1e-2
+    np.testing.assert_array_equal(cpu.paged_attention(*args, sliding_window=40), full)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="sliding_window must be None or a positive integer"):
+            cpu.paged_attention(*args, sliding_window=bad)
+
+
+def test_gelu_tanh_and_mul_is_geglu():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((5, 24)) * 2).astype(np.float32)
+    g, u = x[:, :12].astype(np.float64), x[:, 12:].astype(np.float64)
+    want = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * u
+    np.testing.assert_allclose(cpu.gelu_tanh_and_mul(x), want, rtol=1e-5, atol=1e-6)

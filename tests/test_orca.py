@@ -369,6 +369,8 @@ class OrcaMachine(RuleBasedStateMachine):
         assert bm.slot_accounting() == SlotAccounting(
             bm.alloc.num_units * g, real, reserved, internal, bm.alloc.num_free() * g - largest, largest)
         assert bm.get_num_free_device_blocks() * bm.block_size == largest
+        held = bm.slot_accounting().allocated
+        assert bm.usage() == pytest.approx(held / (bm.alloc.num_units * g))
 
     @invariant()
     def sequences_read_back_their_tokens(self):

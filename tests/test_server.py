@@ -189,6 +189,22 @@ def test_chat_template_renders_like_transformers():
     assert not template.render(GQA_CHAT, add_generation_prompt=False).endswith("<|assistant|>\n")
 
 
+def test_chat_template_inline_or_file(tmp_path):
+    """--chat-template takes the template text itself (vLLM's form) or a file; a missing file is named."""
+    from rawpaged.errors import RawpagedError
+    from rawpaged.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(GQA_DIR)
+    inline = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    chat = [{"role": "user", "content": "Hi"}]
+    assert load_chat_template(tok, inline).render(chat, add_generation_prompt=False) == "<user>Hi"
+    f = tmp_path / "t.jinja"
+    f.write_text("[{{ messages[0]['content'] }}]")
+    assert load_chat_template(tok, str(f)).render(chat, add_generation_prompt=False) == "[Hi]"
+    with pytest.raises(RawpagedError, match="chat template file not found: no/such.jinja"):
+        load_chat_template(tok, "no/such.jinja")
+
+
 def test_chat_template_that_does_not_compile(tmp_path):
     from rawpaged.errors import RawpagedError
     from rawpaged.server.chat import ChatTemplate
@@ -438,7 +454,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
-     400, "tools"),
+     400, "tools[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "x"}, 404, "model"),
 ]
 

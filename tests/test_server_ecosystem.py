@@ -334,8 +334,8 @@ def test_tokenize_detokenize_version(http, ref):
 
 @pytest.mark.parametrize("field,value", [
     ("tool_choice", "auto"), ("tool_choice", {"type": "function", "function": {"name": "f"}}),
-    ("tools", [{"type": "function"}]), ("echo", True), ("response_format", {"type": "json_object"}),
-    ("guided_json", {"type": "object"}), ("guided_choice", ["a"]), ("continue_final_message", True),
+    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("echo", True),
+    ("guided_decoding_backend", "xgrammar"), ("guided_whitespace_pattern", " "), ("continue_final_message", True),
     ("chat_template", "{{ messages }}"), ("min_tokens", 3), ("prompt_logprobs", 1), ("modalities", ["audio"]),
     ("logits_processors", ["x"]), ("priority", 1),
 ])

@@ -32,9 +32,10 @@ class Backend(Protocol):
 
     # -- attention and the paged cache ---------------------------------------------------------
     def paged_attention(self, q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
-                        out=None, max_query_len=None, max_seq_len=None):
+                        out=None, max_query_len=None, max_seq_len=None, sliding_window=None):
         """[T, Hq, D] -> [T, Hq, D]: each query token of sequence s at position p attends to positions
-        0..p of s, read through s's block table (causal varlen: prefill, chunks and decode alike).
+        0..p of s, read through s's block table (causal varlen: prefill, chunks and decode alike);
+        with sliding_window W (a positive int) to positions max(0, p-W+1)..p only.
         max_query_len / max_seq_len are host-side launch hints."""
 
     def reshape_and_cache(self, k, v, kv_cache, layer, slot_mapping):
@@ -75,6 +76,9 @@ class Backend(Protocol):
     def silu_and_mul(self, x):
         """[T, 2I] -> silu(x[:, :I]) * x[:, I:]."""
 
+    def gelu_tanh_and_mul(self, x):
+        """[T, 2I] -> gelu_tanh(x[:, :I]) * x[:, I:] (GeGLU)."""
+
     def gelu(self, x):
         """Exact GELU."""
 
@@ -112,6 +116,15 @@ class Backend(Protocol):
 
 
 _ATTRIBUTES = ("name", "xp", "float_dtypes")
+
+
+def check_window(sliding_window) -> int:
+    """paged_attention's sliding_window, checked: None -> 0 (no window), a positive int -> itself."""
+    if sliding_window is None:
+        return 0
+    if isinstance(sliding_window, bool) or not float(sliding_window).is_integer() or sliding_window < 1:
+        raise ValueError(f"paged_attention: sliding_window must be None or a positive integer, got {sliding_window!r}")
+    return int(sliding_window)
 
 
 def contract_ops() -> dict[str, inspect.Signature]:

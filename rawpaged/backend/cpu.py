@@ -27,6 +27,8 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
+from rawpaged.backend.base import check_window  # noqa: E402
+
 name = "cpu"
 xp = np
 float_dtypes = (np.float32,)
@@ -35,7 +37,7 @@ float_dtypes = (np.float32,)
 # --------------------------------------------------------------------------------------------
 # Paged attention (varlen, causal; prefill, chunked prefill, prefix-cached prefill and decode)
 # --------------------------------------------------------------------------------------------
-def _paged_attention_impl(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, out):
+def _paged_attention_impl(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window, out):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[3]
     block_size = kv_cache.shape[4]
@@ -59,11 +61,12 @@ def _paged_attention_impl(q, kv_cache, layer, block_tables, seq_lens, query_star
         t = task // num_kv_heads
         kvh = task % num_kv_heads
         s = token_seq[t]
-        pos = token_pos[t]                     # causal: attend to positions 0..pos
+        pos = token_pos[t]                     # causal: attend to positions lo..pos
+        lo = max(0, pos - window + 1) if window > 0 else 0   # sliding window: the last `window` positions
         m = np.full(group, -np.inf, np.float32)    # running max of the scores
         l = np.zeros(group, np.float32)            # running sum of exp(score - m)
         acc = np.zeros((group, head_dim), np.float32)
-        for j in range(pos + 1):
+        for j in range(lo, pos + 1):
             block = block_tables[s, j // block_size]  # logical block -> physical block
             off = j % block_size
             for g in range(group):
@@ -98,17 +101,20 @@ _PARALLEL_MIN_WORK = 1 << 16     # query-head x key pairs below which one thread
 
 
 def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
-                    out=None, max_query_len=None, max_seq_len=None):
-    """out[t, h] = softmax(q[t, h] . K[s, 0..pos]^T * scale) @ V[s, 0..pos], K/V read through the
-    block table of t's sequence s. `max_query_len`/`max_seq_len` are launch hints for the GPU."""
+                    out=None, max_query_len=None, max_seq_len=None, sliding_window=None):
+    """out[t, h] = softmax(q[t, h] . K[s, lo..pos]^T * scale) @ V[s, lo..pos], K/V read through the
+    block table of t's sequence s; lo = 0, or max(0, pos - sliding_window + 1) with a window.
+    `max_query_len`/`max_seq_len` are launch hints for the GPU."""
     _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc)
+    window = check_window(sliding_window)
     if out is None:
         out = np.empty_like(q)
-    work = q.shape[0] * q.shape[1] * (max_seq_len or int(seq_lens.max()))
+    span = max_seq_len or int(seq_lens.max())
+    work = q.shape[0] * q.shape[1] * (min(span, window) if window else span)
     kernel = _paged_attention_parallel if work >= _PARALLEL_MIN_WORK else _paged_attention_serial
-    kernel(q, kv_cache, int(layer), block_tables, seq_lens, query_start_loc,
-                            np.float32(scale), out)
+    kernel(q, kv_cache, int(layer), block_tables, seq_lens, query_start_loc, np.float32(scale), window, out)
     return out
+
 
 
 def _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc):
@@ -237,6 +243,12 @@ def silu_and_mul(x):
     d = x.shape[-1] // 2
     gate, up = x[..., :d], x[..., d:]
     return (gate / (1.0 + np.exp(-gate)) * up).astype(x.dtype, copy=False)
+
+
+def gelu_tanh_and_mul(x):
+    """x [T, 2I] -> gelu_tanh(x[:, :I]) * x[:, I:]  (GeGLU, Gemma's MLP: gate and up fused)."""
+    d = x.shape[-1] // 2
+    return (gelu_tanh(x[..., :d]) * x[..., d:]).astype(x.dtype, copy=False)
 
 
 @numba.vectorize(["float32(float32)", "float64(float64)"], cache=True)

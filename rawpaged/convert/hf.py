@@ -8,7 +8,10 @@ SRC holds one of (first found wins; safetensors are preferred because they need 
     pytorch_model.bin.index.json + shards | pytorch_model.bin     (read by torch_pickle, no torch)
 DST gets what the loader reads directly: `model.safetensors` (one shard) or
 `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, `config.json` (`torch_dtype`
-updated when --dtype is given) and the tokenizer / generation files copied as they are.
+updated when --dtype is given) and the tokenizer / generation files copied as they are, plus a
+`tokenizer.json` built from `tokenizer.model` or `vocab.json` + `merges.txt` when SRC has none.
+An architecture rawpaged cannot run (`rawpaged.config.ARCHITECTURES`, the one table the engine
+resolves against) is refused before anything is read or written.
 
 The pipeline, each step a function below:
   1. list every source tensor lazily (name, dtype, shape; no data read)      -> SourceTensor
@@ -52,6 +55,7 @@ from typing import Iterator
 
 import numpy as np
 
+from rawpaged.config import resolve_architecture
 from rawpaged.convert.paths import check_model_files, model_file
 from rawpaged.convert.progress import Progress
 from rawpaged.convert.torch_pickle import DEFAULT_MAX_EXPANSION, MAX_DIMS, NUMPY_DTYPE, TensorRef, TorchArchive
@@ -618,6 +622,7 @@ def _convert_hf(src, dst, dtype, max_shard_size, force, progress, max_expansion)
     factor = parse_max_expansion(max_expansion)
     _check_paths(src, dst, force)
     config = _read_config(src)
+    resolve_architecture(config, src / "config.json")      # NOTE: refuse what the engine cannot run
     check_model_files(src, COPIED_FILES)
     with contextlib.ExitStack() as stack:
         # Everything that can be checked without writing is checked here, before any output exists.
@@ -629,6 +634,7 @@ def _convert_hf(src, dst, dtype, max_shard_size, force, progress, max_expansion)
         bar = Progress(len(named), sum(p.nbytes for s in shards for p in s), enabled=progress)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
         try:
+            write_tokenizer(src, tmp)
             for fname, shard in zip(names, shards):
                 digests = write_shard(tmp / fname, shard, bar)
                 verify_shard(tmp / fname, shard, digests)
@@ -647,6 +653,17 @@ def _convert_hf(src, dst, dtype, max_shard_size, force, progress, max_expansion)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dst
+
+
+def write_tokenizer(src: Path, out: Path) -> None:
+    """tokenizer.json for a source that ships only the slow tokenizer's files (tokenizer.model, or
+    vocab.json + merges.txt): built as `Tokenizer.from_dir` builds it, so the output needs no build
+    at load time. A source with a tokenizer.json (copied as it is) or no tokenizer is left alone."""
+    from rawpaged.tokenizer_build import write_tokenizer_json   # NOTE: late: tokenizer_build imports config
+
+    has = lambda name: model_file(src, name).is_file()  # noqa: E731
+    if not has("tokenizer.json") and (has("tokenizer.model") or (has("vocab.json") and has("merges.txt"))):
+        write_tokenizer_json(src, out / "tokenizer.json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""A one-line stderr progress bar for the converter: tensors done and bytes written."""
+"""A one-line stderr progress bar (the converter, weight loading): tensors done and bytes."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ class Progress:
     """
 
     def __init__(self, total_tensors: int, total_bytes: int, enabled: bool = True,
-                 stream=None, width: int = 30, interval: float = 0.2):
-        self.total_tensors, self.total_bytes = total_tensors, total_bytes
+                 stream=None, width: int = 30, interval: float = 0.2, label: str = "converting"):
+        self.total_tensors, self.total_bytes, self.label = total_tensors, total_bytes, label
         self.tensors = self.bytes = 0
         self.enabled, self.stream, self.width, self.interval = enabled, stream or sys.stderr, width, interval
         self.last_draw = 0.0
@@ -50,7 +50,7 @@ class Progress:
         filled = int(round(done * self.width))
         bar = "#" * filled + "." * (self.width - filled)
         scale, unit = _unit(self.total_bytes)
-        self.stream.write(f"\rconverting [{bar}] {self.tensors}/{self.total_tensors} tensors "
+        self.stream.write(f"\r{self.label} [{bar}] {self.tensors}/{self.total_tensors} tensors "
                           f"{self.bytes / scale:.2f}/{self.total_bytes / scale:.2f} {unit}")
         self.stream.flush()
         self.drawn = True

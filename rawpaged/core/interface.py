@@ -1,8 +1,8 @@
 """The interface the scheduler and engine talk to: a KV-cache manager, and its slot accounting.
 
 The paged `BlockSpaceManager` (block_manager.py) is one implementation. The paper's Orca
-baselines (one contiguous reservation per request: Max, Pow2, Oracle) are meant to be others, so
-the comparison runs inside the same engine, kernels and scheduler. Units: a manager hands out
+baselines (one contiguous reservation per sequence: Max, Pow2, Oracle; orca.py) are others, so
+the comparison runs inside the same engine, kernels and scheduler (kv_managers.py builds them). Units: a manager hands out
 memory in blocks of `block_size` token slots; a manager that reserves contiguous runs of slots
 can present them as consecutive blocks (or use block_size 1). Methods marked "trivial" below have
 an obvious do-nothing implementation for a manager without the feature.
@@ -104,7 +104,8 @@ class KVCacheManager(Protocol):
         """Free blocks of the swap pool (trivial: 0)."""
 
     def usage(self) -> float:
-        """Fraction of device blocks held by sequences: 1 - free / num_device_blocks."""
+        """Fraction of the device pool held by sequences: SlotAccounting.allocated / total, i.e.
+        1 - (free + external_fragmentation) / total (paged: 1 - free blocks / num_device_blocks)."""
 
     def get_block_table(self, seq: Sequence) -> list[int]:
         """The physical blocks holding seq's KV on the device, in token order (a copy)."""

@@ -70,6 +70,7 @@ class SchedulerOutput:
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)       # (src, dst) on device
     ignored: list[tuple[SequenceGroup, str]] = field(default_factory=list)    # (group, why)
     num_batched_tokens: int = 0
+    kv_slots: SlotAccounting | None = None   # the device pool while this step runs (after admissions)
 
     @property
     def is_empty(self) -> bool:
@@ -209,6 +210,7 @@ class Scheduler:
         out.batch = self._flatten(out.scheduled)
         if out.is_empty and not out.ignored and not self.running:
             self._refuse_stuck(out)
+        out.kv_slots = self.block_manager.slot_accounting()
         return out
 
     def _refuse_stuck(self, out: SchedulerOutput) -> None:

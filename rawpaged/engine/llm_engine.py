@@ -24,6 +24,7 @@ from rawpaged.outputs import RequestOutput
 from rawpaged.sampler import Sampler, verify_for_vocab
 from rawpaged.sampling_params import SamplingParams
 from rawpaged.sequence import Sequence, SequenceGroup, next_seq_id
+from rawpaged.structured_output import Grammars
 from rawpaged.tokenizer import Tokenizer
 
 
@@ -52,8 +53,10 @@ class LLMEngine:
                                                        max_num_batched_tokens=max_tokens), block_manager)
         self.stats = EngineStats()
         eos_ids = set(self.model_config.eos_token_ids) or set(self.tokenizer.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, eos_ids)
         self.output_processor = OutputProcessor(self.scheduler, Sampler(self.executor.xp, seed=config.seed),
-                                                self.tokenizer, eos_ids, self.max_model_len, self.stats)
+                                                self.tokenizer, eos_ids, self.max_model_len, self.stats,
+                                                grammars=self.grammars)
         self.groups: dict[str, SequenceGroup] = {}          # request id -> its unfinished group
         self._request_counter = itertools.count()
 
@@ -99,6 +102,8 @@ class LLMEngine:
         if bad is not None:
             raise RawpagedError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
         verify_for_vocab(params, vocab)
+        if params.structured_outputs is not None:
+            self.grammars.prepare(params.structured_outputs)     # GrammarError: this tokenizer cannot
         group = SequenceGroup(request_id, [Sequence(next_seq_id(), prompt_token_ids)], params,
                               time.monotonic() if arrival_time is None else arrival_time, prompt=prompt)
         why = self.scheduler.why_too_wide(group)
@@ -137,6 +142,7 @@ class LLMEngine:
     # -- one iteration ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.output_processor.prefetch_masks(out)        # structured outputs: while the model runs
         model_output = self.executor.execute_model(out)
         self.scheduler.on_step_done(out)
         outputs = self.output_processor.process(out, model_output)

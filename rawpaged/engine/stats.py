@@ -2,10 +2,11 @@
 
 Counters only grow; gauges come from the scheduler's live snapshot (`Scheduler.stats()`). Memory
 waste follows the paper's definition: token slots allocated in the KV cache minus the slots holding
-real tokens. The KV manager's slot accounting (interface.SlotAccounting) is read after every step:
-`kv_*_slots` are the latest, `mean_kv_*_fraction` its parts as fractions of the slots in use
-(allocated + external fragmentation: everything not free), averaged over the steps where some slot
-was in use. mean_kv_token_fraction is the paper's Fig. 2 "token states" share; the four add up to 1.
+real tokens. The KV manager's slot accounting (interface.SlotAccounting): `kv_*_slots` are the live
+gauges; `mean_kv_*_fraction` are its parts while each step ran (SchedulerOutput.kv_slots: after that
+step's admissions, before its finished sequences left) as fractions of the slots in use (allocated +
+external fragmentation: everything not free), averaged over the steps where some slot was in use.
+mean_kv_token_fraction is the paper's Fig. 2 "token states" share; the four add up to 1.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class EngineStats:
         self.sum_running_seqs += snapshot.num_running_seqs
         if snapshot.allocated_slots:
             self.sum_waste_fraction += snapshot.waste_slots / snapshot.allocated_slots
-        kv = snapshot.kv_slots
+        kv = out.kv_slots or snapshot.kv_slots
         in_use = kv.allocated + kv.external_fragmentation
         if in_use:
             self.num_kv_steps += 1

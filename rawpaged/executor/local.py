@@ -1,6 +1,11 @@
 """LocalExecutor: one device in this process: the backend, the model, the KV cache, the model runner."""
 from __future__ import annotations
 
+import logging
+import threading
+
+import numpy as np
+
 from model_impl import get_model_class
 from rawpaged.backend import get_backend
 from rawpaged.config import ModelConfig
@@ -10,6 +15,8 @@ from rawpaged.loader import iter_tensors
 from rawpaged.sequence import ScheduledSeq, Sequence
 from rawpaged.worker.cache_engine import CacheEngine, block_bytes, num_blocks_for
 from rawpaged.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("rawpaged")
 
 GiB = 1 << 30
 CPU_DEFAULT_KV_MEMORY = 1 * GiB
@@ -23,8 +30,11 @@ class LocalExecutor:
         self.device = self.backend.name
         self.xp = self.backend.xp
         self.dtype = self.backend.resolve_dtype(config.dtype, torch_dtype=model_config.torch_dtype)
+        if config.dtype not in ("auto", np.dtype(self.dtype).name):
+            logger.warning("dtype %s asked for, but the %s backend computes in %s", config.dtype, self.device,
+                           np.dtype(self.dtype).name)
         self.model = get_model_class(model_config.family)(model_config, self.backend, self.dtype)
-        self.model.load_weights(iter_tensors(model_config.path), where=str(model_config.path))
+        self.model.load_weights(iter_tensors(model_config.path, progress=True), where=str(model_config.path))
         self.runner = ModelRunner(self.model, self.backend, config.block_size)
         self.cache: CacheEngine | None = None
 
@@ -47,6 +57,27 @@ class LocalExecutor:
     def init_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
         self.cache = CacheEngine(self.model_config, self.backend, self.dtype, self.config.block_size,
                                  num_device_blocks, num_cpu_blocks)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile (or load from the on-disk caches) the kernels of a prefill and a decode step now,
+        not in the first request; say so while it takes long (the first run on a machine)."""
+        notice = threading.Timer(1.0, lambda: logger.info(
+            "compiling the %s kernels for this machine (first run only: they are cached afterwards)...",
+            self.device))
+        notice.daemon = True
+        notice.start()
+        try:
+            # NOTE: block 0 is scratch here: the cache holds nothing yet, and every slot a sequence
+            # reads is written by that sequence first.
+            seq = Sequence(-1, [0, 0])
+            self.runner.execute([ScheduledSeq(seq, 2, [0], sample=True)], self.cache.device_cache)
+            seq.num_computed_tokens = 2
+            seq.output_token_ids.append(0)
+            self.runner.execute([ScheduledSeq(seq, 1, [0], sample=True)], self.cache.device_cache)
+            self.backend.synchronize()
+        finally:
+            notice.cancel()
 
     def _profile_kv_memory(self, num_tokens: int) -> int:
         """GPU: run the largest step once, then give the KV cache what the peak leaves of

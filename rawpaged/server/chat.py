@@ -4,7 +4,8 @@ Rendered the way Hugging Face transformers' `apply_chat_template` does, so a tem
 the Hub behaves the same here: a sandboxed, immutable Jinja environment with trim_blocks and
 lstrip_blocks, the loopcontrols extension, `raise_exception(msg)` and `strftime_now(fmt)` as
 globals, a `tojson` filter that keeps non-ASCII text, and the variables `messages`,
-`add_generation_prompt`, `bos_token`, `eos_token` (plus `tools=None`).
+`add_generation_prompt`, `bos_token`, `eos_token`, and `tools` (the request's tools, as OpenAI sends
+them: [{"type": "function", "function": {...}}], or None).
 
 The rendered text is tokenized WITHOUT adding special tokens: templates write their own BOS
 (transformers' apply_chat_template(tokenize=True) does the same).
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from rawpaged.errors import RawpagedError
@@ -111,7 +113,10 @@ class ChatTemplate:
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
         try:
-            self._template = _environment().from_string(source)
+            env = _environment()
+            self._template = env.from_string(source)
+            # NOTE: a template that reads `tools` renders them for the model (tool_choice "auto").
+            self.takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as e:
             raise RawpagedError(f"chat template from {origin} does not compile: line {e.lineno}: "
                                 f"{e.message}") from None
@@ -166,14 +171,22 @@ def read_template_file(path: str) -> str:
         raise RawpagedError(f"chat template file {path} cannot be read: {e}") from None
 
 
-def load_chat_template(tokenizer, override_file: str | None) -> ChatTemplate | None:
-    """--chat-template FILE, else the model's own template (tokenizer_config.json), else None."""
+def is_inline_template(arg: str) -> bool:
+    """--chat-template takes a file or the template itself (as vLLM's does): text with Jinja
+    delimiters that names no existing file is the template."""
+    return not Path(arg).is_file() and ("{{" in arg or "{%" in arg)
+
+
+def load_chat_template(tokenizer, override: str | None) -> ChatTemplate | None:
+    """--chat-template FILE or TEMPLATE, else the model's own template (tokenizer_config.json), else None."""
     def token_text(tid):
         return tokenizer.convert_ids_to_tokens([tid])[0] if tid is not None else None
 
     bos, eos = token_text(tokenizer.bos_token_id), token_text(tokenizer.eos_token_id)
-    if override_file is not None:
-        return ChatTemplate(read_template_file(override_file), bos, eos, origin=override_file)
+    if override is not None:
+        if is_inline_template(override):
+            return ChatTemplate(override, bos, eos, origin="--chat-template")
+        return ChatTemplate(read_template_file(override), bos, eos, origin=override)
     if tokenizer.chat_template:
         return ChatTemplate(tokenizer.chat_template, bos, eos, origin=f"{tokenizer.source}/tokenizer_config.json")
     return None

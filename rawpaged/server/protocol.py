@@ -16,32 +16,13 @@ import json
 from dataclasses import dataclass, field
 
 from rawpaged.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+from rawpaged.server import structured, tools
+from rawpaged.server.api_error import ApiError, _shown, bad_request  # noqa: F401  (re-exported)
+from rawpaged.server.structured import Constraint
+from rawpaged.server.tools import ToolsRequest
 
 MAX_JSON_DEPTH = 64         # nesting of the request body (a chat request needs about 6)
 MAX_PROMPTS = 256           # prompts in one /v1/completions request (each is an engine request)
-
-
-class ApiError(Exception):
-    """An error the client receives as {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        # NOTE: one line: the message is also the reason in the server's log line.
-        message = " ".join(str(message).split("\n")) if message else "error"
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers: dict[str, str] | None = None      # e.g. Connection: close for 408 / 413
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None) -> ApiError:
-    return ApiError(400, message, param=param)
 
 
 # -- the body: JSON that cannot hurt us ---------------------------------------------------------
@@ -101,11 +82,6 @@ def _check_text(s: str, where: str) -> None:
 _TYPE_NAMES = {int: "an integer", bool: "true or false", str: "a string", list: "an array", dict: "an object"}
 
 
-def _shown(value) -> str:
-    r = repr(value)
-    return r if len(r) <= 40 else r[:37] + "..."
-
-
 class Fields:
     """Typed reads from a request's JSON object; every mistake is a 400 naming the field."""
 
@@ -157,20 +133,18 @@ def _is_int(v) -> bool:
 # Accepted, with no effect here (OpenAI bookkeeping, or meaningful only with features refused
 # below); logged at debug level.
 IGNORED = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-           "request_id", "parallel_tool_calls"}
+           "request_id"}
 # Refused with a 400 naming the field unless it holds one of these neutral values (null is always
-# neutral). response_format, tools, tool_choice and guided_* wait for structured output.
+# neutral).
 _REFUSED_COMMON = {
     "min_tokens": (0,), "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],),
     "prompt_logprobs": (), "return_tokens_as_token_ids": (False,), "return_token_ids": (False,),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-    "guided_decoding_backend": (), "guided_whitespace_pattern": (), "structured_outputs": (),
     "logits_processors": (), "vllm_xargs": (), "kv_transfer_params": (), "cache_salt": (),
     "priority": (0,), "spaces_between_special_tokens": (True,), "mm_processor_kwargs": (),
 }
-REFUSED_COMPLETION = {**_REFUSED_COMMON, "suffix": ("",), "response_format": ()}
+REFUSED_COMPLETION = {**_REFUSED_COMMON, "suffix": ("",)}
 REFUSED_CHAT = {
-    **_REFUSED_COMMON, "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+    **_REFUSED_COMMON, "functions": ([],), "function_call": ("none",),
     "echo": (False,), "continue_final_message": (False,), "chat_template": (), "audio": (),
     "modalities": (["text"],), "prediction": (), "web_search_options": (), "reasoning_effort": (),
 }
@@ -178,20 +152,22 @@ _WHY = {
     "prompt_logprobs": "use echo with logprobs to get the prompt's logprobs",
     "chat_template": "start the server with --chat-template FILE",
     "echo": "chat echo is not implemented",
-    "tool_choice": "this server has no tool calling yet",
-    "tools": "this server has no tool calling yet",
-    "functions": "this server has no tool calling yet",
-    "function_call": "this server has no tool calling yet",
+    "functions": "use tools (functions is OpenAI's deprecated form)",
+    "function_call": "use tool_choice (function_call is OpenAI's deprecated form)",
     "modalities": "this server answers in text only",
 }
+# Structured output (rawpaged/server/structured.py), both endpoints.
+STRUCTURED_FIELDS = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "guided_whitespace_pattern", "guided_decoding_backend", "structured_outputs"}
 SAMPLING_FIELDS = ("n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature",
                    "top_p", "top_k", "min_p", "seed", "use_beam_search", "length_penalty", "early_stopping",
                    "stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                    "logit_bias")
-_COMMON_USED = {"model", "stream", "stream_options", "max_tokens", "logprobs", "add_special_tokens", *SAMPLING_FIELDS}
+_COMMON_USED = {"model", "stream", "stream_options", "max_tokens", "logprobs", "add_special_tokens",
+                *SAMPLING_FIELDS, *STRUCTURED_FIELDS}
 USED_COMPLETION = _COMMON_USED | {"prompt", "echo"}
 USED_CHAT = _COMMON_USED | {"messages", "max_completion_tokens", "top_logprobs", "add_generation_prompt",
-                            "chat_template_kwargs", "documents"}
+                            "chat_template_kwargs", "documents", "tools", "tool_choice", "parallel_tool_calls"}
 
 
 def _screen(body: dict, used: set, refused: dict) -> list[str]:
@@ -217,6 +193,7 @@ class CompletionRequest:
     prompt_only: bool = False               # echo with max_tokens 0: the prompt (and its logprobs) only
     add_special_tokens: bool = True
     ignored: list[str] = field(default_factory=list)
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -232,6 +209,13 @@ class ChatRequest:
     add_special_tokens: bool = False
     template_kwargs: dict = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    tools: ToolsRequest | None = None          # the request's tools, if any
+    constraint: Constraint | None = None       # structured output, asked for or implied by tool_choice
+
+    @property
+    def tool_calling(self) -> ToolsRequest | None:
+        """The tools request when the answer is read for tool calls (tool_choice other than none)."""
+        return self.tools if self.tools is not None and self.tools.choice != "none" else None
 
 
 def parse_completion(body: dict, max_prompt_chars: int) -> CompletionRequest:
@@ -248,22 +232,20 @@ def parse_completion(body: dict, max_prompt_chars: int) -> CompletionRequest:
     # at least one token, so it runs with max_tokens 1 and the token is dropped from the answer.
     prompt_only = echo and isinstance(max_tokens, (int, float)) and not isinstance(max_tokens, bool) \
         and max_tokens == 0
+    constraint = structured.from_body(body)
     params = sampling_params(body, max_tokens=1 if prompt_only else max_tokens, logprobs=logprobs,
-                             prompt_logprobs=logprobs if echo else None, stream=stream)
+                             prompt_logprobs=logprobs if echo else None, stream=stream, constraint=constraint)
     return CompletionRequest(model=f.str("model"), prompts=prompts, params=params, stream=stream,
                              include_usage=include_usage, echo=echo, logprobs=params.logprobs,
                              prompt_only=prompt_only, add_special_tokens=f.bool("add_special_tokens", True),
-                             ignored=ignored)
+                             ignored=ignored, constraint=constraint)
 
 
 def parse_chat(body: dict, max_prompt_chars: int) -> ChatRequest:
     f = Fields(body)
     ignored = _screen(body, USED_CHAT, REFUSED_CHAT)
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") not in (None, "text")):
-        shown = fmt.get("type") if isinstance(fmt, dict) else fmt
-        raise bad_request(f"response_format type {_shown(shown)} is not supported yet (only 'text')",
-                          "response_format")
+    tool_req = tools.parse_tools(body)
+    constraint = _chat_constraint(structured.from_body(body), tool_req)
     messages = _messages(body.get("messages"), max_prompt_chars)
     stream, include_usage = _stream_fields(f)
     logprobs = f.bool("logprobs", False)
@@ -276,12 +258,29 @@ def parse_chat(body: dict, max_prompt_chars: int) -> ChatRequest:
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
     params = sampling_params(body, max_tokens=max_tokens, logprobs=top_logprobs if logprobs else None,
-                             stream=stream)
+                             stream=stream, constraint=constraint)
+    kwargs = _template_kwargs(f)
+    if tool_req is not None:
+        kwargs["tools"] = tool_req.tools          # NOTE: as transformers' apply_chat_template(tools=...)
     return ChatRequest(model=f.str("model"), messages=messages, params=params,
                        add_generation_prompt=f.bool("add_generation_prompt", True), stream=stream,
                        include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs,
                        add_special_tokens=f.bool("add_special_tokens", False),
-                       template_kwargs=_template_kwargs(f), ignored=ignored)
+                       template_kwargs=kwargs, ignored=ignored, tools=tool_req, constraint=constraint)
+
+
+def _chat_constraint(asked: Constraint | None, tool_req: ToolsRequest | None) -> Constraint | None:
+    """The output's constraint: the structured output asked for, or the one tool_choice implies."""
+    if tool_req is None or tool_req.choice == "none":
+        return asked
+    if asked is not None:
+        raise bad_request(f"{asked.param} cannot be combined with tool_choice {tool_req.choice!r} "
+                          "(the answer is tool calls, or structured output, not both)", asked.param)
+    implied = tools.constraint(tool_req)
+    if implied is None:
+        return None
+    so, blame = implied
+    return Constraint(so, blame, blame)
 
 
 # Variables the server sets for the chat template; a client cannot override them.
@@ -381,7 +380,8 @@ def _content(content, where: str) -> str | None:
 
 
 # -- sampling ---------------------------------------------------------------------------------
-def sampling_params(body: dict, *, max_tokens, logprobs, prompt_logprobs=None, stream: bool = False) -> SamplingParams:
+def sampling_params(body: dict, *, max_tokens, logprobs, prompt_logprobs=None, stream: bool = False,
+                    constraint: Constraint | None = None) -> SamplingParams:
     """The request's sampling fields, as sent, through SamplingParams' validator; then the rules that
     only the HTTP API has (what cannot be streamed or reported)."""
     kwargs = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
@@ -389,8 +389,11 @@ def sampling_params(body: dict, *, max_tokens, logprobs, prompt_logprobs=None, s
     if kwargs.get("use_beam_search") is True:
         kwargs.setdefault("temperature", 0.0)
     try:
-        params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        params = SamplingParams(**kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                structured_outputs=constraint.params if constraint is not None else None)
     except SamplingParamsError as e:
+        if e.param == "structured_outputs" and constraint is not None:
+            raise bad_request(constraint.rename(str(e)), constraint.param) from None
         raise bad_request(str(e), e.param) from None
     if stream and params.best_of > params.n:
         raise bad_request("best_of > n cannot be streamed (the best sequences are known only at the end)",

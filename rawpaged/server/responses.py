@@ -126,9 +126,13 @@ def chat_logprobs(tt: TokenText, context: list[int], token_ids: list[int], logpr
     return {"content": content}
 
 
-def chat_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None, stop_reason=None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason, "stop_reason": stop_reason}
+def chat_choice(index: int, text: str | None, logprobs: dict | None, finish_reason: str | None, stop_reason=None,
+                tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls        # [{"id", "type": "function", "function": {"name", "arguments"}}]
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
 
 
 def chat_body(rid: str, created: int, model: str, choices: list[dict], use: dict) -> dict:

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field, replace
 from starlette.requests import Request
 from starlette.responses import Response
 
-from rawpaged.server import protocol, responses as R
+from rawpaged.server import protocol, responses as R, tools
 from rawpaged.server.async_engine import EngineFailed, RequestStream, merge_streams, now
 from rawpaged.server.chat import no_template_error
 from rawpaged.server.logs import RequestRecord
 from rawpaged.server.protocol import ApiError, bad_request
+from rawpaged.structured_output import GrammarError
 from rawpaged.server.state import (EventStream, ServerState, api, json_bytes, json_response, read_json,
                                    until_disconnect)
 
@@ -37,6 +38,7 @@ class _Job:
     completion_tokens: int = 0
     done: bool = False                  # the stream reached its end
     cursors: dict = field(default_factory=dict)
+    tool_streams: dict = field(default_factory=dict)     # choice index -> tools.ToolStream
 
     @property
     def model(self) -> str:
@@ -125,12 +127,24 @@ async def _stream_events(job: _Job, include_usage: bool, chunks_of, usage_chunk)
     yield R.SSE_DONE
 
 
+def _prepare_constraint(state: ServerState, params, constraint) -> None:
+    """Worker thread: the grammar engine's matcher for the request, built (and cached) here rather
+    than on the engine thread; 400 naming the field if this tokenizer cannot run it."""
+    if params.structured_outputs is None:
+        return
+    try:
+        state.grammars.prepare(params.structured_outputs)
+    except GrammarError as e:
+        raise bad_request(constraint.rename(str(e)), constraint.param) from None
+
+
 # -- /v1/completions --------------------------------------------------------------------------
 def _prepare_completion(state: ServerState, body: dict):
     """Worker thread: the request, its prompts tokenized and checked against the context length."""
     req = protocol.parse_completion(body, state.prompt_chars)
     state.check_model(req.model)
     protocol.check_vocab(req.params, state.vocab_size)
+    _prepare_constraint(state, req.params, req.constraint)
     prompts = []
     for p in req.prompts:
         if isinstance(p, str):
@@ -242,6 +256,8 @@ def _prepare_chat(state: ServerState, body: dict):
     req = protocol.parse_chat(body, state.prompt_chars)
     state.check_model(req.model)
     protocol.check_vocab(req.params, state.vocab_size)
+    _check_tool_template(state, req)
+    _prepare_constraint(state, req.params, req.constraint)
     text, ids = _render_chat(state, req.messages, req.add_generation_prompt, req.add_special_tokens,
                              req.template_kwargs)
     protocol.check_length(len(ids), req.params.max_tokens, state.max_model_len, what="messages")
@@ -270,12 +286,32 @@ async def create_chat_completion(request: Request, state: ServerState, record: R
     return json_response(await state.offload(_chat_result, job, req, out))
 
 
+def _check_tool_template(state: ServerState, req: protocol.ChatRequest) -> None:
+    """tool_choice "auto" reads calls the model writes on its own: its template must show it the tools."""
+    template = state.config.chat_template
+    if req.tool_calling is not None and req.tools.choice == "auto" and template is not None \
+            and not template.takes_tools:
+        raise bad_request(f"tool_choice 'auto' needs a chat template that renders tools; the template of "
+                          f"{state.config.served_model_name!r} does not (use tool_choice 'required' or a "
+                          "named function, or start the server with --chat-template FILE)", "tool_choice")
+
+
+def _tool_finish(finish_reason: str | None, called: bool) -> str | None:
+    """A choice that made tool calls and stopped finishes with "tool_calls" (OpenAI's clients look)."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason
+
+
 def _chat_result(job: _Job, req: protocol.ChatRequest, out) -> bytes:
     _, ids = job.prompts[0]
     choices = []
     for o in out.outputs:
         lp = R.chat_logprobs(job.state.token_text, ids, o.token_ids, o.logprobs, req.top_logprobs) \
             if req.logprobs else None
+        if req.tool_calling is not None:
+            content, calls = tools.extract(req.tool_calling, o.text)
+            choices.append(R.chat_choice(o.index, content, lp, _tool_finish(o.finish_reason, bool(calls)),
+                                         o.stop_reason, tool_calls=[c.as_dict() for c in calls]))
+            continue
         choices.append(R.chat_choice(o.index, o.text, lp, o.finish_reason, o.stop_reason))
     job.record.completion_tokens = sum(len(o.token_ids) for o in out.outputs)
     use = R.usage(len(ids), job.record.completion_tokens)
@@ -290,17 +326,36 @@ def _chat_chunks(job: _Job, req: protocol.ChatRequest, out) -> list[str]:
         c = job.cursors.setdefault(o.index, _Cursor())
         if c.skips(o):
             continue
-        text = o.text[c.chars:]
-        delta = {"role": "assistant", "content": text} if not c.started else ({"content": text} if text else {})
         lp = None
         if req.logprobs and len(o.token_ids) > c.tokens:
             lp = R.chat_logprobs(tt, ids + o.token_ids[:c.tokens], o.token_ids[c.tokens:],
                                  (o.logprobs or [])[c.tokens:], req.top_logprobs)
-        if delta or lp is not None or o.finish_reason is not None:
-            chunks.append(R.sse(R.chat_chunk(job.rid, job.created, job.model, [R.chat_delta_choice(
-                o.index, delta, lp, o.finish_reason, o.stop_reason)])))
+        if req.tool_calling is not None:
+            chunks += _tool_chunks(job, req, o, c, lp)
+        else:
+            text = o.text[c.chars:]
+            delta = {"role": "assistant", "content": text} if not c.started else ({"content": text} if text else {})
+            if delta or lp is not None or o.finish_reason is not None:
+                chunks.append(R.sse(R.chat_chunk(job.rid, job.created, job.model, [R.chat_delta_choice(
+                    o.index, delta, lp, o.finish_reason, o.stop_reason)])))
         job.completion_tokens += c.advance(o)
     return chunks
+
+
+def _tool_chunks(job: _Job, req: protocol.ChatRequest, o, c: _Cursor, lp) -> list[str]:
+    """One choice's chunks under tool calling: content and tool-call deltas (tools.ToolStream), the
+    first with the role, the logprobs on the first chunk of the step, the finish on the last."""
+    stream = job.tool_streams.setdefault(o.index, tools.ToolStream(req.tool_calling))
+    deltas = stream.feed(o.text, o.finish_reason is not None)
+    if not c.started:
+        deltas = [{"role": "assistant", **(deltas[0] if deltas else {})}] + deltas[1:]
+    if not deltas and (lp is not None or o.finish_reason is not None):
+        deltas = [{}]
+    finish = _tool_finish(o.finish_reason, stream.called)
+    last = len(deltas) - 1
+    return [R.sse(R.chat_chunk(job.rid, job.created, job.model, [R.chat_delta_choice(
+        o.index, delta, lp if i == 0 else None, finish if i == last else None,
+        o.stop_reason if i == last else None)])) for i, delta in enumerate(deltas)]
 
 
 # -- /tokenize, /detokenize (vLLM's extension) ------------------------------------------------

@@ -63,6 +63,7 @@ class ServerState:
         self.token_text = R.TokenText(engine.tokenizer)
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
+        self.grammars = engine.grammars          # structured outputs: matchers built on worker threads
         self.model_path = str(engine.model_config.path)
         self.prompt_chars = config.limits.prompt_chars(engine.max_model_len)
         self.created = int(time.time())

@@ -45,9 +45,9 @@ from rawpaged.backend.cuda.kernels import (DECODE_FAST_HEAD_DIMS, DTYPE_TAGS, GR
 from rawpaged.backend.cuda.memory import (BFLOAT16, alloc_pinned, bfloat16_supported, free_device_memory,
                                           record_event, resolve_dtype, swap_blocks, swap_stream, synchronize,
                                           to_device, to_host, total_device_memory, wait_event)
-from rawpaged.backend.cuda.ops import (copy_blocks, fused_add_rms_norm, gelu, gelu_tanh, layer_norm,
-                                       paged_attention, relu, reshape_and_cache, rms_norm, rotary_embedding,
-                                       silu_and_mul)
+from rawpaged.backend.cuda.ops import (copy_blocks, fused_add_rms_norm, gelu, gelu_tanh, gelu_tanh_and_mul,
+                                       layer_norm, paged_attention, relu, reshape_and_cache, rms_norm,
+                                       rotary_embedding, silu_and_mul)
 
 name = "cuda"
 xp = launch.cupy

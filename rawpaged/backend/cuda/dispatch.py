@@ -87,8 +87,10 @@ def decode_kernel_name(tag: str, head_dim: int, gt: int) -> str:
 
 
 def select_decode_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_kv_heads, max_seq_len,
-                         num_sms, policy=None, partition_size=None) -> Launch:
-    """Decode (one query token per sequence): one block per (KV head, group tile, sequence[, partition])."""
+                         num_sms, policy=None, partition_size=None, sliding_window=0) -> Launch:
+    """Decode (one query token per sequence): one block per (KV head, group tile, sequence[, partition]).
+    With a sliding window W a query reads at most W keys: split-K is chosen on min(max_seq_len, W), and
+    the partitions wholly before a sequence's window return at once (grid z still spans max_seq_len)."""
     check_attention_shape(head_dim, block_size, num_heads, num_kv_heads)
     if head_dim % PACK:
         raise ValueError(f"paged decode kernel needs head_dim % {PACK} == 0, got {head_dim} (use the varlen kernel)")
@@ -98,7 +100,8 @@ def select_decode_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_k
     shared = (NUM_WARPS * gt * head_dim + 2 * NUM_WARPS * gt) * 4
     kernel = decode_kernel_name(tag, head_dim, gt)
     part = partition_size or PARTITION_SIZE
-    if not use_split_k(heads_grid * num_seqs, max_seq_len, num_sms, policy or split_k_policy, part):
+    span = min(max_seq_len, sliding_window) if sliding_window else max_seq_len
+    if not use_split_k(heads_grid * num_seqs, span, num_sms, policy or split_k_policy, part):
         return Launch(kernel, (heads_grid, num_seqs, 1), (NUM_THREADS, 1, 1), shared)
     parts = max(1, math.ceil(max_seq_len / part))
     return Launch(kernel, (heads_grid, num_seqs, parts), (NUM_THREADS, 1, 1), shared,
@@ -128,11 +131,11 @@ def select_prefill_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_
 
 
 def select_attention_kernel(head_dim, dtype, block_size, num_seqs, max_seq_len, num_sms, *, num_heads,
-                            num_kv_heads, max_query_len=1, num_tokens=None) -> Launch:
+                            num_kv_heads, max_query_len=1, num_tokens=None, sliding_window=0) -> Launch:
     """The decode kernel when every sequence brings one token, else the varlen prefill kernel."""
     if max_query_len <= 1 and head_dim % PACK == 0:
         return select_decode_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_kv_heads,
-                                    max_seq_len, num_sms)
+                                    max_seq_len, num_sms, sliding_window=sliding_window)
     return select_prefill_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_kv_heads,
                                  num_tokens if num_tokens is not None else num_seqs * max(1, max_query_len),
                                  max(1, max_query_len))

@@ -70,7 +70,8 @@ PAGED_DECODE = Family(
     parse_params("T* out, float* part_out, float* part_max, float* part_sum, const T* q, long long q_stride, "
                  "const T* kv_cache, const int* block_tables, const int* seq_lens, const int* query_start_loc, "
                  "int layer, int num_layers, int num_heads, int num_kv_heads, int block_size, "
-                 "int max_blocks_per_seq, int head_dim, int partition_size, int num_partitions, float scale",
+                 "int max_blocks_per_seq, int head_dim, int partition_size, int num_partitions, int sliding_window, "
+                 "float scale",
                  nullable=("part_out", "part_max", "part_sum")),
     tuple((t, hd, gt) for t in TAGS for hd in (0,) + (DECODE_FAST_HEAD_DIMS if t != "f32" else ())
           for gt in GROUP_TILES),
@@ -80,21 +81,22 @@ PAGED_DECODE_REDUCE = Family(
     "paged_decode_reduce", "paged_attention.cu", "paged_decode_reduce_impl", ("T",), "paged_decode_reduce_{T}",
     parse_params("T* out, const float* part_out, const float* part_max, const float* part_sum, "
                  "const int* seq_lens, const int* query_start_loc, int num_heads, int head_dim, "
-                 "int partition_size, int num_partitions"),
+                 "int partition_size, int num_partitions, int sliding_window"),
     tuple((t,) for t in TAGS), NUM_THREADS, per_dtype=True)
 
 PAGED_PREFILL = Family(
     "paged_prefill", "paged_attention.cu", "paged_prefill_impl", ("T", "HD"), "paged_prefill_{T}_hd{HD}",
     parse_params("T* out, const T* q, long long q_stride, const T* kv_cache, const int* block_tables, "
                  "const int* seq_lens, const int* query_start_loc, int layer, int num_layers, int num_heads, "
-                 "int num_kv_heads, int block_size, int max_blocks_per_seq, float scale"),
+                 "int num_kv_heads, int block_size, int max_blocks_per_seq, int sliding_window, float scale"),
     tuple((t, hd) for t in HALF_TAGS for hd in PREFILL_MMA_HEAD_DIMS), NUM_THREADS, per_dtype=True)
 
 PAGED_VARLEN = Family(
     "paged_varlen", "paged_attention.cu", "paged_varlen_impl", ("T",), "paged_varlen_{T}",
     parse_params("T* out, const T* q, long long q_stride, const T* kv_cache, const int* block_tables, "
                  "const int* seq_lens, const int* query_start_loc, int num_seqs, int layer, int num_layers, "
-                 "int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, int head_dim, float scale"),
+                 "int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, int head_dim, int sliding_window, "
+                 "float scale"),
     tuple((t,) for t in TAGS), NUM_THREADS, per_dtype=True)
 
 # cache_ops.cu
@@ -135,12 +137,16 @@ SILU_AND_MUL = Family(
     "silu_and_mul", "activations.cu", "silu_and_mul_impl", ("T",), "silu_and_mul_{T}",
     parse_params("T* out, const T* x, long long rows, int inner"), tuple((t,) for t in TAGS), 256)
 
+GELU_TANH_AND_MUL = Family(
+    "gelu_tanh_and_mul", "activations.cu", "gelu_tanh_and_mul_impl", ("T",), "gelu_tanh_and_mul_{T}",
+    parse_params("T* out, const T* x, long long rows, int inner"), tuple((t,) for t in TAGS), 256)
+
 UNARY = Family(
     "unary", "activations.cu", "unary_impl", ("T",), "unary_{T}",
     parse_params("T* out, const T* x, long long n, int op"), tuple((t,) for t in TAGS), 256)
 
 FAMILIES = (PAGED_DECODE, PAGED_DECODE_REDUCE, PAGED_PREFILL, PAGED_VARLEN, RESHAPE_AND_CACHE, COPY_BLOCKS,
-            RMS_NORM, FUSED_ADD_RMS_NORM, LAYER_NORM, ROTARY, SILU_AND_MUL, UNARY)
+            RMS_NORM, FUSED_ADD_RMS_NORM, LAYER_NORM, ROTARY, SILU_AND_MUL, GELU_TANH_AND_MUL, UNARY)
 KERNELS: dict[str, Kernel] = {k.name: k for f in FAMILIES for k in f.kernels.values()}
 if len(KERNELS) != sum(len(f.kernels) for f in FAMILIES) or {f.source for f in FAMILIES} != set(SOURCES) or any(
         f.per_dtype != g.per_dtype for f in FAMILIES for g in FAMILIES if f.source == g.source):
@@ -191,6 +197,7 @@ class AttentionBatch:
     seq_lens: object
     query_start_loc: object
     scale: float
+    sliding_window: int = 0            # 0: none; W: the last W positions
 
     def arrays(self) -> dict:
         return dict(q=self.q, q_stride=self.q_stride, kv_cache=self.kv_cache, block_tables=self.block_tables,
@@ -218,7 +225,7 @@ def decode_args(k: Kernel, out, batch: AttentionBatch, plan, scratch=None) -> tu
     part_out, part_max, part_sum = scratch if scratch is not None else (NULL, NULL, NULL)
     return k.args(out=out, part_out=part_out, part_max=part_max, part_sum=part_sum, **batch.arrays(),
                   **batch.sizes(), head_dim=batch.q.shape[2], partition_size=plan.partition_size,
-                  num_partitions=plan.num_partitions, scale=batch.scale)
+                  num_partitions=plan.num_partitions, sliding_window=batch.sliding_window, scale=batch.scale)
 
 
 def decode_reduce_args(k: Kernel, out, batch: AttentionBatch, plan, scratch) -> tuple:
@@ -227,20 +234,21 @@ def decode_reduce_args(k: Kernel, out, batch: AttentionBatch, plan, scratch) -> 
     part_out, part_max, part_sum = scratch
     return k.args(out=out, part_out=part_out, part_max=part_max, part_sum=part_sum, seq_lens=batch.seq_lens,
                   query_start_loc=batch.query_start_loc, num_heads=batch.q.shape[1], head_dim=batch.q.shape[2],
-                  partition_size=plan.partition_size, num_partitions=plan.num_partitions)
+                  partition_size=plan.partition_size, num_partitions=plan.num_partitions,
+                  sliding_window=batch.sliding_window)
 
 
 def prefill_args(k: Kernel, out, batch: AttentionBatch) -> tuple:
     """paged_prefill_* (tensor cores; the head size is the template's)."""
     _expect(k, PAGED_PREFILL, batch)
-    return k.args(out=out, **batch.arrays(), **batch.sizes(), scale=batch.scale)
+    return k.args(out=out, **batch.arrays(), **batch.sizes(), sliding_window=batch.sliding_window, scale=batch.scale)
 
 
 def varlen_args(k: Kernel, out, batch: AttentionBatch) -> tuple:
     """paged_varlen_* (one warp per token and head)."""
     _expect(k, PAGED_VARLEN)
     return k.args(out=out, **batch.arrays(), num_seqs=batch.seq_lens.shape[0], **batch.sizes(),
-                  head_dim=batch.q.shape[2], scale=batch.scale)
+                  head_dim=batch.q.shape[2], sliding_window=batch.sliding_window, scale=batch.scale)
 
 
 def reshape_and_cache_args(k: Kernel, key, value, kv_cache, layer, slot_mapping, k_stride, v_stride, vec) -> tuple:
@@ -291,6 +299,12 @@ def rotary_args(k: Kernel, positions, q, key, cos_sin, q_stride, k_stride, is_ne
 def silu_and_mul_args(k: Kernel, out, x) -> tuple:
     """x [..., 2I] -> out [..., I]."""
     _expect(k, SILU_AND_MUL)
+    return k.args(out=out, x=x, rows=rows(x), inner=out.shape[-1])
+
+
+def gelu_tanh_and_mul_args(k: Kernel, out, x) -> tuple:
+    """x [..., 2I] -> out [..., I]."""
+    _expect(k, GELU_TANH_AND_MUL)
     return k.args(out=out, x=x, rows=rows(x), inner=out.shape[-1])
 
 

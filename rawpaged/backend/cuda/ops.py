@@ -17,14 +17,16 @@ from rawpaged.backend.cuda.dispatch import (NUM_THREADS, PACK, check_attention_a
                                             select_attention_kernel, token_stride)
 from rawpaged.backend.cuda.kernels import rows
 from rawpaged.backend.cuda.launch import on_device, packable, require_cupy
+from rawpaged.backend.base import check_window
 
 
 # --------------------------------------------------------------------------------------------
 # Paged attention
 # --------------------------------------------------------------------------------------------
 def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
-                    out=None, max_query_len=None, max_seq_len=None):
-    """out[t, h] = softmax(q[t, h] . K[s, 0..pos]^T * scale) @ V[s, 0..pos] through s's block table.
+                    out=None, max_query_len=None, max_seq_len=None, sliding_window=None):
+    """out[t, h] = softmax(q[t, h] . K[s, lo..pos]^T * scale) @ V[s, lo..pos] through s's block table,
+    lo = 0, or max(0, pos - sliding_window + 1) with a window.
 
     `max_query_len` / `max_seq_len` are host-side hints (the model runner knows them); when missing
     they are read back from the device, which costs a synchronisation.
@@ -34,6 +36,7 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
     seq_lens = on_device(seq_lens, np.int32)
     query_start_loc = on_device(query_start_loc, np.int32)
     check_attention_args(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, out)
+    window = check_window(sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[4]
     num_seqs = seq_lens.shape[0]
@@ -47,12 +50,12 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
         max_seq_len = int(seq_lens.max())
     plan = select_attention_kernel(head_dim, q.dtype, block_size, num_seqs, max_seq_len, launch.num_sms(),
                                    num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                   max_query_len=max_query_len, num_tokens=num_tokens)
+                                   max_query_len=max_query_len, num_tokens=num_tokens, sliding_window=window)
     k = kernels.kernel(plan.kernel)
     if k.family in (kernels.PAGED_DECODE, kernels.PAGED_PREFILL) and not packable(q):
         q = cp.ascontiguousarray(q)            # 16-byte loads need aligned rows
     batch = kernels.AttentionBatch(q, token_stride(q, "paged_attention: q", (num_heads, head_dim)), kv_cache,
-                                   layer, block_tables, seq_lens, query_start_loc, scale)
+                                   layer, block_tables, seq_lens, query_start_loc, scale, window)
     if k.family is kernels.PAGED_DECODE:
         scratch = None
         if plan.use_split_k:
@@ -176,6 +179,19 @@ def silu_and_mul(x):
     if out.size:
         kern = kernels.SILU_AND_MUL.kernel(T=dtype_tag(x.dtype))
         launch.launch(kern, grid_1d(out.size), (256, 1, 1), kernels.silu_and_mul_args(kern, out, x))
+    return out
+
+
+def gelu_tanh_and_mul(x):
+    """x [..., 2I] -> gelu_tanh(x[..., :I]) * x[..., I:] (GeGLU)."""
+    cp = require_cupy()
+    if x.shape[-1] % 2:
+        raise ValueError(f"gelu_tanh_and_mul: last dim {x.shape[-1]} must be even (gate and up halves)")
+    x = cp.ascontiguousarray(x)
+    out = cp.empty(x.shape[:-1] + (x.shape[-1] // 2,), dtype=x.dtype)
+    if out.size:
+        kern = kernels.GELU_TANH_AND_MUL.kernel(T=dtype_tag(x.dtype))
+        launch.launch(kern, grid_1d(out.size), (256, 1, 1), kernels.gelu_tanh_and_mul_args(kern, out, x))
     return out
 
 

@@ -1,4 +1,4 @@
-"""The `rawpaged` command: generate, convert, serve.
+"""The `rawpaged` command: generate, convert, serve, repro.
 
 Errors a user can cause print one line (`rawpaged: error: ...`) and exit non-zero, no traceback.
 """
@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-header-bytes", type=int, default=None, help="request head size (default 16 KiB): 400")
     lim.add_argument("--limit-concurrency", type=int, default=None,
                      help="connections + requests before new requests get 503 (default: from the open-file limit)")
+
+    rep = sub.add_parser("repro", help="re-run the PagedAttention paper's experiments (simulated and real), "
+                                       "write CSVs, PNGs and REPORT.md")
+    from rawpaged.repro.cli import add_arguments as add_repro_arguments
+    add_repro_arguments(rep)
     return parser
 
 
@@ -138,6 +143,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return run_server(a)
 
 
+def cmd_repro(a: argparse.Namespace) -> int:
+    from rawpaged.repro.cli import run
+    return run(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -146,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise RawpagedError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
             args.model = args.model_tag
         use_demo_model_if_unset(args)    # hub.py: no --model means the packaged demo model, said on stderr
-        return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "convert": cmd_convert, "serve": cmd_serve,
+                "repro": cmd_repro}[args.command](args)
     except RawpagedError as e:
         print(f"rawpaged: error: {e}", file=sys.stderr)
         return 1

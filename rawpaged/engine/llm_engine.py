@@ -29,11 +29,15 @@ from rawpaged.tokenizer import Tokenizer
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, executor_class=LocalExecutor):
+    def __init__(self, config: EngineConfig, executor_class=LocalExecutor, *,
+                 model_config: ModelConfig | None = None, tokenizer: Tokenizer | None = None):
+        """`model_config` and `tokenizer` given (both) skip the model directory: a simulated engine
+        (executor/simulated.py) is built from a model spec, with no files."""
         self.config = config
-        model_dir = resolve_model(config.model, revision=config.revision, token=config.hf_token)
-        self.model_config = ModelConfig.from_dir(model_dir)
-        self.tokenizer = Tokenizer.from_dir(model_dir)
+        if model_config is None or tokenizer is None:
+            model_dir = resolve_model(config.model, revision=config.revision, token=config.hf_token)
+            model_config, tokenizer = ModelConfig.from_dir(model_dir), Tokenizer.from_dir(model_dir)
+        self.model_config, self.tokenizer = model_config, tokenizer
         self.executor = executor_class(config, self.model_config)
         self.device, self.dtype = self.executor.device, self.executor.dtype
         max_model_len = self._configured_max_model_len()
@@ -101,7 +105,7 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.grammars.prepare(params.structured_outputs)     # GrammarError: this tokenizer cannot
         group = SequenceGroup(request_id, [Sequence(next_seq_id(), prompt_token_ids)], params,
-                              arrival_time or time.monotonic(), prompt=prompt)
+                              time.monotonic() if arrival_time is None else arrival_time, prompt=prompt)
         why = self.scheduler.why_too_wide(group)
         if why is not None:
             raise RawpagedError(why)

@@ -1,0 +1,138 @@
+"""The cost model: how long one engine step takes on a model + hardware profile.
+
+    shape = StepShape.of(scheduler_output)       # what the step computes (counts only)
+    cost = CostModel(setup).step(shape)          # StepCost: seconds per part, .total
+
+One step of a tensor-parallel group of p ranks (every rank holds 1/p of each weight matrix and 1/p
+of the KV heads, and they run in lockstep), as a sum of parts:
+
+  gemm      max(weights_per_rank / (hbm_bw * mem_eff),           the weights are read once per step
+                2 * (gemm_params * T + vocab * hidden * N) / p / (flops * gemm_eff))
+            T tokens computed, N rows sampled (only they go through the LM head)
+  attention decode rows (one new token): K/V bytes of their whole context, read once per step, per
+            rank: sum(context) * kv_bytes_per_token / p / (hbm_bw * attn_eff)
+            prefill rows: 4 * hidden * layers * (query, key) pairs under the causal mask / p
+            / (flops * attn_flop_eff)
+  kv write  T * kv_bytes_per_token / p / hbm_bw
+  comm      p > 1: two all-reduces of T x hidden activations per layer, ring: 2 (p-1)/p of the
+            bytes over the link, plus a latency each
+  swap      per block swapped: transfer_latency + block bytes / p / pcie_bw (the KV layout is
+            block-major: one contiguous copy per block; each rank moves its heads)
+  copy      per copy-on-write block: transfer_latency + 2 * block bytes / p / hbm_bw
+  overhead  step_overhead + seq_overhead * S  (CPU: schedule, prepare inputs, sample, outputs)
+
+A profile with `prefill_alone` (the paper's vLLM 0.1 and Orca: a step computes prompts or decodes,
+never both) prices a step that mixes prompt rows and one-token rows as two steps, the prompts'
+and the decodes': the scheduling stays rawpaged's, the time is what the paper's systems paid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from rawpaged.repro.specs import SimSetup
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one step computes, in counts (the cost model's only input)."""
+    num_seqs: int = 0            # S: sequences computing tokens
+    num_tokens: int = 0          # T: tokens computed
+    num_sampled: int = 0         # N: rows sampled
+    decode_context: int = 0      # sum of context lengths (new token included) of one-token rows
+    prefill_pairs: int = 0       # (query, key) pairs of multi-token rows under the causal mask
+    swap_blocks: int = 0         # blocks swapped in + out
+    copy_blocks: int = 0         # copy-on-write block copies
+    prefill_seqs: int = 0        # rows computing more than one token (prompts, recomputations)
+    prefill_tokens: int = 0      # their tokens
+
+    @classmethod
+    def of(cls, out) -> "StepShape":
+        """The shape of a SchedulerOutput, read before the step runs (num_computed_tokens is
+        still the count before this step's tokens)."""
+        tokens = sampled = decode_ctx = pairs = pre_seqs = pre_tokens = 0
+        for s in out.batch:
+            q, c0 = s.num_new_tokens, s.seq.num_computed_tokens
+            tokens += q
+            sampled += s.sample
+            if q == 1:
+                decode_ctx += c0 + 1
+            else:
+                pairs += q * c0 + q * (q + 1) // 2     # query at position p sees keys 0..p
+                pre_seqs += 1
+                pre_tokens += q
+        return cls(len(out.batch), tokens, sampled, decode_ctx, pairs,
+                   len(out.blocks_to_swap_in) + len(out.blocks_to_swap_out), len(out.blocks_to_copy),
+                   pre_seqs, pre_tokens)
+
+    def split(self) -> tuple["StepShape", "StepShape"]:
+        """(the prompt rows alone, the one-token rows with the swaps and copies)."""
+        pre_sampled = min(self.num_sampled, self.prefill_seqs)
+        pre = StepShape(num_seqs=self.prefill_seqs, num_tokens=self.prefill_tokens, num_sampled=pre_sampled,
+                        prefill_pairs=self.prefill_pairs, prefill_seqs=self.prefill_seqs,
+                        prefill_tokens=self.prefill_tokens)
+        dec = StepShape(num_seqs=self.num_seqs - self.prefill_seqs, num_tokens=self.num_tokens - self.prefill_tokens,
+                        num_sampled=self.num_sampled - pre_sampled, decode_context=self.decode_context,
+                        swap_blocks=self.swap_blocks, copy_blocks=self.copy_blocks)
+        return pre, dec
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class StepCost:
+    gemm: float = 0.0
+    attention: float = 0.0
+    kv_write: float = 0.0
+    comm: float = 0.0
+    swap: float = 0.0
+    copy: float = 0.0
+    overhead: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return (self.gemm + self.attention + self.kv_write + self.comm + self.swap + self.copy
+                + self.overhead)
+
+
+class CostModel:
+    def __init__(self, setup: SimSetup, block_size: int = 16):
+        self.setup = setup
+        self.block_size = block_size
+        m, hw, p = setup.model, setup.hardware, setup.num_gpus
+        self.p = p
+        self._weight_time = m.weight_bytes / p / (hw.hbm_bw * hw.mem_eff)
+        self._flop_time_per_token = 2 * m.gemm_params / p / (hw.flops * hw.gemm_eff)
+        self._flop_time_per_sample = 2 * m.vocab * m.hidden / p / (hw.flops * hw.gemm_eff)
+        kv_rank = m.kv_bytes_per_token / p
+        self._kv_read_per_token = kv_rank / (hw.hbm_bw * hw.attn_eff)
+        self._pair_time = 4 * m.hidden * m.layers / p / (hw.flops * hw.attn_flop_eff)
+        self._kv_write_per_token = kv_rank / hw.hbm_bw
+        self._allreduce_per_token = 2 * (p - 1) / p * m.hidden * m.dtype_bytes / hw.link_bw
+        block_rank = kv_rank * block_size
+        self._swap_per_block = hw.transfer_latency + block_rank / hw.pcie_bw
+        self._copy_per_block = hw.transfer_latency + 2 * block_rank / hw.hbm_bw
+
+    def step(self, s: StepShape) -> StepCost:
+        if self.setup.hardware.prefill_alone and 0 < s.prefill_seqs < s.num_seqs:
+            a, b = (self._step(part) for part in s.split())
+            return StepCost(*(getattr(a, f.name) + getattr(b, f.name) for f in fields(StepCost)))
+        return self._step(s)
+
+    def _step(self, s: StepShape) -> StepCost:
+        if s.num_seqs == 0 and s.swap_blocks == 0 and s.copy_blocks == 0:
+            return StepCost()
+        hw, m = self.setup.hardware, self.setup.model
+        compute = s.num_tokens * self._flop_time_per_token + s.num_sampled * self._flop_time_per_sample
+        gemm = max(self._weight_time, compute) if s.num_tokens else 0.0
+        attention = s.decode_context * self._kv_read_per_token + s.prefill_pairs * self._pair_time
+        comm = 0.0
+        if self.p > 1 and s.num_tokens:
+            comm = 2 * m.layers * (hw.allreduce_latency + s.num_tokens * self._allreduce_per_token)
+        return StepCost(gemm=gemm, attention=attention, kv_write=s.num_tokens * self._kv_write_per_token,
+                        comm=comm, swap=s.swap_blocks * self._swap_per_block,
+                        copy=s.copy_blocks * self._copy_per_block,
+                        overhead=hw.step_overhead + hw.seq_overhead * s.num_seqs)
+
+    def step_time(self, s: StepShape) -> float:
+        return self.step(s).total

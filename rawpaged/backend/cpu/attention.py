@@ -10,12 +10,12 @@ each of its rows (query token x the `group` query heads that share the KV head),
 running max m, running sum l and the output accumulator acc, and walks the blocks of s's context
 that any of its rows can see, one block (block_size keys) at a time:
 
-    K, V of the block -> float32 scratch kb, vb [block_size, head_dim]   (each read once per task)
-    S[r, j]  = scale * q_r . kb[j]            masked to -inf where key j is not visible to row r
+    S[r, j]  = scale * q_r . k_j              (K and V widened to float32 as read; the block stays in
+                                              L1 while the task's rows use it)            masked to -inf where key j is not visible to row r
                                               (causal: j > pos_r; sliding window: j <= pos_r - W)
     m_new    = max(m_r, max_j S[r, j]);  c = exp(m_r - m_new)
     p[r, j]  = exp(S[r, j] - m_new);  l_r = l_r * c + sum_j p[r, j]
-    acc_r    = acc_r * c + sum_j p[r, j] * vb[j]
+    acc_r    = acc_r * c + sum_j p[r, j] * v_j
 
 A decode token is a tile of one token: its `group` heads share every K/V read. A prefill tile of
 Q_TILE tokens reads each block once for all of its Q_TILE * group rows, instead of once per token
@@ -55,6 +55,26 @@ def _tasks(seq_lens, query_start_loc, q_tile):
 
 
 @njit(fastmath=_FAST, inline="always")
+def _exp(x):
+    """exp(x) for x <= 0 (scores minus their running max), as plain arithmetic LLVM vectorises
+    (math.exp is a scalar libm call): 2^n * e^r with r in [-ln2/2, ln2/2], a degree-7 Taylor
+    polynomial for e^r (relative error < 1e-7), 2^n built in the exponent bits. Below -87 it
+    returns ~1e-38 instead of 0 (exp(-inf) = 0 where it matters: masked keys are never summed)."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = x - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * lowp._u32_as_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
+
+
+@njit(fastmath=_FAST, inline="always")
 def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_pos, scale, window, out):
     """The attention of query tokens row0..row0+n_tok-1 of sequence s (positions first_pos..) for the
     query heads of KV head kvh. Writes out[row0:row0+n_tok, those heads]."""
@@ -70,9 +90,7 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
     m = np.full(R, -np.inf, np.float32)
     l = np.zeros(R, np.float32)
     acc = np.zeros((R, head_dim), np.float32)
-    kb = np.empty((block_size, head_dim), np.float32)
-    vb = np.empty((block_size, head_dim), np.float32)
-    sc = np.empty(block_size, np.float32)
+    sc = np.empty(block_size, np.float32)          # one row's scores in the block, then exp(score - m)
 
     last_pos = first_pos + n_tok - 1
     lo = max(0, first_pos - window + 1) if window > 0 else 0   # the first key any row sees
@@ -80,10 +98,6 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
         phys = block_tables[s, blk]                # logical block -> physical block
         j0 = blk * block_size                      # position of the block's first key
         nk = min(block_size, last_pos + 1 - j0)    # keys of this block that exist yet
-        for j in range(nk):
-            for d in range(head_dim):
-                kb[j, d] = lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
-                vb[j, d] = lowp.widen(kv[phys, layer, 1, kvh, j, d], kind)
         for r in range(R):
             pos = first_pos + r // group
             j_hi = min(nk, pos - j0 + 1)           # causal: keys j0 .. pos
@@ -91,24 +105,27 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
             if j_hi <= j_lo:
                 continue                           # nothing of this block is visible to row r
             m_blk = -np.inf
-            for j in range(j_lo, j_hi):
+            for j in range(j_lo, j_hi):            # sc[j] = q_r . k_j (the block is in L1 after row 0)
                 a = np.float32(0.0)
                 for d in range(head_dim):
-                    a += qs[r, d] * kb[j, d]
+                    a += qs[r, d] * lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
                 sc[j] = a
                 m_blk = max(m_blk, a)
             m_new = max(m[r], m_blk)
-            c = math.exp(m[r] - m_new)
-            l_r = l[r] * c
+            c = _exp(m[r] - m_new)
+            l_r = np.float32(0.0)
+            for j in range(j_lo, j_hi):
+                p = _exp(sc[j] - m_new)
+                sc[j] = p
+                l_r += p
+            l[r] = l[r] * c + l_r
+            m[r] = m_new
             for d in range(head_dim):
                 acc[r, d] *= c
-            for j in range(j_lo, j_hi):
-                p = math.exp(sc[j] - m_new)
-                l_r += p
+            for j in range(j_lo, j_hi):            # acc_r += p_j * v_j, vectorised over head_dim
+                p = sc[j]
                 for d in range(head_dim):
-                    acc[r, d] += p * vb[j, d]
-            l[r] = l_r
-            m[r] = m_new
+                    acc[r, d] += p * lowp.widen(kv[phys, layer, 1, kvh, j, d], kind)
     for r in range(R):
         inv = np.float32(1.0) / l[r]
         i, g = r // group, r % group

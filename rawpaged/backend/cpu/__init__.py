@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 from rawpaged.backend.base import check_window  # noqa: E402
 from rawpaged.backend.cpu import attention as _attn  # noqa: E402
+from rawpaged.backend.cpu import elementwise as _ew  # noqa: E402
 from rawpaged.backend.cpu import gemm as _gemm  # noqa: E402
 from rawpaged.backend.cpu import lowp  # noqa: E402
 from rawpaged.errors import RawpagedError  # noqa: E402
@@ -128,15 +129,25 @@ def wait_event(event):
 # --------------------------------------------------------------------------------------------
 # Norms, rotary embedding, activations
 # --------------------------------------------------------------------------------------------
+def _rows(x):
+    """x [..., n] -> a C-contiguous float32 [rows, n] (a view where x already is one)."""
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+
+
 def rms_norm(x, weight, eps):
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis (fp32 statistics)."""
-    xf = x.astype(np.float32, copy=False)
-    inv_rms = 1.0 / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + np.float32(eps))
-    return (xf * inv_rms * weight).astype(x.dtype, copy=False)
+    xr = _rows(x)
+    out = np.empty_like(xr)
+    _ew.kernel("_rms_norm", xr.size)(xr, weight.astype(np.float32, copy=False), np.float32(eps), out)
+    return out.reshape(x.shape).astype(x.dtype, copy=False)
 
 
 def fused_add_rms_norm(x, residual, weight, eps):
     """residual += x; x = rms_norm(residual). Both updated in place; returns (x, residual)."""
+    if x.dtype == residual.dtype == np.float32 and x.flags.c_contiguous and residual.flags.c_contiguous:
+        xr, rr = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+        _ew.kernel("_add_rms_norm", xr.size)(xr, rr, weight.astype(np.float32, copy=False), np.float32(eps))
+        return x, residual
     residual += x
     x[...] = rms_norm(residual, weight, eps)
     return x, residual
@@ -161,6 +172,17 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
     is_neox=True rotates halves (x[:r/2], x[r/2:r]) as Hugging Face LLaMA does; False rotates
     interleaved pairs (x[0::2], x[1::2]) as GPT-J and llama2.c do.
     """
+    pos = np.asarray(positions).astype(np.int64, copy=False)
+    table = cos_sin_cache.astype(np.float32, copy=False)
+    if (q.dtype == k.dtype == np.float32 and q.flags.c_contiguous and k.flags.c_contiguous
+            and q.shape[0] == k.shape[0] == pos.shape[0]):
+        _ew.kernel("_rotary", q.size + k.size)(pos, q, k, table, bool(is_neox))
+    else:
+        _rotary_numpy(pos, q, k, table, is_neox)
+    return q, k
+
+
+def _rotary_numpy(positions, q, k, cos_sin_cache, is_neox):
     rot = cos_sin_cache.shape[1]
     cos = cos_sin_cache[positions, : rot // 2][:, None, :]     # [T, 1, rot/2]
     sin = cos_sin_cache[positions, rot // 2:][:, None, :]
@@ -180,9 +202,10 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
 
 def silu_and_mul(x):
     """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]  (SwiGLU's gate and up projections fused)."""
-    d = x.shape[-1] // 2
-    gate, up = x[..., :d], x[..., d:]
-    return (gate / (1.0 + np.exp(-gate)) * up).astype(x.dtype, copy=False)
+    xr = _rows(x)
+    out = np.empty((xr.shape[0], xr.shape[1] // 2), np.float32)
+    _ew.kernel("_silu_and_mul", out.size)(xr, out)
+    return out.reshape(*x.shape[:-1], out.shape[1]).astype(x.dtype, copy=False)
 
 
 def gelu_tanh_and_mul(x):

@@ -23,12 +23,12 @@ Q_TILE tokens reads each block once for all of its Q_TILE * group rows, instead 
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp
+from rawpaged.backend.cpu.elementwise import exp_nonpos as _exp
 
 Q_TILE = 16                      # query tokens per task (prefill); decode tasks have one
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -52,26 +52,6 @@ def _tasks(seq_lens, query_start_loc, q_tile):
             seq[i], row0[i], rows[i] = s, t, min(q_tile, q1 - t)
             i += 1
     return seq, row0, rows
-
-
-@njit(fastmath=_FAST, inline="always")
-def _exp(x):
-    """exp(x) for x <= 0 (scores minus their running max), as plain arithmetic LLVM vectorises
-    (math.exp is a scalar libm call): 2^n * e^r with r in [-ln2/2, ln2/2], a degree-7 Taylor
-    polynomial for e^r (relative error < 1e-7), 2^n built in the exponent bits. Below -87 it
-    returns ~1e-38 instead of 0 (exp(-inf) = 0 where it matters: masked keys are never summed)."""
-    x = max(x, np.float32(-87.0))
-    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
-    r = x - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
-    p = np.float32(1.0 / 5040.0)
-    p = p * r + np.float32(1.0 / 720.0)
-    p = p * r + np.float32(1.0 / 120.0)
-    p = p * r + np.float32(1.0 / 24.0)
-    p = p * r + np.float32(1.0 / 6.0)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
-    return p * lowp._u32_as_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
 
 
 @njit(fastmath=_FAST, inline="always")

@@ -94,7 +94,8 @@ def _rotary(positions, q, k, cache, is_neox):
 
 def _pair(fn):
     """(serial, parallel) compilations of one kernel."""
-    return njit(fastmath=_FAST, cache=True)(fn), njit(fastmath=_FAST, cache=True, parallel=True)(fn)
+    return (njit(fastmath=_FAST, cache=True, nogil=True)(fn),
+            njit(fastmath=_FAST, cache=True, parallel=True, nogil=True)(fn))
 
 
 _KERNELS = {f.__name__: _pair(f) for f in (_rms_norm, _add_rms_norm, _silu_and_mul, _rotary)}

@@ -109,7 +109,7 @@ def _rows(x, w, y, kind, o0, o1):
             o += 1
 
 
-@njit(fastmath=_FAST, parallel=True, cache=True)
+@njit(fastmath=_FAST, parallel=True, cache=True, nogil=True)
 def _linear_parallel(x, w, y, kind, num_tasks):
     O = w.shape[0]
     groups = (O + 3) // 4
@@ -119,12 +119,12 @@ def _linear_parallel(x, w, y, kind, num_tasks):
         _rows(x, w, y, kind, o0, o1)
 
 
-@njit(fastmath=_FAST, cache=True)
+@njit(fastmath=_FAST, cache=True, nogil=True)
 def _linear_serial(x, w, y, kind):
     _rows(x, w, y, kind, 0, w.shape[0])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _widen_rows(w, o0, o1, kind, out):
     """out[:o1-o0] = float32(w[o0:o1]) (exact)."""
     for r in prange(o1 - o0):

@@ -63,7 +63,8 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
         out = np.empty_like(q)
     span = max_seq_len or int(seq_lens.max())
     work = q.shape[0] * q.shape[1] * (min(span, window) if window else span)
-    kernel = _attn.paged_attention_parallel if work >= _attn.PARALLEL_MIN_WORK else _attn.paged_attention_serial
+    parallel = work >= _attn.PARALLEL_MIN_WORK and _gemm.dynamic_schedule() > 1
+    kernel = _attn.paged_attention_parallel if parallel else _attn.paged_attention_serial
     kernel(q, lowp.bits(kv_cache), lowp.kind_of(kv_cache.dtype), int(layer), block_tables, seq_lens,
            query_start_loc, np.float32(scale), window, out)
     return out

@@ -35,7 +35,7 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 # NOTE: fast-math without 'nnan'/'ninf': masked scores are -inf and exp(-inf) must stay 0.
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _tasks(seq_lens, query_start_loc, q_tile):
     """(sequence, first query row, rows) of every query tile, in batch order."""
     num_seqs = seq_lens.shape[0]
@@ -54,7 +54,7 @@ def _tasks(seq_lens, query_start_loc, q_tile):
     return seq, row0, rows
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
 def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_pos, scale, window, out):
     """The attention of query tokens row0..row0+n_tok-1 of sequence s (positions first_pos..) for the
     query heads of KV head kvh. Writes out[row0:row0+n_tok, those heads]."""
@@ -128,12 +128,12 @@ def _paged_attention_impl(q, kv, kind, layer, block_tables, seq_lens, query_star
 
 # NOTE: two compilations of one kernel. Numba's thread pool costs tens of microseconds per launch
 # (far more when the cores are busy), which dominates small decode batches; the serial one serves those.
-paged_attention_parallel = njit(parallel=True, cache=True, fastmath=_FAST, nogil=True)(_paged_attention_impl)
-paged_attention_serial = njit(cache=True, fastmath=_FAST, nogil=True)(_paged_attention_impl)
+paged_attention_parallel = njit(parallel=True, cache=True, fastmath=_FAST, nogil=True, error_model="numpy")(_paged_attention_impl)
+paged_attention_serial = njit(cache=True, fastmath=_FAST, nogil=True, error_model="numpy")(_paged_attention_impl)
 PARALLEL_MIN_WORK = 1 << 15      # query-head x key pairs below which one thread is faster
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def reshape_and_cache(k, v, kv, kind, layer, slot_mapping):
     """kv[slot // bs, layer, 0/1, :, slot % bs, :] = k[t], v[t] narrowed to the cache's storage kind.
     NOTE: serial: a few kilobytes per token, never worth a thread pool launch."""

@@ -20,14 +20,16 @@ _FAST = {"reassoc", "contract", "nsz", "arcp"}
 PARALLEL_MIN_ELEMENTS = 1 << 18      # below this one thread is faster than a thread-pool launch
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
 def exp_nonpos(x):
     """exp(x) for x <= 0 (scores minus their running max), as plain arithmetic LLVM vectorises
     (math.exp is a scalar libm call): 2^n * e^r with r in [-ln2/2, ln2/2], a degree-7 Taylor
     polynomial for e^r (relative error < 1e-7), 2^n built in the exponent bits. Below -87 it
     returns ~1e-38 instead of 0 (exp(-inf) = 0 where it matters: masked keys are never summed)."""
     x = max(x, np.float32(-87.0))
-    n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    # n = round(x / ln2) as trunc(x / ln2 - 0.5) (x <= 0): float -> int -> float vectorises, floor does not
+    ni = np.int32(x * np.float32(1.4426950408889634) - np.float32(0.5))
+    n = np.float32(ni)
     r = x - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
     p = np.float32(1.0 / 5040.0)
     p = p * r + np.float32(1.0 / 720.0)
@@ -37,10 +39,10 @@ def exp_nonpos(x):
     p = p * r + np.float32(0.5)
     p = p * r + np.float32(1.0)
     p = p * r + np.float32(1.0)
-    return p * lowp._u32_as_f32(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
+    return p * lowp._u32_as_f32(np.uint32(ni + np.int32(127)) << np.uint32(23))
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
 def _inv_rms(x, t, eps):
     ss = np.float32(0.0)
     for i in range(x.shape[1]):
@@ -70,7 +72,8 @@ def _silu_and_mul(x, out):
         for i in range(n):
             g = x[t, i]
             z = exp_nonpos(-abs(g))                 # sigmoid(g) from exp(-|g|): never overflows
-            sig = np.float32(1.0) / (np.float32(1.0) + z) if g >= 0 else z / (np.float32(1.0) + z)
+            inv = np.float32(1.0) / (np.float32(1.0) + z)
+            sig = inv if g >= 0 else z * inv
             out[t, i] = g * sig * x[t, n + i]
 
 
@@ -94,8 +97,8 @@ def _rotary(positions, q, k, cache, is_neox):
 
 def _pair(fn):
     """(serial, parallel) compilations of one kernel."""
-    return (njit(fastmath=_FAST, cache=True, nogil=True)(fn),
-            njit(fastmath=_FAST, cache=True, parallel=True, nogil=True)(fn))
+    return (njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")(fn),
+            njit(fastmath=_FAST, cache=True, parallel=True, nogil=True, error_model="numpy")(fn))
 
 
 _KERNELS = {f.__name__: _pair(f) for f in (_rms_norm, _add_rms_norm, _silu_and_mul, _rotary)}

@@ -1,22 +1,23 @@
 """linear() on the CPU: y[T, O] = x[T, K] @ W[O, K]^T, W in Hugging Face's [out, in] layout.
 
-Two paths, chosen by the number of rows T:
-
-  T <= SMALL_ROWS  a Numba kernel (below). This is every decode step at low load: OpenBLAS's sgemm
-                   copies (packs) the whole weight matrix before multiplying a few rows, which made
-                   2-8 rows cost ~3x one row; the kernel reads each weight once per call instead.
-  T >  SMALL_ROWS  OpenBLAS sgemm, whose packing pays off; a 16-bit weight is widened to float32 a
-                   slab of rows at a time into a scratch buffer first (a cost of ~1/T of the GEMM).
+One Numba kernel for every T (decode steps of a few rows and prefills of thousands alike).
+NOTE: why not OpenBLAS's sgemm: (1) for a few rows it packs (copies) the whole weight matrix before
+multiplying, which made 2-8 rows cost ~3x one row, while the kernel below reads each weight once per
+call; (2) its thread pool spins after each call and fought Numba's (attention, norms) for the two
+cores; (3) it has no 16-bit weights. Measured single-threaded, the kernel matches sgemm from 64 to
+2048 rows at this project's shapes and beats it below (bench/profile_step.py, bench/RESULTS.md).
 
 Weights are stored float32, bfloat16 or float16 (lowp.py); x and y are always float32 and the sums
 are float32 (fp32 accumulation whatever the storage).
 
-The kernel: each task owns a range of output features; for each group of 4 outputs (4 weight rows,
-read once from memory) it walks the rows of x 4 at a time, keeping the 4 x 4 dot products in
-registers while k runs over the hidden size (LLVM vectorises that loop: 16 vector accumulators,
-each weight vector widened once and used for 4 rows of x).
+The kernel: each task owns a range of output features; for each group of 4 outputs (4 weight rows)
+it walks a tile of up to 64 rows of x 4 at a time, keeping the 4 x 4 dot products in registers while
+k runs over the hidden size (LLVM vectorises that loop: 16 vector accumulators, each weight vector
+widened once and used for 4 rows of x). The x tile stays in L2 while the weight rows stream by.
 """
 from __future__ import annotations
+
+import threading
 
 import numba
 import numpy as np
@@ -24,14 +25,12 @@ from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp
 
-SMALL_ROWS = 32               # rows up to which the Numba kernel beats sgemm (bench/profile_step.py)
 _PARALLEL_MIN_BYTES = 1 << 18  # weight bytes below which one thread is faster than two
-_SLAB_BYTES = 8 << 20          # float32 scratch per sgemm call for 16-bit weights
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _ROW_TILE = 64                 # rows of x per pass over the weights (64 x K floats: L2-resident)
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
 def _dot_4x4(x, t, w, o, K, kind, y):
     """y[t:t+4, o:o+4] = x[t:t+4] . widen(w[o:o+4]) over k < K (16 accumulators)."""
     a00 = a01 = a02 = a03 = np.float32(0.0)
@@ -66,7 +65,7 @@ def _dot_4x4(x, t, w, o, K, kind, y):
     y[t + 3, o], y[t + 3, o + 1], y[t + 3, o + 2], y[t + 3, o + 3] = a30, a31, a32, a33
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
 def _dot_1x4(x, t, w, o, K, kind, y):
     """y[t, o:o+4] = x[t] . widen(w[o:o+4]) (one row of x: the decode step of one sequence)."""
     a0 = a1 = a2 = a3 = np.float32(0.0)
@@ -79,7 +78,7 @@ def _dot_1x4(x, t, w, o, K, kind, y):
     y[t, o], y[t, o + 1], y[t, o + 2], y[t, o + 3] = a0, a1, a2, a3
 
 
-@njit(fastmath=_FAST, inline="always")
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
 def _dot_1x1(x, t, w, o, K, kind, y):
     a = np.float32(0.0)
     for k in range(K):
@@ -109,7 +108,7 @@ def _rows(x, w, y, kind, o0, o1):
             o += 1
 
 
-@njit(fastmath=_FAST, parallel=True, cache=True, nogil=True)
+@njit(fastmath=_FAST, parallel=True, cache=True, nogil=True, error_model="numpy")
 def _linear_parallel(x, w, y, kind, num_tasks):
     O = w.shape[0]
     groups = (O + 3) // 4
@@ -119,64 +118,43 @@ def _linear_parallel(x, w, y, kind, num_tasks):
         _rows(x, w, y, kind, o0, o1)
 
 
-@njit(fastmath=_FAST, cache=True, nogil=True)
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
 def _linear_serial(x, w, y, kind):
     _rows(x, w, y, kind, 0, w.shape[0])
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _widen_rows(w, o0, o1, kind, out):
-    """out[:o1-o0] = float32(w[o0:o1]) (exact)."""
-    for r in prange(o1 - o0):
-        for k in range(w.shape[1]):
-            out[r, k] = lowp.widen(w[o0 + r, k], kind)
+_local = threading.local()
 
 
-def _num_threads() -> int:
-    return numba.get_num_threads()
+def dynamic_schedule() -> int:
+    """Numba's thread count, after making this thread's parallel loops hand out iterations one at
+    a time (Numba's default splits them into one static chunk per thread).
+    NOTE: with several small tasks per thread, a thread that loses its core (a busy machine) leaves
+    the tasks it has not started to the others instead of stalling the call. The count is read once
+    per thread: numba.get_num_threads() costs ~10 us, more than a small kernel."""
+    threads = getattr(_local, "threads", None)
+    if threads is None:
+        numba.set_parallel_chunksize(1)
+        threads = _local.threads = numba.get_num_threads()
+    return threads
 
 
-def small_linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """x [T, K] float32 (T small) @ weight [O, K]^T with the Numba kernel -> [T, O] float32."""
+def linear_2d(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x [T, K] float32 @ weight [O, K]^T with the Numba kernel -> [T, O] float32."""
     kind = lowp.kind_of(weight.dtype)
-    w = lowp.bits(weight)
+    w = weight if kind == lowp.F32 else weight.view(np.uint16)
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
-    if weight.nbytes >= _PARALLEL_MIN_BYTES and _num_threads() > 1:
-        # NOTE: 4 tasks per thread: a thread that loses its core for a while (a busy machine)
-        # leaves the others tasks to take, instead of stalling the call.
-        _linear_parallel(x, w, y, kind, 4 * _num_threads())
+    threads = dynamic_schedule()
+    if weight.nbytes >= _PARALLEL_MIN_BYTES and threads > 1:
+        _linear_parallel(x, w, y, kind, 4 * threads)
     else:
         _linear_serial(x, w, y, kind)
-    return y
-
-
-def large_linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Many rows: sgemm; 16-bit weights are widened a slab of rows at a time."""
-    if weight.dtype == np.float32:
-        return x @ weight.T
-    kind = lowp.kind_of(weight.dtype)
-    w = lowp.bits(weight)
-    O, K = w.shape
-    y = np.empty((x.shape[0], O), np.float32)
-    rows = max(1, min(O, _SLAB_BYTES // (4 * K)))
-    slab = np.empty((rows, K), np.float32)
-    for o0 in range(0, O, rows):
-        o1 = min(O, o0 + rows)
-        _widen_rows(w, o0, o1, kind, slab)
-        np.matmul(x, slab[:o1 - o0].T, out=y[:, o0:o1])
     return y
 
 
 def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x [..., K] float32 @ weight [O, K]^T -> [..., O] float32."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    T = x2.shape[0]
-    if T == 1 and weight.dtype == np.float32:
-        y = x2 @ weight.T                         # sgemv: reads the weight at memory speed
-    elif T <= SMALL_ROWS:
-        y = small_linear(x2, weight)
-    else:
-        y = large_linear(x2.astype(np.float32, copy=False), weight)
+    y = linear_2d(x.reshape(-1, x.shape[-1]), weight)
     return y.reshape(*lead, weight.shape[0])

@@ -26,15 +26,18 @@ except Exception:  # pragma: no cover - ml_dtypes is a dependency; without it th
 F32, BF16, F16 = 0, 1, 2
 
 
+_KINDS = {np.dtype(np.float32): F32, np.dtype(np.float16): F16}
+if BFLOAT16 is not None:
+    _KINDS[BFLOAT16] = BF16
+
+
 def kind_of(dtype) -> int:
-    dt = np.dtype(dtype)
-    if dt == np.float32:
-        return F32
-    if BFLOAT16 is not None and dt == BFLOAT16:
-        return BF16
-    if dt == np.float16:
-        return F16
-    raise ValueError(f"the CPU kernels store float32, bfloat16 or float16, not {dt}")
+    kind = _KINDS.get(dtype)
+    if kind is None:
+        kind = _KINDS.get(np.dtype(dtype))
+        if kind is None:
+            raise ValueError(f"the CPU kernels store float32, bfloat16 or float16, not {np.dtype(dtype)}")
+    return kind
 
 
 def bits(a: np.ndarray) -> np.ndarray:

@@ -71,10 +71,12 @@ def test_linear_matches_float64_reference(dtype, rows, out_in):
     w = rng.standard_normal((O, K), dtype=np.float32).astype(dtype)
     x = rng.standard_normal((rows, K), dtype=np.float32)
     b = rng.standard_normal(O, dtype=np.float32)
-    ref = x.astype(np.float64) @ w.astype(np.float64).T + b
+    # bfloat16 weights on an AVX-512 BF16 CPU multiply bfloat16-rounded activations (gemm.py)
+    xr = x.astype(BF16) if (dtype == BF16 and gemm.ROUNDS_BF16_ACTIVATIONS) else x
+    ref = xr.astype(np.float64) @ w.astype(np.float64).T + b
     got = cpu.linear(x, cpu.to_device(w), cpu.to_device(b))
     assert got.dtype == np.float32 and got.shape == (rows, O)
-    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64)).T + 1)
+    bound = 1e-5 * (np.abs(xr.astype(np.float64)) @ np.abs(w.astype(np.float64)).T + 1)
     assert np.all(np.abs(got - ref) <= bound)
 
 
@@ -86,10 +88,12 @@ def test_linear_writes_every_output(threads, monkeypatch):
     x = rng.standard_normal((9, 200), dtype=np.float32)
     monkeypatch.setattr(gemm, "_PARALLEL_MIN_BYTES", 0 if threads == 2 else 1 << 60)
     y = np.full((9, 1030), np.nan, np.float32)
-    kernel = gemm._linear_parallel if threads == 2 else gemm._linear_serial
-    args = (x, w.view(np.uint16), y, lowp.BF16) + ((7,) if threads == 2 else ())
+    serial, parallel = gemm._KERNELS[lowp.BF16]
+    kernel = parallel if threads == 2 else serial
+    args = (x, w.view(np.uint16), y) + ((7,) if threads == 2 else ())
     kernel(*args)
-    np.testing.assert_allclose(y, x @ w.astype(np.float32).T, rtol=1e-5, atol=1e-4)
+    xr = x.astype(BF16).astype(np.float32) if gemm.ROUNDS_BF16_ACTIVATIONS else x
+    np.testing.assert_allclose(y, xr @ w.astype(np.float32).T, rtol=1e-5, atol=1e-4)
 
 
 # -- paged attention with 16-bit KV ----------------------------------------------------------------

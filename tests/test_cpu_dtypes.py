@@ -18,7 +18,7 @@ from rawpaged.worker.cache_engine import CacheEngine
 from model_impl import get_model_class
 from test_hf_fixtures import FIXTURES, NAMES, reference
 
-TOLERANCE = {"bfloat16": 0.03, "float16": 0.005}     # of max |logit|; measured worst: 2.1% and 0.3%
+TOLERANCE = {"bfloat16": 0.04, "float16": 0.005}     # of max |logit|; measured worst: 2.5% and 0.3%
 _checked_steps = {"bfloat16": 0, "float16": 0}
 
 

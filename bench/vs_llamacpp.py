@@ -184,6 +184,29 @@ def client(url: str, model_dir: Path, num: int, rate: float, args, seed: int = 0
     return s
 
 
+def serve_workload(url: str, work: list[tuple[list[int], int]], args) -> float:
+    """The offline workload through a server: every request sent at once (streamed, greedy, fixed
+    lengths) with bench/serving.py's client code -> generated tokens / wall time."""
+    import asyncio
+
+    import httpx
+    import serving
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(3600.0),
+                                     limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)) as c:
+            model = (await c.get("/v1/models")).json()["data"][0]["id"]
+            t = time.perf_counter()
+            res = await asyncio.gather(*[serving.send(c, args, model, serving.Request(p, len(p), o)) for p, o in work])
+            return res, time.perf_counter() - t
+    args.temperature = 0.0
+    res, dt = asyncio.run(go())
+    bad = [r.error for r in res if not r.ok]
+    if bad:
+        raise RuntimeError(f"{url}: {len(bad)} requests failed: {bad[0]}")
+    return sum(r.output_tokens for r in res) / dt
+
+
 # -- rawpaged offline -----------------------------------------------------------------------------
 def rawpaged_llm(args, model_dir: Path, max_seqs: int):
     from rawpaged import LLM
@@ -268,27 +291,18 @@ def agreement(a: list[int], b: list[int]) -> int:
 
 # -- the weight-bandwidth floor ------------------------------------------------------------------
 def read_bandwidth(threads: int) -> float:
-    """GB/s of reading a 512 MB buffer once (Numba, `threads` threads, median of 5)."""
-    import numba
-
-    @numba.njit(parallel=True, fastmath=True, cache=False)
-    def total(a, parts):
-        acc = np.zeros(parts, np.float32)
-        n = a.shape[0] // parts
-        for p in numba.prange(parts):
-            s = np.float32(0.0)
-            for i in range(p * n, (p + 1) * n):
-                s += a[i]
-            acc[p] = s
-        return acc.sum()
-    numba.set_num_threads(threads)
+    """GB/s of reading a 512 MB buffer once, `threads` NumPy reductions on parts of it at once
+    (NumPy's sum is vectorised and releases the GIL), median of 5."""
+    from concurrent.futures import ThreadPoolExecutor
     a = np.ones(128 << 20, np.float32)
-    total(a, threads * 4)
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        total(a, threads * 4)
-        ts.append(time.perf_counter() - t)
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, parts))
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            ts.append(time.perf_counter() - t)
     return a.nbytes / float(np.median(ts)) / 1e9
 
 
@@ -367,12 +381,10 @@ def main() -> None:
             tps, raw_tokens = rawpaged_generate(llm, sharegpt)
             note("rawpaged offline", tps)
             with rawpaged_server(args, model_dir, max(64, args.num_requests)) as srv:
-                note("rawpaged server offline", client(srv.url, model_dir, args.num_requests, float("inf"), args)
-                     ["throughput"]["output_tokens_per_s"])
+                note("rawpaged server offline", serve_workload(srv.url, sharegpt, args))
             for prec in LLAMA_PRECISIONS:
                 with llama_server(args, bin_dir, ggufs[prec], args.num_requests) as srv:
-                    note(f"llama.cpp {prec} server offline",
-                         client(srv.url, model_dir, args.num_requests, float("inf"), args)["throughput"]["output_tokens_per_s"])
+                    note(f"llama.cpp {prec} server offline", serve_workload(srv.url, sharegpt, args))
             if rnd == 0:
                 hf = transformers_baseline(args, model_dir, sharegpt)
                 if hf:

@@ -63,10 +63,10 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
         out = np.empty_like(q)
     span = max_seq_len or int(seq_lens.max())
     work = q.shape[0] * q.shape[1] * (min(span, window) if window else span)
-    parallel = work >= _attn.PARALLEL_MIN_WORK and _gemm.dynamic_schedule() > 1
-    kernel = _attn.paged_attention_parallel if parallel else _attn.paged_attention_serial
-    kernel(q, lowp.bits(kv_cache), lowp.kind_of(kv_cache.dtype), int(layer), block_tables, seq_lens,
-           query_start_loc, np.float32(scale), window, out)
+    serial, parallel, _ = _attn.kernels(lowp.kind_of(kv_cache.dtype))
+    kernel = parallel if work >= _attn.PARALLEL_MIN_WORK and _gemm.dynamic_schedule() > 1 else serial
+    kernel(q, lowp.bits(kv_cache), int(layer), block_tables, seq_lens, query_start_loc, np.float32(scale),
+           window, out)
     return out
 
 
@@ -89,9 +89,9 @@ def reshape_and_cache(k, v, kv_cache, layer, slot_mapping):
     to nearest even where the cache is bfloat16 / float16)."""
     if k.shape != v.shape or k.shape[1:] != (kv_cache.shape[3], kv_cache.shape[5]):
         raise ValueError(f"reshape_and_cache: k {k.shape} / v {v.shape} do not fit kv_cache {kv_cache.shape}")
-    _attn.reshape_and_cache(k.astype(np.float32, copy=False), v.astype(np.float32, copy=False),
-                            lowp.bits(kv_cache), lowp.kind_of(kv_cache.dtype), int(layer),
-                            slot_mapping.astype(np.int64, copy=False))
+    write = _attn.kernels(lowp.kind_of(kv_cache.dtype))[2]
+    write(k.astype(np.float32, copy=False), v.astype(np.float32, copy=False), lowp.bits(kv_cache), int(layer),
+          slot_mapping.astype(np.int64, copy=False))
 
 
 def copy_blocks(kv_cache, pairs):

@@ -113,38 +113,49 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
             out[row0 + i, kvh * group + g, d] = acc[r, d] * inv
 
 
-def _paged_attention_impl(q, kv, kind, layer, block_tables, seq_lens, query_start_loc, scale, window, out):
-    num_kv_heads = kv.shape[3]
-    seq, row0, rows = _tasks(seq_lens, query_start_loc, Q_TILE)
-    for task in prange(seq.shape[0] * num_kv_heads):
-        tile, kvh = task // num_kv_heads, task % num_kv_heads
-        s = seq[tile]
-        q_len = query_start_loc[s + 1] - query_start_loc[s]
-        # new tokens are the last q_len of the context: row query_start_loc[s] + i is at seq_lens[s] - q_len + i
-        first_pos = seq_lens[s] - q_len + (row0[tile] - query_start_loc[s])
-        _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0[tile], rows[tile], first_pos,
-                     scale, window, out)
+def _build(kind: int):
+    """(serial, parallel) attention and the cache write for one KV storage kind.
+    NOTE: the kind is a closure constant (as in gemm.py): each compilation holds one widening, and
+    the loops over head_dim vectorise without a branch on the kind inside them."""
+
+    def attend(q, kv, layer, block_tables, seq_lens, query_start_loc, scale, window, out):
+        num_kv_heads = kv.shape[3]
+        seq, row0, rows = _tasks(seq_lens, query_start_loc, Q_TILE)
+        for task in prange(seq.shape[0] * num_kv_heads):
+            tile, kvh = task // num_kv_heads, task % num_kv_heads
+            s = seq[tile]
+            q_len = query_start_loc[s + 1] - query_start_loc[s]
+            # the new tokens are the last q_len of the context: row qsl[s] + i is at seq_lens[s] - q_len + i
+            first_pos = seq_lens[s] - q_len + (row0[tile] - query_start_loc[s])
+            _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0[tile], rows[tile], first_pos,
+                         scale, window, out)
+
+    def cache_write(k, v, kv, layer, slot_mapping):
+        """kv[slot // bs, layer, 0/1, :, slot % bs, :] = k[t], v[t], narrowed to the storage kind.
+        NOTE: serial: a few kilobytes per token, never worth a thread pool launch."""
+        block_size = kv.shape[4]
+        for t in range(k.shape[0]):
+            slot = slot_mapping[t]
+            if slot < 0:                           # padding token: nothing to store
+                continue
+            block = slot // block_size
+            off = slot % block_size
+            for h in range(k.shape[1]):
+                for d in range(k.shape[2]):
+                    kv[block, layer, 0, h, off, d] = lowp.narrow(k[t, h, d], kind)
+                    kv[block, layer, 1, h, off, d] = lowp.narrow(v[t, h, d], kind)
+
+    # NOTE: two compilations of the attention. Numba's thread pool costs tens of microseconds per
+    # launch (far more when the cores are busy), which dominates small decode batches; the serial
+    # one serves those.
+    opts = dict(cache=True, fastmath=_FAST, nogil=True, error_model="numpy")
+    return njit(**opts)(attend), njit(parallel=True, **opts)(attend), njit(**opts)(cache_write)
 
 
-# NOTE: two compilations of one kernel. Numba's thread pool costs tens of microseconds per launch
-# (far more when the cores are busy), which dominates small decode batches; the serial one serves those.
-paged_attention_parallel = njit(parallel=True, cache=True, fastmath=_FAST, nogil=True, error_model="numpy")(_paged_attention_impl)
-paged_attention_serial = njit(cache=True, fastmath=_FAST, nogil=True, error_model="numpy")(_paged_attention_impl)
+_KERNELS = {kind: _build(kind) for kind in (lowp.F32, lowp.BF16, lowp.F16)}
 PARALLEL_MIN_WORK = 1 << 15      # query-head x key pairs below which one thread is faster
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def reshape_and_cache(k, v, kv, kind, layer, slot_mapping):
-    """kv[slot // bs, layer, 0/1, :, slot % bs, :] = k[t], v[t] narrowed to the cache's storage kind.
-    NOTE: serial: a few kilobytes per token, never worth a thread pool launch."""
-    block_size = kv.shape[4]
-    for t in range(k.shape[0]):
-        slot = slot_mapping[t]
-        if slot < 0:                               # padding token: nothing to store
-            continue
-        block = slot // block_size
-        off = slot % block_size
-        for h in range(k.shape[1]):
-            for d in range(k.shape[2]):
-                kv[block, layer, 0, h, off, d] = lowp.narrow(k[t, h, d], kind)
-                kv[block, layer, 1, h, off, d] = lowp.narrow(v[t, h, d], kind)
+def kernels(kind: int):
+    """(serial attention, parallel attention, cache write) for a KV cache of storage `kind`."""
+    return _KERNELS[kind]

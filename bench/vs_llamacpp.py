@@ -159,7 +159,8 @@ def rawpaged_server(args, model_dir: Path, max_seqs: int) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "rawpaged.cli", "serve", "--model", str(model_dir), "--device", "cpu",
            "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_seqs),
-           "--kv-cache-memory", str(args.kv_memory), "--max-model-len", str(args.max_len)]
+           "--kv-cache-memory", str(args.kv_memory), "--max-model-len", str(args.max_len),
+           "--no-enable-prefix-caching"]
     return Server("rawpaged serve", cmd, port, thread_env(args.threads))
 
 
@@ -208,10 +209,13 @@ def serve_workload(url: str, work: list[tuple[list[int], int]], args) -> float:
 
 
 # -- rawpaged offline -----------------------------------------------------------------------------
-def rawpaged_llm(args, model_dir: Path, max_seqs: int):
+def rawpaged_llm(args, model_dir: Path, max_seqs: int, dtype: str | None = None):
+    """NOTE: prefix caching off: each round sends the same prompts again, and a cached prefix would
+    skip the prefill the other systems (fresh processes) do."""
     from rawpaged import LLM
-    return LLM(model_dir, device="cpu", dtype=args.dtype, kv_cache_memory=args.kv_memory, max_num_seqs=max_seqs,
-               max_num_batched_tokens=max(2048, args.max_len), max_model_len=args.max_len)
+    return LLM(model_dir, device="cpu", dtype=dtype or args.dtype, kv_cache_memory=args.kv_memory,
+               max_num_seqs=max_seqs, max_num_batched_tokens=max(2048, args.max_len), max_model_len=args.max_len,
+               enable_prefix_caching=False)
 
 
 def rawpaged_generate(llm, work: list[tuple[list[int], int]]) -> tuple[float, list[list[int]]]:
@@ -370,7 +374,8 @@ def main() -> None:
         note("read GB/s", bw)
         note("floor tok/s rawpaged", bw * 1e9 / decode_weight_bytes(model_dir, itemsize))
         if "single" not in args.skip:
-            note("rawpaged single", rawpaged_single(llm, same[0][0], args.gen))
+            fresh = np.random.default_rng(100 + rnd).integers(3, 32000, args.prompt_len).tolist()
+            note("rawpaged single", rawpaged_single(llm, fresh, args.gen))
             for prec in LLAMA_PRECISIONS:
                 note(f"llama.cpp {prec} single", llama_bench(args, bin_dir, ggufs[prec]))
         if "same-shape" not in args.skip:
@@ -399,12 +404,17 @@ def main() -> None:
                     note(f"{name} served {rate:g}", (s["ttft_ms"]["p50"], s["tpot_ms"]["p50"]))
         if "greedy" not in args.skip and rnd == 0:
             prompts = [p for p, _ in sharegpt[:args.check]]
-            ours = rawpaged_generate(llm, [(p, args.check_tokens) for p in prompts])[1]
+            ours = {args.dtype: rawpaged_generate(llm, [(p, args.check_tokens) for p in prompts])[1]}
+            if args.dtype != "float32":                      # float32 against llama.cpp's f32 too
+                llm32 = rawpaged_llm(args, model_dir, 8, "float32")
+                ours["float32"] = rawpaged_generate(llm32, [(p, args.check_tokens) for p in prompts])[1]
+                del llm32
             for prec in LLAMA_PRECISIONS:
                 with llama_server(args, bin_dir, ggufs[prec], 1) as srv:
                     theirs = [llama_tokens(srv.url, p, args.check_tokens) for p in prompts]
-                note(f"greedy agreement vs llama.cpp {prec}",
-                     [agreement(a, b) for a, b in zip(ours, theirs)])
+                for name, toks in ours.items():
+                    note(f"greedy agreement rawpaged {name} vs llama.cpp {prec}",
+                         [agreement(a, b) for a, b in zip(toks, theirs)])
     report(R, args)
     if args.json:
         Path(args.json).write_text(json.dumps(R, indent=1) + "\n")

@@ -1,6 +1,6 @@
 """The backend contract: every op the model code, the cache engine and the sampler may call.
 
-A backend is a module (`rawpaged/backend/cpu.py`, `rawpaged/backend/cuda/`) defining each name
+A backend is a module (`rawpaged/backend/cpu/`, `rawpaged/backend/cuda/`) defining each name
 below with the same parameters in the same order; `check_backend` (run by
 tests/test_backend_contract.py) names whatever one lacks or spells differently. A CUDA kernel is
 tested against its CPU twin because both satisfy this contract with the same memory layouts:

@@ -42,8 +42,9 @@ class EngineConfig:
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) of --model")
     hf_token: str | None = _opt(None, "Hugging Face token for gated or private models (default: HF_TOKEN)")
     device: str = _opt("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
-    dtype: str = _opt("auto", "weights and KV cache dtype (auto: the checkpoint's on the GPU; the CPU "
-                              "computes in float32)", choices=("auto", "float32", "float16", "bfloat16"))
+    dtype: str = _opt("auto", "weights and KV cache dtype (auto: the checkpoint's on the GPU, float32 on "
+                              "the CPU, where 16-bit types are storage and the arithmetic is float32)",
+                      choices=("auto", "float32", "float16", "bfloat16"))
     block_size: int = _opt(16, "tokens per KV cache block", choices=BLOCK_SIZES)
     kv_cache_memory: int | None = _opt(None, "bytes for the KV cache pool, e.g. 4GB or 512MiB "
                                              "(default: 1 GiB on the CPU; GPU: gpu_memory_utilization)",

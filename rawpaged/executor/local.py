@@ -35,9 +35,10 @@ class LocalExecutor:
         self.device = self.backend.name
         self.xp = self.backend.xp
         self.dtype = self.backend.resolve_dtype(config.dtype, torch_dtype=model_config.torch_dtype)
-        if config.dtype not in ("auto", np.dtype(self.dtype).name):
-            logger.warning("dtype %s asked for, but the %s backend computes in %s", config.dtype, self.device,
-                           np.dtype(self.dtype).name)
+        # NOTE: the CPU backend honours float32, bfloat16 and float16 as the storage of the weights
+        # and the KV cache (activations and sums stay float32: rawpaged/backend/cpu/__init__.py).
+        if self.device == "cpu" and np.dtype(self.dtype) != np.float32:
+            logger.info("CPU: weights and KV cache stored in %s, computed in float32", np.dtype(self.dtype).name)
         self.model = get_model_class(model_config.family)(model_config, self.backend, self.dtype)
         self.model.load_weights(iter_tensors(model_config.path, progress=True), where=str(model_config.path))
         self.runner = ModelRunner(self.model, self.backend, config.block_size)

@@ -1,4 +1,14 @@
-"""CPU backend: NumPy for dense math, Numba for the paged-cache kernels.
+"""CPU backend: Numba for the GEMMs of few rows, the paged attention and the cache ops; NumPy (and
+OpenBLAS for the GEMMs of many rows) for the rest.
+
+  cpu/gemm.py       linear(): the small-row kernel, sgemm for many rows
+  cpu/attention.py  paged attention (query tiles x KV blocks) and the cache write
+  cpu/lowp.py       bfloat16 / float16 storage: widened to float32 in registers, narrowed on write
+
+Dtypes: `resolve_dtype` takes float32, bfloat16 or float16 ("auto": float32). The dtype is the
+STORAGE of the weight matrices and of the KV cache; activations, norms' gains, biases and every sum
+stay float32 (NOTE: the CPU has no 16-bit arithmetic worth having, while reading half the bytes is
+what makes a decode step faster: it is bound by the weights and the KV cache streamed from memory).
 
 Every function here has a CUDA twin in `rawpaged/backend/cuda/` with the same name, the same
 argument order and the same memory layouts; `tests/gpu` compares the two on random data.
@@ -25,96 +35,39 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
 
 from rawpaged.backend.base import check_window  # noqa: E402
+from rawpaged.backend.cpu import attention as _attn  # noqa: E402
+from rawpaged.backend.cpu import elementwise as _ew  # noqa: E402
+from rawpaged.backend.cpu import gemm as _gemm  # noqa: E402
+from rawpaged.backend.cpu import lowp  # noqa: E402
+from rawpaged.errors import RawpagedError  # noqa: E402
 
 name = "cpu"
 xp = np
-float_dtypes = (np.float32,)
+float_dtypes = (np.float32, np.float16) + ((lowp.BFLOAT16,) if lowp.BFLOAT16 is not None else ())
 
 
 # --------------------------------------------------------------------------------------------
 # Paged attention (varlen, causal; prefill, chunked prefill, prefix-cached prefill and decode)
 # --------------------------------------------------------------------------------------------
-def _paged_attention_impl(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, window, out):
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[3]
-    block_size = kv_cache.shape[4]
-    group = num_heads // num_kv_heads          # query heads sharing one KV head (GQA/MQA)
-    num_seqs = seq_lens.shape[0]
-
-    # Which sequence each flattened token belongs to, and its absolute position in that sequence.
-    token_seq = np.empty(num_tokens, np.int64)
-    token_pos = np.empty(num_tokens, np.int64)
-    for s in range(num_seqs):
-        q_start = query_start_loc[s]
-        q_len = query_start_loc[s + 1] - q_start
-        first_pos = seq_lens[s] - q_len        # new tokens are the last q_len of the context
-        for i in range(q_len):
-            token_seq[q_start + i] = s
-            token_pos[q_start + i] = first_pos + i
-
-    # One task per (token, KV head): the `group` query heads of that KV head walk the context
-    # together, so every K/V row is read once per KV head, as the CUDA kernel does.
-    for task in prange(num_tokens * num_kv_heads):
-        t = task // num_kv_heads
-        kvh = task % num_kv_heads
-        s = token_seq[t]
-        pos = token_pos[t]                     # causal: attend to positions lo..pos
-        lo = max(0, pos - window + 1) if window > 0 else 0   # sliding window: the last `window` positions
-        m = np.full(group, -np.inf, np.float32)    # running max of the scores
-        l = np.zeros(group, np.float32)            # running sum of exp(score - m)
-        acc = np.zeros((group, head_dim), np.float32)
-        for j in range(lo, pos + 1):
-            block = block_tables[s, j // block_size]  # logical block -> physical block
-            off = j % block_size
-            for g in range(group):
-                h = kvh * group + g
-                score = np.float32(0.0)
-                for d in range(head_dim):
-                    score += np.float32(q[t, h, d]) * np.float32(kv_cache[block, layer, 0, kvh, off, d])
-                score *= scale
-                # Online softmax: rescale what was accumulated when the max grows.
-                m_new = max(m[g], score)
-                corr = math.exp(m[g] - m_new)
-                p = math.exp(score - m_new)
-                l[g] = l[g] * corr + p
-                for d in range(head_dim):
-                    acc[g, d] = acc[g, d] * corr + p * np.float32(kv_cache[block, layer, 1, kvh, off, d])
-                m[g] = m_new
-        for g in range(group):
-            h = kvh * group + g
-            inv = 1.0 / l[g]
-            for d in range(head_dim):
-                out[t, h, d] = acc[g, d] * inv
-
-
-# NOTE: two compilations of one kernel. Numba's thread pool costs tens of microseconds per launch
-# (far more when the cores are busy), which dominates small decode batches; the serial one serves those.
-# NOTE: fast-math without 'nnan'/'ninf': the running max starts at -inf and exp(-inf) must stay 0;
-# 'reassoc' lets LLVM vectorise the dot products over head_dim.
-_FAST = {"reassoc", "contract", "nsz", "arcp"}
-_paged_attention_parallel = njit(parallel=True, cache=True, fastmath=_FAST)(_paged_attention_impl)
-_paged_attention_serial = njit(cache=True, fastmath=_FAST)(_paged_attention_impl)
-_PARALLEL_MIN_WORK = 1 << 16     # query-head x key pairs below which one thread is faster
-
-
 def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
                     out=None, max_query_len=None, max_seq_len=None, sliding_window=None):
     """out[t, h] = softmax(q[t, h] . K[s, lo..pos]^T * scale) @ V[s, lo..pos], K/V read through the
     block table of t's sequence s; lo = 0, or max(0, pos - sliding_window + 1) with a window.
-    `max_query_len`/`max_seq_len` are launch hints for the GPU."""
+    `max_query_len`/`max_seq_len` are launch hints for the GPU. The kernel: cpu/attention.py."""
     _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc)
     window = check_window(sliding_window)
+    q = np.ascontiguousarray(q, dtype=np.float32)
     if out is None:
         out = np.empty_like(q)
     span = max_seq_len or int(seq_lens.max())
     work = q.shape[0] * q.shape[1] * (min(span, window) if window else span)
-    kernel = _paged_attention_parallel if work >= _PARALLEL_MIN_WORK else _paged_attention_serial
-    kernel(q, kv_cache, int(layer), block_tables, seq_lens, query_start_loc, np.float32(scale), window, out)
+    serial, parallel, _ = _attn.kernels(lowp.kind_of(kv_cache.dtype))
+    kernel = parallel if work >= _attn.PARALLEL_MIN_WORK and _gemm.dynamic_schedule() > 1 else serial
+    kernel(q, lowp.bits(kv_cache), int(layer), block_tables, seq_lens, query_start_loc, np.float32(scale),
+           window, out)
     return out
-
 
 
 def _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc):
@@ -131,25 +84,14 @@ def _check_attention_args(q, kv_cache, block_tables, seq_lens, query_start_loc):
 # --------------------------------------------------------------------------------------------
 # Cache ops
 # --------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _reshape_and_cache_kernel(k, v, kv_cache, layer, slot_mapping):
-    # NOTE: serial: a few kilobytes per token, never worth a thread pool launch.
-    block_size = kv_cache.shape[4]
-    for t in range(k.shape[0]):
-        slot = slot_mapping[t]
-        if slot < 0:                       # padding token: nothing to store
-            continue
-        block = slot // block_size
-        off = slot % block_size
-        kv_cache[block, layer, 0, :, off, :] = k[t]
-        kv_cache[block, layer, 1, :, off, :] = v[t]
-
-
 def reshape_and_cache(k, v, kv_cache, layer, slot_mapping):
-    """Write the new tokens' K and V ([T, num_kv_heads, head_dim]) into their cache slots."""
+    """Write the new tokens' K and V ([T, num_kv_heads, head_dim]) into their cache slots (rounded
+    to nearest even where the cache is bfloat16 / float16)."""
     if k.shape != v.shape or k.shape[1:] != (kv_cache.shape[3], kv_cache.shape[5]):
         raise ValueError(f"reshape_and_cache: k {k.shape} / v {v.shape} do not fit kv_cache {kv_cache.shape}")
-    _reshape_and_cache_kernel(k, v, kv_cache, int(layer), slot_mapping.astype(np.int64, copy=False))
+    write = _attn.kernels(lowp.kind_of(kv_cache.dtype))[2]
+    write(k.astype(np.float32, copy=False), v.astype(np.float32, copy=False), lowp.bits(kv_cache), int(layer),
+          slot_mapping.astype(np.int64, copy=False))
 
 
 def copy_blocks(kv_cache, pairs):
@@ -188,15 +130,25 @@ def wait_event(event):
 # --------------------------------------------------------------------------------------------
 # Norms, rotary embedding, activations
 # --------------------------------------------------------------------------------------------
+def _rows(x):
+    """x [..., n] -> a C-contiguous float32 [rows, n] (a view where x already is one)."""
+    return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+
+
 def rms_norm(x, weight, eps):
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis (fp32 statistics)."""
-    xf = x.astype(np.float32, copy=False)
-    inv_rms = 1.0 / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + np.float32(eps))
-    return (xf * inv_rms * weight).astype(x.dtype, copy=False)
+    xr = _rows(x)
+    out = np.empty_like(xr)
+    _ew.kernel("_rms_norm", xr.size)(xr, weight.astype(np.float32, copy=False), np.float32(eps), out)
+    return out.reshape(x.shape).astype(x.dtype, copy=False)
 
 
 def fused_add_rms_norm(x, residual, weight, eps):
     """residual += x; x = rms_norm(residual). Both updated in place; returns (x, residual)."""
+    if x.dtype == residual.dtype == np.float32 and x.flags.c_contiguous and residual.flags.c_contiguous:
+        xr, rr = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+        _ew.kernel("_add_rms_norm", xr.size)(xr, rr, weight.astype(np.float32, copy=False), np.float32(eps))
+        return x, residual
     residual += x
     x[...] = rms_norm(residual, weight, eps)
     return x, residual
@@ -221,6 +173,17 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
     is_neox=True rotates halves (x[:r/2], x[r/2:r]) as Hugging Face LLaMA does; False rotates
     interleaved pairs (x[0::2], x[1::2]) as GPT-J and llama2.c do.
     """
+    pos = np.asarray(positions).astype(np.int64, copy=False)
+    table = cos_sin_cache.astype(np.float32, copy=False)
+    if (q.dtype == k.dtype == np.float32 and q.flags.c_contiguous and k.flags.c_contiguous
+            and q.shape[0] == k.shape[0] == pos.shape[0]):
+        _ew.kernel("_rotary", q.size + k.size)(pos, q, k, table, bool(is_neox))
+    else:
+        _rotary_numpy(pos, q, k, table, is_neox)
+    return q, k
+
+
+def _rotary_numpy(positions, q, k, cos_sin_cache, is_neox):
     rot = cos_sin_cache.shape[1]
     cos = cos_sin_cache[positions, : rot // 2][:, None, :]     # [T, 1, rot/2]
     sin = cos_sin_cache[positions, rot // 2:][:, None, :]
@@ -240,9 +203,10 @@ def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):
 
 def silu_and_mul(x):
     """x [T, 2I] -> silu(x[:, :I]) * x[:, I:]  (SwiGLU's gate and up projections fused)."""
-    d = x.shape[-1] // 2
-    gate, up = x[..., :d], x[..., d:]
-    return (gate / (1.0 + np.exp(-gate)) * up).astype(x.dtype, copy=False)
+    xr = _rows(x)
+    out = np.empty((xr.shape[0], xr.shape[1] // 2), np.float32)
+    _ew.kernel("_silu_and_mul", out.size)(xr, out)
+    return out.reshape(*x.shape[:-1], out.shape[1]).astype(x.dtype, copy=False)
 
 
 def gelu_tanh_and_mul(x):
@@ -275,19 +239,28 @@ def relu(x):
 # Dense ops and memory
 # --------------------------------------------------------------------------------------------
 def linear(x, weight, bias=None):
-    """x [T, in] @ weight[out, in]^T (+ bias): Hugging Face's weight layout, BLAS underneath."""
-    y = x @ weight.T
+    """x [T, in] @ weight[out, in]^T (+ bias) -> float32: Hugging Face's weight layout, stored
+    float32, bfloat16 or float16, float32 sums (cpu/gemm.py)."""
+    y = _gemm.linear(x.astype(np.float32, copy=False), weight)
     if bias is not None:
         y += bias
     return y
 
 
 def embedding(token_ids, table):
-    return table[token_ids]
+    """table[token_ids] as float32 (the table may be stored in 16 bits)."""
+    return table[token_ids].astype(np.float32, copy=False)
 
 
 def to_device(array, dtype=None):
-    """Host array -> backend array (a no-op on the CPU but for the dtype)."""
+    """Host array -> backend array (a no-op on the CPU but for the dtype).
+
+    NOTE: with a 16-bit dtype only matrices (weights, embedding tables) are stored in 16 bits;
+    vectors (norm gains, biases) stay float32: they are tiny, and every op reads them as float32.
+    """
+    if dtype is not None and np.dtype(dtype) != np.float32 and np.ndim(array) < 2 \
+            and np.issubdtype(np.asarray(array).dtype, np.floating):
+        dtype = np.float32
     return np.ascontiguousarray(array, dtype=dtype)
 
 
@@ -308,6 +281,22 @@ def total_device_memory() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+_DTYPE_NAMES = {"float32": "float32", "float": "float32", "fp32": "float32",
+                "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "half": "float16", "fp16": "float16"}
+
+
 def resolve_dtype(dtype, torch_dtype=None):
-    """The CPU backend computes in float32 whatever the checkpoint's or the user's dtype."""
-    return np.float32
+    """'auto' -> float32 (whatever the checkpoint's dtype: exact, and what the fixtures check);
+    float32, bfloat16 or float16 (or their short names) -> that storage dtype."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return np.dtype(np.float32)
+    key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    name = _DTYPE_NAMES.get(key)
+    if name is None:
+        raise RawpagedError(f"dtype {dtype!r} not supported on the CPU: choose auto, float32, bfloat16 or float16")
+    if name == "bfloat16":
+        if lowp.BFLOAT16 is None:
+            raise RawpagedError("dtype='bfloat16' on the CPU needs the ml_dtypes package (pip install ml_dtypes)")
+        return lowp.BFLOAT16
+    return np.dtype(name)

@@ -1,0 +1,161 @@
+"""Paged attention and the cache write on the CPU (Numba), the twins of kernels_cuda/paged_attention.cu
+and kernels_cuda/cache_ops.cu: the same arguments and the same block-major layout (base.py):
+
+  kv_cache [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]  float32, or bfloat16 /
+           float16 held as uint16 bits (lowp.py): keys and values are widened to float32 as read
+  q, out   [T, num_heads, head_dim] float32
+
+One task = (sequence s, KV head, a tile of up to Q_TILE of s's query tokens). The task keeps, for
+each of its rows (query token x the `group` query heads that share the KV head), flash-attention's
+running max m, running sum l and the output accumulator acc, and walks the blocks of s's context
+that any of its rows can see, one block (block_size keys) at a time:
+
+    S[r, j]  = scale * q_r . k_j              (K and V widened to float32 as read; the block stays in
+                                              L1 while the task's rows use it)            masked to -inf where key j is not visible to row r
+                                              (causal: j > pos_r; sliding window: j <= pos_r - W)
+    m_new    = max(m_r, max_j S[r, j]);  c = exp(m_r - m_new)
+    p[r, j]  = exp(S[r, j] - m_new);  l_r = l_r * c + sum_j p[r, j]
+    acc_r    = acc_r * c + sum_j p[r, j] * v_j
+
+A decode token is a tile of one token: its `group` heads share every K/V read. A prefill tile of
+Q_TILE tokens reads each block once for all of its Q_TILE * group rows, instead of once per token
+(the per-token loop this replaces read the whole context again for every token of the prompt).
+"""
+from __future__ import annotations
+
+
+import numpy as np
+from numba import njit, prange
+
+from rawpaged.backend.cpu import lowp
+from rawpaged.backend.cpu.elementwise import exp_nonpos as _exp
+
+Q_TILE = 16                      # query tokens per task (prefill); decode tasks have one
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+# NOTE: fast-math without 'nnan'/'ninf': masked scores are -inf and exp(-inf) must stay 0.
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _tasks(seq_lens, query_start_loc, q_tile):
+    """(sequence, first query row, rows) of every query tile, in batch order."""
+    num_seqs = seq_lens.shape[0]
+    n = 0
+    for s in range(num_seqs):
+        n += (query_start_loc[s + 1] - query_start_loc[s] + q_tile - 1) // q_tile
+    seq = np.empty(n, np.int64)
+    row0 = np.empty(n, np.int64)
+    rows = np.empty(n, np.int64)
+    i = 0
+    for s in range(num_seqs):
+        q0, q1 = query_start_loc[s], query_start_loc[s + 1]
+        for t in range(q0, q1, q_tile):
+            seq[i], row0[i], rows[i] = s, t, min(q_tile, q1 - t)
+            i += 1
+    return seq, row0, rows
+
+
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_pos, scale, window, out):
+    """The attention of query tokens row0..row0+n_tok-1 of sequence s (positions first_pos..) for the
+    query heads of KV head kvh. Writes out[row0:row0+n_tok, those heads]."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = kv.shape[3], kv.shape[4]
+    group = num_heads // num_kv_heads
+    R = n_tok * group                              # rows: token-major, then the group's heads
+    qs = np.empty((R, head_dim), np.float32)       # scaled queries
+    for i in range(n_tok):
+        for g in range(group):
+            for d in range(head_dim):
+                qs[i * group + g, d] = q[row0 + i, kvh * group + g, d] * scale
+    m = np.full(R, -np.inf, np.float32)
+    l = np.zeros(R, np.float32)
+    acc = np.zeros((R, head_dim), np.float32)
+    sc = np.empty(block_size, np.float32)          # one row's scores in the block, then exp(score - m)
+
+    last_pos = first_pos + n_tok - 1
+    lo = max(0, first_pos - window + 1) if window > 0 else 0   # the first key any row sees
+    for blk in range(lo // block_size, last_pos // block_size + 1):
+        phys = block_tables[s, blk]                # logical block -> physical block
+        j0 = blk * block_size                      # position of the block's first key
+        nk = min(block_size, last_pos + 1 - j0)    # keys of this block that exist yet
+        for r in range(R):
+            pos = first_pos + r // group
+            j_hi = min(nk, pos - j0 + 1)           # causal: keys j0 .. pos
+            j_lo = max(0, pos - window + 1 - j0) if window > 0 else 0
+            if j_hi <= j_lo:
+                continue                           # nothing of this block is visible to row r
+            m_blk = -np.inf
+            for j in range(j_lo, j_hi):            # sc[j] = q_r . k_j (the block is in L1 after row 0)
+                a = np.float32(0.0)
+                for d in range(head_dim):
+                    a += qs[r, d] * lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
+                sc[j] = a
+                m_blk = max(m_blk, a)
+            m_new = max(m[r], m_blk)
+            c = _exp(m[r] - m_new)
+            l_r = np.float32(0.0)
+            for j in range(j_lo, j_hi):
+                p = _exp(sc[j] - m_new)
+                sc[j] = p
+                l_r += p
+            l[r] = l[r] * c + l_r
+            m[r] = m_new
+            for d in range(head_dim):
+                acc[r, d] *= c
+            for j in range(j_lo, j_hi):            # acc_r += p_j * v_j, vectorised over head_dim
+                p = sc[j]
+                for d in range(head_dim):
+                    acc[r, d] += p * lowp.widen(kv[phys, layer, 1, kvh, j, d], kind)
+    for r in range(R):
+        inv = np.float32(1.0) / l[r]
+        i, g = r // group, r % group
+        for d in range(head_dim):
+            out[row0 + i, kvh * group + g, d] = acc[r, d] * inv
+
+
+def _build(kind: int):
+    """(serial, parallel) attention and the cache write for one KV storage kind.
+    NOTE: the kind is a closure constant (as in gemm.py): each compilation holds one widening, and
+    the loops over head_dim vectorise without a branch on the kind inside them."""
+
+    def attend(q, kv, layer, block_tables, seq_lens, query_start_loc, scale, window, out):
+        num_kv_heads = kv.shape[3]
+        seq, row0, rows = _tasks(seq_lens, query_start_loc, Q_TILE)
+        for task in prange(seq.shape[0] * num_kv_heads):
+            tile, kvh = task // num_kv_heads, task % num_kv_heads
+            s = seq[tile]
+            q_len = query_start_loc[s + 1] - query_start_loc[s]
+            # the new tokens are the last q_len of the context: row qsl[s] + i is at seq_lens[s] - q_len + i
+            first_pos = seq_lens[s] - q_len + (row0[tile] - query_start_loc[s])
+            _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0[tile], rows[tile], first_pos,
+                         scale, window, out)
+
+    def cache_write(k, v, kv, layer, slot_mapping):
+        """kv[slot // bs, layer, 0/1, :, slot % bs, :] = k[t], v[t], narrowed to the storage kind.
+        NOTE: serial: a few kilobytes per token, never worth a thread pool launch."""
+        block_size = kv.shape[4]
+        for t in range(k.shape[0]):
+            slot = slot_mapping[t]
+            if slot < 0:                           # padding token: nothing to store
+                continue
+            block = slot // block_size
+            off = slot % block_size
+            for h in range(k.shape[1]):
+                for d in range(k.shape[2]):
+                    kv[block, layer, 0, h, off, d] = lowp.narrow(k[t, h, d], kind)
+                    kv[block, layer, 1, h, off, d] = lowp.narrow(v[t, h, d], kind)
+
+    # NOTE: two compilations of the attention. Numba's thread pool costs tens of microseconds per
+    # launch (far more when the cores are busy), which dominates small decode batches; the serial
+    # one serves those.
+    opts = dict(cache=True, fastmath=_FAST, nogil=True, error_model="numpy")
+    return njit(**opts)(attend), njit(parallel=True, **opts)(attend), njit(**opts)(cache_write)
+
+
+_KERNELS = {kind: _build(kind) for kind in (lowp.F32, lowp.BF16, lowp.F16)}
+PARALLEL_MIN_WORK = 1 << 15      # query-head x key pairs below which one thread is faster
+
+
+def kernels(kind: int):
+    """(serial attention, parallel attention, cache write) for a KV cache of storage `kind`."""
+    return _KERNELS[kind]

@@ -1,0 +1,109 @@
+"""Row-wise ops as single Numba kernels (the NumPy versions took 5-10 calls and temporaries each,
+which is most of a decode step's time outside the GEMMs at a few rows). Float32 in and out,
+float32 statistics; each loop over a row is vectorised by LLVM (fast-math reassociation).
+
+  rms_norm            y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w
+  add_rms_norm        r[t] += x[t]; x[t] = rms_norm(r[t])            (both in place)
+  silu_and_mul        y[t, i] = silu(x[t, i]) * x[t, I + i]
+  rotary              q, k [T, H, D] rotated in place by the [max_pos, rot] cos|sin table
+"""
+from __future__ import annotations
+
+
+import numpy as np
+from numba import njit, prange
+
+from rawpaged.backend.cpu import lowp
+
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+# NOTE: no "nnan"/"ninf": exp_nonpos takes -inf (a score against an empty running max)
+PARALLEL_MIN_ELEMENTS = 1 << 18      # below this one thread is faster than a thread-pool launch
+
+
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def exp_nonpos(x):
+    """exp(x) for x <= 0 (scores minus their running max), as plain arithmetic LLVM vectorises
+    (math.exp is a scalar libm call): 2^n * e^r with r in [-ln2/2, ln2/2], a degree-7 Taylor
+    polynomial for e^r (relative error < 1e-7), 2^n built in the exponent bits. Below -87 it
+    returns ~1e-38 instead of 0 (exp(-inf) = 0 where it matters: masked keys are never summed)."""
+    x = max(x, np.float32(-87.0))
+    # n = round(x / ln2) as trunc(x / ln2 - 0.5) (x <= 0): float -> int -> float vectorises, floor does not
+    ni = np.int32(x * np.float32(1.4426950408889634) - np.float32(0.5))
+    n = np.float32(ni)
+    r = x - n * np.float32(0.693145751953125) - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * lowp._u32_as_f32(np.uint32(ni + np.int32(127)) << np.uint32(23))
+
+
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def _inv_rms(x, t, eps):
+    ss = np.float32(0.0)
+    for i in range(x.shape[1]):
+        ss += x[t, i] * x[t, i]
+    return np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[1]) + eps)
+
+
+def _rms_norm(x, w, eps, out):
+    for t in prange(x.shape[0]):
+        inv = _inv_rms(x, t, eps)
+        for i in range(x.shape[1]):
+            out[t, i] = x[t, i] * inv * w[i]
+
+
+def _add_rms_norm(x, res, w, eps):
+    for t in prange(x.shape[0]):
+        for i in range(x.shape[1]):
+            res[t, i] += x[t, i]
+        inv = _inv_rms(res, t, eps)
+        for i in range(x.shape[1]):
+            x[t, i] = res[t, i] * inv * w[i]
+
+
+def _silu_and_mul(x, out):
+    n = out.shape[1]
+    for t in prange(x.shape[0]):
+        for i in range(n):
+            g = x[t, i]
+            z = exp_nonpos(-abs(g))                 # sigmoid(g) from exp(-|g|): never overflows
+            inv = np.float32(1.0) / (np.float32(1.0) + z)
+            sig = inv if g >= 0 else z * inv
+            out[t, i] = g * sig * x[t, n + i]
+
+
+def _rotary(positions, q, k, cache, is_neox):
+    half = cache.shape[1] // 2
+    for t in prange(q.shape[0]):
+        p = positions[t]
+        for x in (q, k):
+            for h in range(x.shape[1]):
+                for i in range(half):
+                    c, s = cache[p, i], cache[p, half + i]
+                    if is_neox:                     # halves: (x[i], x[i + rot/2])
+                        a, b = x[t, h, i], x[t, h, half + i]
+                        x[t, h, i] = a * c - b * s
+                        x[t, h, half + i] = b * c + a * s
+                    else:                           # interleaved pairs: (x[2i], x[2i + 1])
+                        a, b = x[t, h, 2 * i], x[t, h, 2 * i + 1]
+                        x[t, h, 2 * i] = a * c - b * s
+                        x[t, h, 2 * i + 1] = b * c + a * s
+
+
+def _pair(fn):
+    """(serial, parallel) compilations of one kernel."""
+    return (njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")(fn),
+            njit(fastmath=_FAST, cache=True, parallel=True, nogil=True, error_model="numpy")(fn))
+
+
+_KERNELS = {f.__name__: _pair(f) for f in (_rms_norm, _add_rms_norm, _silu_and_mul, _rotary)}
+
+
+def kernel(name: str, elements: int):
+    serial, parallel = _KERNELS[name]
+    return parallel if elements >= PARALLEL_MIN_ELEMENTS else serial

@@ -77,7 +77,8 @@ class MultiprocExecutor(DistributedExecutor):
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        self._finalizer = weakref.finalize(self, _stop_processes, self.procs, self.conns)
+        self._force = [False]                # set on a failure: no graceful stop (ranks may be stuck)
+        self._finalizer = weakref.finalize(self, _stop_processes, self.procs, self.conns, self._force)
         self.device_of_rank = config.device
         self._start_ranks(self.comm_kind(config.device), config, self.model_config)
 
@@ -143,19 +144,21 @@ class MultiprocExecutor(DistributedExecutor):
     def _stop(self) -> None:
         finalizer = getattr(self, "_finalizer", None)
         if finalizer is not None:
+            self._force[0] = self.failure is not None
             finalizer()
 
 
-def _stop_processes(procs, conns) -> None:
-    """Ask every live rank to stop, then terminate what is left (runs once: weakref.finalize)."""
+def _stop_processes(procs, conns, force) -> None:
+    """Ask every live rank to stop, then terminate what is left (runs once: weakref.finalize).
+    After a failure (force[0]) the ranks are terminated at once: some may wait in a collective."""
     for proc, conn in zip(procs, conns):
-        if proc.is_alive():
+        if proc.is_alive() and not force[0]:
             try:
                 conn.send_bytes(pickle.dumps(("stop", ())))
             except (BrokenPipeError, OSError):
                 pass
     for proc in procs:
-        proc.join(5.0)
+        proc.join(0 if force[0] else 5.0)
         if proc.is_alive():
             proc.terminate()
             proc.join(5.0)

@@ -76,7 +76,7 @@ def allreduce(a) -> None:
         p.join()
     print(f"`python bench/distributed.py allreduce --ranks {a.ranks} --hidden {a.hidden} --tokens {a.tokens}` "
           f"({machine()}, commit {commit()}); median of {a.iters} calls\n")
-    print(f"| tokens x hidden | bytes | all-reduce us | gather us (logits shard [t, {a.hidden // a.ranks}]) | "
+    print(f"| tokens x hidden | bytes | all-reduce us | gather us of [t, {a.hidden // a.ranks}] | "
           f"per decode step of a {a.layers}-layer model (2L+1 all-reduces + 1 gather), ms |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for t, (ar, ga) in result.items():
@@ -108,14 +108,21 @@ def tp_step(a) -> None:
     root = Path(a.work or tempfile.mkdtemp(prefix="rawpaged-bench-"))
     model = random_llama(root)
     batches = [int(b) for b in a.batches.split(",")]
-    rows = []
-    for tp in (1, 2):
-        llm = LLM(str(model), device="cpu", tensor_parallel_size=tp, kv_cache_memory=256 << 20)
+    runs = {1: [], 2: []}
+    engines = {tp: LLM(str(model), device="cpu", tensor_parallel_size=tp, kv_cache_memory=256 << 20) for tp in (1, 2)}
+    for llm in engines.values():
         _decode_ms(llm, 1, 3)                             # warm-up
-        rows.append([_decode_ms(llm, b, a.steps) for b in batches])
+    # NOTE: interleaved rounds, medians: this machine's load moves between runs
+    for _ in range(a.rounds):
+        for tp, llm in engines.items():
+            runs[tp].append([_decode_ms(llm, b, a.steps) for b in batches])
+    for llm in engines.values():
         llm.engine.shutdown()
-    print(f"`python bench/distributed.py tp-step --batches {a.batches}` ({machine()}, commit {commit()}): random "
-          f"LLaMA h512 L8 (8 q / 4 kv heads, vocab 32000), fp32, median ms per decode step over {a.steps}\n")
+    rows = [[statistics.median(r[i] for r in runs[tp]) for i in range(len(batches))] for tp in (1, 2)]
+    print(f"`python bench/distributed.py tp-step --batches {a.batches}` ({machine()}, commit {commit()}, load "
+          f"average {os.getloadavg()[0]:.1f}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} in the "
+          f"one process; each rank gets cores/2): random LLaMA h512 L8 (8 q / 4 kv heads, vocab 32000), fp32, "
+          f"median ms per decode step over {a.steps} steps x {a.rounds} interleaved rounds\n")
     print("| batch | one process ms | tensor-parallel 2 (mp) ms | TP 2 / one process |")
     print("| ---: | ---: | ---: | ---: |")
     for i, b in enumerate(batches):
@@ -218,6 +225,7 @@ def main() -> None:
     ts = sub.add_parser("tp-step")
     ts.add_argument("--batches", default="1,32")
     ts.add_argument("--steps", type=int, default=16)
+    ts.add_argument("--rounds", type=int, default=3)
     ts.add_argument("--work", default=None, help="folder for the random model (default: a temporary one)")
     rp = sub.add_parser("replicas")
     rp.add_argument("--requests", type=int, default=100)

@@ -8,7 +8,10 @@ of nn.Linear's [out, in]: they are transposed once at load time, so the layer ru
 """
 from __future__ import annotations
 
+import numpy as np
+
 from model_impl.layers import WeightSet, attention, split_heads
+from model_impl.parallel import SINGLE, TensorParallel, cols, rank0_only, rows, vocab_table
 from rawpaged.config import ModelConfig
 from rawpaged.errors import RawpagedError
 from rawpaged.worker.model_runner import AttentionMetadata
@@ -18,10 +21,11 @@ _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu
 
 
 class GPT2LMHeadModel:
-    def __init__(self, config: ModelConfig, backend, dtype):
+    def __init__(self, config: ModelConfig, backend, dtype, tp: TensorParallel = SINGLE):
         self.cfg = config
         self.backend = backend
         self.dtype = dtype
+        self.tp = tp
         hf = config.hf
         self.eps = float(hf.get("layer_norm_eps", 1e-5))
         self.inner = int(hf.get("intermediate_size") or 4 * config.hidden_size)
@@ -34,6 +38,8 @@ class GPT2LMHeadModel:
         # NOTE: scale_attn_by_inverse_layer_idx (Mistral's GPT-2 runs) divides layer i's scores by i + 1.
         by_layer = bool(hf.get("scale_attn_by_inverse_layer_idx", False))
         self.scales = [scale / (i + 1) if by_layer else scale for i in range(config.num_layers)]
+        self.heads = tp.heads(config.num_heads, config.num_heads)
+        self.mlp_part = tp.part(self.inner)
         self.layers: list[dict] = []
 
     # -- weights ------------------------------------------------------------------------------
@@ -62,39 +68,52 @@ class GPT2LMHeadModel:
                 name = "transformer." + name            # openai-community/gpt2 names
             ws.add(name, array)
         w = ws.finish()
-        dev = lambda n: self.backend.to_device(w[n], self.dtype)  # noqa: E731
-        conv = lambda n: self.backend.to_device(w[n].T, self.dtype)  # noqa: E731  Conv1D [in, out] -> [out, in]
+        tp, V, H, D = self.tp, self.cfg.vocab_size, self.cfg.hidden_size, self.cfg.head_dim
+        put = lambda a: None if a is None else self.backend.to_device(a, self.dtype)  # noqa: E731
+        dev = lambda n: put(w[n])  # noqa: E731
         t = "transformer."
-        self.wte, self.wpe = dev(t + "wte.weight"), dev(t + "wpe.weight")
+        self.wte = put(vocab_table(tp, w, t + "wte.weight", V, zero_row=True))
+        self.wpe = dev(t + "wpe.weight")
         self.ln_f = (dev(t + "ln_f.weight"), dev(t + "ln_f.bias"))
-        self.lm_head = self.wte if self.tie or "lm_head.weight" not in w else dev("lm_head.weight")
+        untied = not self.tie and "lm_head.weight" in w
+        self.lm_head = put(vocab_table(tp, w, "lm_head.weight", V, zero_row=False)) if untied else \
+            self.wte[:tp.vocab(V).rows] if tp.enabled else self.wte
+        # Conv1D weights are [in, out]: column-parallel layers take output columns, row-parallel
+        # ones input rows; each is transposed to [out, in] after its slice is read.
+        q0, q1 = self.heads.q_start * D, (self.heads.q_start + self.heads.num_q) * D
+        i0, i1 = self.mlp_part
+        qkv_cols = lambda n: np.concatenate([cols(w, n, j * H + q0, j * H + q1) for j in range(3)], axis=1)  # noqa: E731
+        qkv_bias = lambda n: np.concatenate([rows(w, n, j * H + q0, j * H + q1) for j in range(3)])  # noqa: E731
         self.layers = []
         for i in range(self.cfg.num_layers):
             p = f"{t}h.{i}."
             self.layers.append({
                 "ln_1": (dev(p + "ln_1.weight"), dev(p + "ln_1.bias")),
                 "ln_2": (dev(p + "ln_2.weight"), dev(p + "ln_2.bias")),
-                "qkv": conv(p + "attn.c_attn.weight"), "qkv_b": dev(p + "attn.c_attn.bias"),
-                "o": conv(p + "attn.c_proj.weight"), "o_b": dev(p + "attn.c_proj.bias"),
-                "fc": conv(p + "mlp.c_fc.weight"), "fc_b": dev(p + "mlp.c_fc.bias"),
-                "proj": conv(p + "mlp.c_proj.weight"), "proj_b": dev(p + "mlp.c_proj.bias"),
+                "qkv": put(qkv_cols(p + "attn.c_attn.weight").T), "qkv_b": put(qkv_bias(p + "attn.c_attn.bias")),
+                "o": put(rows(w, p + "attn.c_proj.weight", q0, q1).T),
+                "o_b": put(rank0_only(tp, w[p + "attn.c_proj.bias"])),
+                "fc": put(cols(w, p + "mlp.c_fc.weight", i0, i1).T), "fc_b": put(rows(w, p + "mlp.c_fc.bias", i0, i1)),
+                "proj": put(rows(w, p + "mlp.c_proj.weight", i0, i1).T),
+                "proj_b": put(rank0_only(tp, w[p + "mlp.c_proj.bias"])),
             })
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata):
         """input_ids, positions [T] -> final hidden states [T, H] (after ln_f)."""
-        b, c = self.backend, self.cfg
-        h = b.embedding(input_ids, self.wte) + b.embedding(positions, self.wpe)      # [T, H]
+        b, c, tp = self.backend, self.cfg, self.tp
+        nq = self.heads.num_q                                         # this rank's heads
+        h = tp.embed(b, input_ids, self.wte, c.vocab_size) + b.embedding(positions, self.wpe)   # [T, H]
         for i, L in enumerate(self.layers):
             # h = h + c_proj(attn(ln_1(h)))
             x = b.layer_norm(h, *L["ln_1"], self.eps)
-            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), c.num_heads, c.num_heads, c.head_dim)
-            h = h + b.linear(attention(b, q, k, v, kv_cache, i, meta, self.scales[i]), L["o"], L["o_b"])
+            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), nq, nq, c.head_dim)
+            h = h + tp.all_reduce(b.linear(attention(b, q, k, v, kv_cache, i, meta, self.scales[i]), L["o"], L["o_b"]))
             # h = h + c_proj(act(c_fc(ln_2(h))))
             x = b.layer_norm(h, *L["ln_2"], self.eps)
-            h = h + b.linear(self.act(b.linear(x, L["fc"], L["fc_b"])), L["proj"], L["proj_b"])
+            h = h + tp.all_reduce(b.linear(self.act(b.linear(x, L["fc"], L["fc_b"])), L["proj"], L["proj_b"]))
         return b.layer_norm(h, *self.ln_f, self.eps)
 
     def compute_logits(self, hidden):
-        """hidden [N, H] -> logits [N, vocab] in float32."""
-        return self.backend.linear(hidden, self.lm_head).astype(self.backend.xp.float32, copy=False)
+        """hidden [N, H] -> logits [N, vocab] in float32 (tensor-parallel: on rank 0, None elsewhere)."""
+        return self.tp.logits(self.backend, hidden, self.lm_head, self.cfg.vocab_size)

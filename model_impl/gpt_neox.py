@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from model_impl.layers import WeightSet, attention, split_heads
+from model_impl.parallel import SINGLE, TensorParallel, cols, rank0_only, rows, vocab_table
 from model_impl.rope import cos_sin_cache
 from rawpaged.config import ModelConfig
 from rawpaged.errors import RawpagedError
@@ -24,10 +25,11 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 
 
 class GPTNeoXForCausalLM:
-    def __init__(self, config: ModelConfig, backend, dtype):
+    def __init__(self, config: ModelConfig, backend, dtype, tp: TensorParallel = SINGLE):
         self.cfg = config
         self.backend = backend
         self.dtype = dtype
+        self.tp = tp
         hf = config.hf
         self.eps = float(hf.get("layer_norm_eps", 1e-5))
         self.intermediate = int(config.require("intermediate_size"))
@@ -40,6 +42,8 @@ class GPTNeoXForCausalLM:
         self.act = getattr(backend, _ACTIVATIONS[act])
         self.cos_sin = backend.to_device(cos_sin_cache(config.rope, config.max_model_len, hf["max_position_embeddings"]))
         self.scale = config.head_dim ** -0.5
+        self.heads = tp.heads(config.num_heads, config.num_heads)
+        self.mlp_part = tp.part(self.intermediate)
         self.layers: list[dict] = []
 
     # -- weights ------------------------------------------------------------------------------
@@ -63,9 +67,9 @@ class GPTNeoXForCausalLM:
         return shapes, {"embed_out.weight"} if self.tie else set()
 
     def _uninterleave(self, a: np.ndarray) -> np.ndarray:
-        """[(heads, 3, D), ...] rows -> [(3, heads, D), ...]: q of every head, then k, then v."""
-        c = self.cfg
-        return a.reshape(c.num_heads, 3, c.head_dim, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+        """[(heads, 3, D), ...] rows -> [(3, heads, D), ...]: q of every head, then k, then v
+        (of this rank's heads: its rows of query_key_value are one contiguous run)."""
+        return a.reshape(self.heads.num_q, 3, self.cfg.head_dim, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
 
     def load_weights(self, named_tensors, where: str = "checkpoint") -> None:
         shapes, optional = self.expected_weights()
@@ -73,39 +77,48 @@ class GPTNeoXForCausalLM:
         for name, array in named_tensors:
             ws.add(name, array)
         w = ws.finish()
-        dev = lambda a: self.backend.to_device(a, self.dtype)  # noqa: E731
+        tp, V, D = self.tp, self.cfg.vocab_size, self.cfg.head_dim
+        dev = lambda a: None if a is None else self.backend.to_device(a, self.dtype)  # noqa: E731
         ln = lambda n: (dev(w[n + ".weight"]), dev(w[n + ".bias"]))  # noqa: E731
         g = "gpt_neox."
-        self.embed = dev(w[g + "embed_in.weight"])
+        self.embed = dev(vocab_table(tp, w, g + "embed_in.weight", V, zero_row=True))
         self.final_ln = ln(g + "final_layer_norm")
-        self.head = self.embed if self.tie or "embed_out.weight" not in w else dev(w["embed_out.weight"])
+        untied = not self.tie and "embed_out.weight" in w
+        self.head = dev(vocab_table(tp, w, "embed_out.weight", V, zero_row=False)) if untied else \
+            self.embed[:tp.vocab(V).rows] if tp.enabled else self.embed
+        q0, q1 = self.heads.q_start * D, (self.heads.q_start + self.heads.num_q) * D    # of dense's inputs
+        i0, i1 = self.mlp_part
+        qkv = lambda n: self._uninterleave(rows(w, n, 3 * q0, 3 * q1))  # noqa: E731  its heads' [q, k, v] rows
         self.layers = []
         for i in range(self.cfg.num_layers):
             p = f"{g}layers.{i}."
             a, m = p + "attention.", p + "mlp."
             self.layers.append({
                 "ln_1": ln(p + "input_layernorm"), "ln_2": ln(p + "post_attention_layernorm"),
-                "qkv": dev(self._uninterleave(w[a + "query_key_value.weight"])),
-                "qkv_b": dev(self._uninterleave(w[a + "query_key_value.bias"])) if self.bias else None,
-                "o": dev(w[a + "dense.weight"]), "o_b": dev(w[a + "dense.bias"]) if self.bias else None,
-                "fc": dev(w[m + "dense_h_to_4h.weight"]), "fc_b": dev(w[m + "dense_h_to_4h.bias"]),
-                "proj": dev(w[m + "dense_4h_to_h.weight"]), "proj_b": dev(w[m + "dense_4h_to_h.bias"]),
+                "qkv": dev(qkv(a + "query_key_value.weight")),
+                "qkv_b": dev(qkv(a + "query_key_value.bias")) if self.bias else None,
+                "o": dev(cols(w, a + "dense.weight", q0, q1)),
+                "o_b": dev(rank0_only(tp, w[a + "dense.bias"])) if self.bias else None,
+                "fc": dev(rows(w, m + "dense_h_to_4h.weight", i0, i1)), "fc_b": dev(rows(w, m + "dense_h_to_4h.bias", i0, i1)),
+                "proj": dev(cols(w, m + "dense_4h_to_h.weight", i0, i1)),
+                "proj_b": dev(rank0_only(tp, w[m + "dense_4h_to_h.bias"])),
             })
 
     # -- forward ------------------------------------------------------------------------------
     def _mlp(self, x, L):
         b = self.backend
-        return b.linear(self.act(b.linear(x, L["fc"], L["fc_b"])), L["proj"], L["proj_b"])
+        return self.tp.all_reduce(b.linear(self.act(b.linear(x, L["fc"], L["fc_b"])), L["proj"], L["proj_b"]))
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata):
         """input_ids, positions [T] -> final hidden states [T, H] (after final_layer_norm)."""
-        b, c = self.backend, self.cfg
-        h = b.embedding(input_ids, self.embed)                        # [T, H]
+        b, c, tp = self.backend, self.cfg, self.tp
+        nq = self.heads.num_q                                         # this rank's heads
+        h = tp.embed(b, input_ids, self.embed, c.vocab_size)          # [T, H]
         for i, L in enumerate(self.layers):
             x = b.layer_norm(h, *L["ln_1"], self.eps)
-            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), c.num_heads, c.num_heads, c.head_dim)
+            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), nq, nq, c.head_dim)
             b.rotary_embedding(positions, q, k, self.cos_sin, True)  # the first rot_dim dims, rotate_half
-            attn = b.linear(attention(b, q, k, v, kv_cache, i, meta, self.scale), L["o"], L["o_b"])
+            attn = tp.all_reduce(b.linear(attention(b, q, k, v, kv_cache, i, meta, self.scale), L["o"], L["o_b"]))
             if self.parallel:
                 h = h + attn + self._mlp(b.layer_norm(h, *L["ln_2"], self.eps), L)
             else:
@@ -114,5 +127,5 @@ class GPTNeoXForCausalLM:
         return b.layer_norm(h, *self.final_ln, self.eps)
 
     def compute_logits(self, hidden):
-        """hidden [N, H] -> logits [N, vocab] in float32."""
-        return self.backend.linear(hidden, self.head).astype(self.backend.xp.float32, copy=False)
+        """hidden [N, H] -> logits [N, vocab] in float32 (tensor-parallel: on rank 0, None elsewhere)."""
+        return self.tp.logits(self.backend, hidden, self.head, self.cfg.vocab_size)

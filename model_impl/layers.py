@@ -39,8 +39,31 @@ def rope_cos_sin_cache(rot_dim: int, max_pos: int, theta: float) -> np.ndarray:
     return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
 
 
+class Weights:
+    """The checked tensors of a checkpoint: arrays, or `loader.TensorRef`s read when asked for.
+
+    w[name] reads the whole tensor; w.read(name, (slice(a, b),)) only that part (a tensor-parallel
+    rank's shard: model_impl/parallel.py)."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.read(name)
+
+    def read(self, name: str, index: tuple | None = None) -> np.ndarray:
+        t = self.tensors[name]
+        if isinstance(t, np.ndarray):
+            return t if index is None else t[index]
+        return t.read(index)
+
+
 class WeightSet:
-    """Collects checkpoint tensors by name and checks them against the shapes the config implies."""
+    """Collects checkpoint tensors (arrays or unread TensorRefs) by name and checks them against
+    the shapes the config implies."""
 
     def __init__(self, expected: dict[str, tuple[int, ...]], optional: set[str] = frozenset(),
                  where: str = "checkpoint"):
@@ -49,7 +72,7 @@ class WeightSet:
         self.where = where
         self.tensors: dict[str, np.ndarray] = {}
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, name: str, array) -> None:
         shape = self.expected.get(name)
         if shape is None:
             return                                   # e.g. rotary_emb.inv_freq: not a weight we use
@@ -58,9 +81,9 @@ class WeightSet:
                                 f"expected {tuple(shape)} from config.json")
         self.tensors[name] = array
 
-    def finish(self) -> dict[str, np.ndarray]:
+    def finish(self) -> Weights:
         missing = [n for n in self.expected if n not in self.tensors and n not in self.optional]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise RawpagedError(f"tensor {missing[0]}{more} missing from {self.where}")
-        return self.tensors
+        return Weights(self.tensors)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from model_impl.layers import WeightSet, attention, split_heads
+from model_impl.parallel import SINGLE, TensorParallel, cols, rank0_only, rows, vocab_table
 from model_impl.rope import cos_sin_cache
 from rawpaged.config import ModelConfig
 from rawpaged.errors import RawpagedError
@@ -21,10 +22,11 @@ class LlamaForCausalLM:
     activations = ("silu",)          # hidden_act values this family accepts
     norm_offset = 0.0                # Gemma stores RMSNorm gains as (weight - 1)
 
-    def __init__(self, config: ModelConfig, backend, dtype):
+    def __init__(self, config: ModelConfig, backend, dtype, tp: TensorParallel = SINGLE):
         self.cfg = config
         self.backend = backend
         self.dtype = dtype
+        self.tp = tp
         hf = config.hf
         self.eps = float(hf.get("rms_norm_eps", 1e-6))
         self.tie = bool(hf.get("tie_word_embeddings", self.default_tie()))
@@ -40,6 +42,9 @@ class LlamaForCausalLM:
         self.cos_sin = backend.to_device(cos_sin_cache(spec, config.max_model_len, hf["max_position_embeddings"]))
         self.windows = config.layer_windows
         self.scale = config.head_dim ** -0.5
+        # this rank's heads and slice of the MLP (all of them without tensor parallelism)
+        self.heads = tp.heads(config.num_heads, config.num_kv_heads)
+        self.mlp_part = tp.part(self.intermediate)
         self.layers: list[dict] = []
 
     # -- the hooks the families built on LLaMA change -------------------------------------------
@@ -99,13 +104,23 @@ class LlamaForCausalLM:
         H, I = self.cfg.hidden_size, self.intermediate
         return {m + "gate_proj.weight": (I, H), m + "up_proj.weight": (I, H)}
 
-    def fused_qkv(self, w: dict, a: str) -> np.ndarray:
-        """[(Hq + 2 Hkv) D, H]: q, k, v rows stacked (the layout split_heads reads)."""
-        return np.concatenate([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]])
+    def head_rows(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Rows of q_proj and of k_proj / v_proj this rank holds: its heads x head_dim."""
+        hs, D = self.heads, self.cfg.head_dim
+        return ((hs.q_start * D, (hs.q_start + hs.num_q) * D),
+                (hs.kv_start * D, (hs.kv_start + hs.num_kv) * D))
 
-    def fused_gate_up(self, w: dict, m: str) -> np.ndarray:
-        """[2I, H]: gate rows, then up rows (what silu_and_mul / gelu_tanh_and_mul take)."""
-        return np.concatenate([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])
+    def fused_qkv(self, w, a: str, suffix: str = "weight") -> np.ndarray:
+        """[(Hq + 2 Hkv) D, H]: q, k, v rows of this rank's heads stacked (the layout split_heads
+        reads); suffix "bias" gives the matching [(Hq + 2 Hkv) D] bias."""
+        q, kv = self.head_rows()
+        return np.concatenate([rows(w, f"{a}q_proj.{suffix}", *q), rows(w, f"{a}k_proj.{suffix}", *kv),
+                               rows(w, f"{a}v_proj.{suffix}", *kv)])
+
+    def fused_gate_up(self, w, m: str, suffix: str = "weight") -> np.ndarray:
+        """[2I, H]: gate rows, then up rows of this rank's slice (what silu_and_mul / gelu_tanh_and_mul take)."""
+        i0, i1 = self.mlp_part
+        return np.concatenate([rows(w, f"{m}gate_proj.{suffix}", i0, i1), rows(w, f"{m}up_proj.{suffix}", i0, i1)])
 
     def load_weights(self, named_tensors, where: str = "checkpoint") -> None:
         shapes, optional = self.expected_weights()
@@ -113,12 +128,17 @@ class LlamaForCausalLM:
         for name, array in named_tensors:
             ws.add(name, array)
         w = ws.finish()
-        dev = lambda a: self.backend.to_device(a, self.dtype)  # noqa: E731
-        cat = lambda *names: np.concatenate([w[n] for n in names], axis=0)  # noqa: E731
+        tp, V = self.tp, self.cfg.vocab_size
+        dev = lambda a: None if a is None else self.backend.to_device(a, self.dtype)  # noqa: E731
         gain = lambda n: dev(w[n] + np.float32(self.norm_offset) if self.norm_offset else w[n])  # noqa: E731
-        self.embed = dev(w["model.embed_tokens.weight"])
+        self.embed = dev(vocab_table(tp, w, "model.embed_tokens.weight", V, zero_row=True))
         self.norm = gain("model.norm.weight")
-        self.lm_head = self.embed if self.tie or "lm_head.weight" not in w else dev(w["lm_head.weight"])
+        untied = not self.tie and "lm_head.weight" in w
+        # NOTE: a tied head is the embedding without its zero row (a view: held once).
+        self.lm_head = dev(vocab_table(tp, w, "lm_head.weight", V, zero_row=False)) if untied else \
+            self.embed[:tp.vocab(V).rows] if tp.enabled else self.embed
+        q_cols, _ = self.head_rows()
+        i0, i1 = self.mlp_part
         self.layers = []
         for i in range(self.cfg.num_layers):
             p = f"model.layers.{i}."
@@ -127,23 +147,25 @@ class LlamaForCausalLM:
                 "in_norm": gain(p + "input_layernorm.weight"),
                 "post_norm": gain(p + "post_attention_layernorm.weight"),
                 "qkv": dev(self.fused_qkv(w, a)),
-                "o": dev(w[a + "o_proj.weight"]),
+                "o": dev(cols(w, a + "o_proj.weight", *q_cols)),                # row-parallel: its heads' inputs
                 "gate_up": dev(self.fused_gate_up(w, m)),
-                "down": dev(w[m + "down_proj.weight"]),
-                "qkv_b": dev(cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias")) if self.qkv_bias else None,
-                "o_b": dev(w[a + "o_proj.bias"]) if self.o_bias else None,
+                "down": dev(cols(w, m + "down_proj.weight", i0, i1)),
+                # NOTE: biases are always separate tensors (q_proj.bias, ...), even where the weights are fused
+                "qkv_b": dev(LlamaForCausalLM.fused_qkv(self, w, a, "bias")) if self.qkv_bias else None,
+                "o_b": dev(rank0_only(tp, w[a + "o_proj.bias"])) if self.o_bias else None,
                 "q_norm": dev(w[a + "q_norm.weight"]) if self.has_qk_norm() else None,
                 "k_norm": dev(w[a + "k_norm.weight"]) if self.has_qk_norm() else None,
-                "gate_up_b": dev(cat(m + "gate_proj.bias", m + "up_proj.bias")) if self.mlp_bias else None,
-                "down_b": dev(w[m + "down_proj.bias"]) if self.mlp_bias else None,
+                "gate_up_b": dev(LlamaForCausalLM.fused_gate_up(self, w, m, "bias")) if self.mlp_bias else None,
+                "down_b": dev(rank0_only(tp, w[m + "down_proj.bias"])) if self.mlp_bias else None,
             }
             self.layers.append(layer)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata):
         """input_ids, positions [T] -> final hidden states [T, hidden] (normalised)."""
-        b, c = self.backend, self.cfg
-        h = b.embedding(input_ids, self.embed)                        # [T, H]
+        b, c, tp = self.backend, self.cfg, self.tp
+        nq, nkv = self.heads.num_q, self.heads.num_kv                 # this rank's heads
+        h = tp.embed(b, input_ids, self.embed, c.vocab_size)          # [T, H]
         scale = self.embed_scale()
         if scale is not None:
             h = h * b.xp.asarray(scale, dtype=h.dtype)                # Gemma: embedding * sqrt(H)
@@ -155,20 +177,20 @@ class LlamaForCausalLM:
                 x = b.rms_norm(h, L["in_norm"], self.eps)
             else:
                 x, residual = b.fused_add_rms_norm(h, residual, L["in_norm"], self.eps)
-            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), c.num_heads, c.num_kv_heads, c.head_dim)
+            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), nq, nkv, c.head_dim)
             if L["q_norm"] is not None:                               # Qwen3: RMSNorm per head, before RoPE
                 q = b.rms_norm(q.reshape(-1, c.head_dim), L["q_norm"], self.eps).reshape(q.shape)
                 k = b.rms_norm(k.reshape(-1, c.head_dim), L["k_norm"], self.eps).reshape(k.shape)
             b.rotary_embedding(positions, q, k, self.cos_sin, True)  # rotate_half, in place
-            o = attention(b, q, k, v, kv_cache, i, meta, self.scale, self.windows[i])   # [T, Hq D]
-            h = b.linear(o, L["o"], L["o_b"])                         # [T, H]
+            o = attention(b, q, k, v, kv_cache, i, meta, self.scale, self.windows[i])   # [T, nq D]
+            h = tp.all_reduce(b.linear(o, L["o"], L["o_b"]))          # [T, H]: summed over ranks
             # MLP block: x = RMSNorm(h + residual); h = down(act(gate(x)) * up(x))
             x, residual = b.fused_add_rms_norm(h, residual, L["post_norm"], self.eps)
-            gu = b.linear(x, L["gate_up"], L["gate_up_b"])            # [T, 2I]
-            h = b.linear(self.act_and_mul(gu), L["down"], L["down_b"])  # [T, H]
+            gu = b.linear(x, L["gate_up"], L["gate_up_b"])            # [T, 2I/N]
+            h = tp.all_reduce(b.linear(self.act_and_mul(gu), L["down"], L["down_b"]))  # [T, H]
         x, _ = b.fused_add_rms_norm(h, residual, self.norm, self.eps)
         return x
 
     def compute_logits(self, hidden):
-        """hidden [N, H] -> logits [N, vocab] in float32."""
-        return self.backend.linear(hidden, self.lm_head).astype(self.backend.xp.float32, copy=False)
+        """hidden [N, H] -> logits [N, vocab] in float32 (tensor-parallel: on rank 0, None elsewhere)."""
+        return self.tp.logits(self.backend, hidden, self.lm_head, self.cfg.vocab_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from model_impl.layers import WeightSet, attention
+from model_impl.parallel import SINGLE, TensorParallel, cols, rank0_only, rows, vocab_table
 from rawpaged.worker.model_runner import AttentionMetadata
 from rawpaged.config import ModelConfig
 from rawpaged.errors import RawpagedError
@@ -13,10 +14,11 @@ POSITION_OFFSET = 2   # OPT's learned position table starts at index 2 (fairseq'
 
 
 class OPTForCausalLM:
-    def __init__(self, config: ModelConfig, backend, dtype):
+    def __init__(self, config: ModelConfig, backend, dtype, tp: TensorParallel = SINGLE):
         self.cfg = config
         self.backend = backend
         self.dtype = dtype
+        self.tp = tp
         hf = config.hf
         self.pre_ln = bool(hf.get("do_layer_norm_before", True))
         self.final_ln = self.pre_ln and not hf.get("_remove_final_layer_norm", False)
@@ -31,6 +33,8 @@ class OPTForCausalLM:
             raise RawpagedError(f"activation_function {act!r} is not supported for OPT (relu, gelu, gelu_new)")
         self.act = acts[act]
         self.scale = config.head_dim ** -0.5
+        self.heads = tp.heads(config.num_heads, config.num_heads)
+        self.mlp_part = tp.part(self.ffn_dim)
         self.layers: list[dict] = []
 
     # -- weights ------------------------------------------------------------------------------
@@ -71,10 +75,15 @@ class OPTForCausalLM:
                 name = "model." + name
             ws.add(name, array)
         w = ws.finish()
-        dev = lambda n: self.backend.to_device(w[n], self.dtype) if n in w else None  # noqa: E731
-        cat = lambda *ns: self.backend.to_device(np.concatenate([w[n] for n in ns]), self.dtype)  # noqa: E731
+        tp, D = self.tp, self.cfg.head_dim
+        put = lambda a: None if a is None else self.backend.to_device(a, self.dtype)  # noqa: E731
+        dev = lambda n: put(w[n]) if n in w else None  # noqa: E731
+        q0, q1 = self.heads.q_start * D, (self.heads.q_start + self.heads.num_q) * D
+        i0, i1 = self.mlp_part
+        heads = lambda *ns: put(np.concatenate([rows(w, n, q0, q1) for n in ns]))  # noqa: E731  its heads' rows
         d = "model.decoder."
-        self.embed = dev(d + "embed_tokens.weight")
+        # NOTE: the LM head is tied: compute_logits reads the embedding without its zero row.
+        self.embed = put(vocab_table(tp, w, d + "embed_tokens.weight", self.cfg.vocab_size, zero_row=True))
         self.pos_embed = dev(d + "embed_positions.weight")
         self.project_in = dev(d + "project_in.weight")
         self.project_out = dev(d + "project_out.weight")
@@ -83,12 +92,14 @@ class OPTForCausalLM:
         for i in range(self.cfg.num_layers):
             p = f"{d}layers.{i}."
             a = p + "self_attn."
+            bias = lambda n: put(rank0_only(tp, w[n])) if n in w else None  # noqa: E731  row-parallel
             self.layers.append({
-                "qkv": cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-                "qkv_b": cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias") if self.bias else None,
-                "o": dev(a + "out_proj.weight"), "o_b": dev(a + "out_proj.bias"),
-                "fc1": dev(p + "fc1.weight"), "fc1_b": dev(p + "fc1.bias"),
-                "fc2": dev(p + "fc2.weight"), "fc2_b": dev(p + "fc2.bias"),
+                "qkv": heads(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+                "qkv_b": heads(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias") if self.bias else None,
+                "o": put(cols(w, a + "out_proj.weight", q0, q1)), "o_b": bias(a + "out_proj.bias"),
+                "fc1": put(rows(w, p + "fc1.weight", i0, i1)),
+                "fc1_b": put(rows(w, p + "fc1.bias", i0, i1)) if self.bias else None,
+                "fc2": put(cols(w, p + "fc2.weight", i0, i1)), "fc2_b": bias(p + "fc2.bias"),
                 "attn_ln": (dev(p + "self_attn_layer_norm.weight"), dev(p + "self_attn_layer_norm.bias")),
                 "ffn_ln": (dev(p + "final_layer_norm.weight"), dev(p + "final_layer_norm.bias")),
             })
@@ -99,9 +110,9 @@ class OPTForCausalLM:
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata):
         """input_ids, positions [T] -> final hidden states [T, word_embed_proj_dim]."""
-        b, c = self.backend, self.cfg
-        H, D = c.hidden_size, c.head_dim
-        x = b.embedding(input_ids, self.embed)                        # [T, P]
+        b, c, tp = self.backend, self.cfg, self.tp
+        nq, D = self.heads.num_q, c.head_dim                          # this rank's heads
+        x = tp.embed(b, input_ids, self.embed, c.vocab_size)          # [T, P]
         if self.project_in is not None:
             x = b.linear(x, self.project_in)                          # [T, H]
         h = x + b.embedding(positions + POSITION_OFFSET, self.pos_embed)
@@ -109,18 +120,17 @@ class OPTForCausalLM:
             # Attention block (LayerNorm before it for pre-LN models, after the residual for post-LN).
             residual = h
             x = self._ln(h, L["attn_ln"]) if self.pre_ln else h
-            qkv = b.linear(x, L["qkv"], L["qkv_b"])                   # [T, 3H]
-            T = qkv.shape[0]
-            q, k, v = (b.xp.ascontiguousarray(qkv[:, j * H:(j + 1) * H].reshape(T, c.num_heads, D))
-                       for j in range(3))
+            qkv = b.linear(x, L["qkv"], L["qkv_b"])                   # [T, 3 nq D]
+            T, n = qkv.shape[0], nq * D
+            q, k, v = (b.xp.ascontiguousarray(qkv[:, j * n:(j + 1) * n].reshape(T, nq, D)) for j in range(3))
             o = attention(b, q, k, v, kv_cache, i, meta, self.scale)
-            h = residual + b.linear(o, L["o"], L["o_b"])
+            h = residual + tp.all_reduce(b.linear(o, L["o"], L["o_b"]))
             if not self.pre_ln:
                 h = self._ln(h, L["attn_ln"])
             # Feed-forward block: fc2(act(fc1(x))).
             residual = h
             x = self._ln(h, L["ffn_ln"]) if self.pre_ln else h
-            h = residual + b.linear(self.act(b.linear(x, L["fc1"], L["fc1_b"])), L["fc2"], L["fc2_b"])
+            h = residual + tp.all_reduce(b.linear(self.act(b.linear(x, L["fc1"], L["fc1_b"])), L["fc2"], L["fc2_b"]))
             if not self.pre_ln:
                 h = self._ln(h, L["ffn_ln"])
         if self.final_ln:
@@ -130,5 +140,8 @@ class OPTForCausalLM:
         return h
 
     def compute_logits(self, hidden):
-        """hidden [N, P] -> logits [N, vocab] in float32 (head tied to the token embedding)."""
-        return self.backend.linear(hidden, self.embed).astype(self.backend.xp.float32, copy=False)
+        """hidden [N, P] -> logits [N, vocab] in float32 (head tied to the token embedding;
+        tensor-parallel: on rank 0, None elsewhere)."""
+        tp, V = self.tp, self.cfg.vocab_size
+        head = self.embed[:tp.vocab(V).rows] if tp.enabled else self.embed
+        return tp.logits(self.backend, hidden, head, V)

@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds between engine log lines while busy (0: none)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                      help="at SIGTERM, seconds the requests in flight get to finish")
+    dp = srv.add_argument_group("replicas on Ray Serve (docs/distributed.md)")
+    dp.add_argument("--ray", action="store_true",
+                    help="serve through Ray Serve (RAY_ADDRESS's cluster, or a local one): one OpenAI endpoint "
+                         "in front of --data-parallel-size engine replicas")
+    dp.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+                    help="engine replicas (each a whole engine, tensor-parallel or not); needs --ray")
+    dp.add_argument("--routing", default="prefix", choices=["prefix", "least-loaded"],
+                    help="which replica takes a request: the one that served the longest prefix of its "
+                         "prompt (its KV is cached there), else the least loaded; or always the least loaded")
     lim = srv.add_argument_group("limits (docs/server.md)")
     lim.add_argument("--max-body-bytes", type=int, default=None, help="request body size (default 16 MiB): 413")
     lim.add_argument("--max-prompt-chars", type=int, default=None,
@@ -136,11 +145,19 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
+    if a.data_parallel_size < 1:
+        raise RawpagedError(f"--data-parallel-size must be at least 1, got {a.data_parallel_size}")
+    if a.data_parallel_size > 1 and not a.ray:
+        raise RawpagedError("--data-parallel-size > 1 runs replicas on Ray Serve: add --ray")
     try:
-        from rawpaged.server.app import run_server
+        if a.ray:
+            from rawpaged.server.ray_serve import run_ray_serve as run
+        else:
+            from rawpaged.server.app import run_server as run
     except ImportError as e:
-        raise RawpagedError(f"the server needs the 'server' extra (pip install rawpaged[server]): {e}") from None
-    return run_server(a)
+        extra = "ray" if a.ray else "server"
+        raise RawpagedError(f"this needs the '{extra}' extra (pip install 'rawpaged[{extra}]'): {e}") from None
+    return run(a)
 
 
 def cmd_repro(a: argparse.Namespace) -> int:

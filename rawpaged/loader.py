@@ -1,5 +1,12 @@
 """Read a Hugging Face model directory's weights as NumPy arrays (safetensors' NumPy API, no PyTorch).
 
+Two ways in:
+  iter_tensors(dir)       (name, array) for every tensor, read whole (tests, converters);
+  Checkpoint(dir).refs()  (name, TensorRef) for every tensor, read nothing yet: the model reads what
+                          it holds, whole or a slice (`ref.read((slice(a, b), slice(None)))`), so a
+                          tensor-parallel rank reads its shard and never the rest (safetensors'
+                          `get_slice`; BF16, which its NumPy API refuses, through a memory map).
+
 Accepted layouts: `model.safetensors`, or shards named by `model.safetensors.index.json`.
 PyTorch `.bin` checkpoints are refused with a pointer to `rawpaged convert hf`.
 Every file is resolved inside the model directory (`paths.model_file`): an index entry such as
@@ -15,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from rawpaged.convert.hf import SafetensorsFile
+from rawpaged.convert.hf import SafetensorsFile, bf16_to_float32
 from rawpaged.convert.progress import Progress
 from rawpaged.convert.paths import model_file
 from rawpaged.errors import RawpagedError
@@ -98,6 +105,86 @@ def _read_file(path: Path) -> Iterator[tuple[str, np.ndarray]]:
                 yield name, f.get_tensor(name)
             except Exception as e:
                 raise RawpagedError(f"cannot read tensor {name} from {path}: {_one_line(e)}") from None
+
+
+class TensorRef:
+    """One checkpoint tensor, not read yet: its name and shape, and reads of all or part of it."""
+
+    def __init__(self, checkpoint: "Checkpoint", path: Path, header: SafetensorsFile, name: str):
+        entry = header.entries[name]
+        self.checkpoint, self.path, self.name = checkpoint, path, name
+        self.shape: tuple[int, ...] = tuple(entry.shape)
+        self.ndim = len(self.shape)
+        self._entry = entry
+
+    def read(self, index: tuple | None = None) -> np.ndarray:
+        """The tensor, or `self[index]` for a tuple of slices (basic slicing: only those bytes are read)."""
+        array = self._read(index)
+        self.checkpoint.on_read(array.nbytes if self._entry.dtype != "BF16" else array.nbytes // 2)
+        return array
+
+    def _read(self, index):
+        entry, name = self._entry, self.name
+        if entry.dtype == "BF16":
+            # NOTE: a read-only map of the tensor's bytes: slicing it touches only the slice's pages.
+            bits = np.memmap(self.path, dtype=np.uint16, mode="r", offset=entry.start, shape=entry.shape)
+            return bf16_to_float32(np.array(bits if index is None else bits[index]))
+        try:
+            handle = self.checkpoint.handle(self.path)
+            if index is None:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[index]
+        except RawpagedError:
+            raise
+        except Exception as e:
+            raise RawpagedError(f"cannot read tensor {name} from {self.path}: {_one_line(e)}") from None
+
+
+class Checkpoint:
+    """A model directory's weight files, opened once; `refs()` names every tensor without reading it.
+
+    `bytes_read` counts what the model asked for (as stored on disk): a tensor-parallel rank reads
+    about 1/N of the checkpoint (tests/test_tensor_parallel.py measures it)."""
+
+    def __init__(self, model_dir: str | Path, progress: bool = False):
+        self.model_dir = Path(model_dir)
+        self.files = weight_files(self.model_dir)
+        self.headers = {f: SafetensorsFile(f) for f in self.files}
+        self.bytes_read = 0
+        self.tensors_read = 0
+        self._handles: dict[Path, object] = {}
+        total = sum(e.nbytes for h in self.headers.values() for e in h.entries.values())
+        self._bar = None
+        if progress and sys.stderr.isatty() and total >= PROGRESS_MIN_BYTES:
+            count = sum(len(h.entries) for h in self.headers.values())
+            self._bar = Progress(count, total, label="loading weights")
+
+    def refs(self) -> Iterator[tuple[str, TensorRef]]:
+        for path, header in self.headers.items():
+            for name in header.keys():
+                yield name, TensorRef(self, path, header, name)
+
+    def handle(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="numpy")
+            except Exception as e:  # safetensors raises its own error types; name the file
+                raise RawpagedError(f"cannot read {path}: the safetensors library refused it "
+                                    f"({type(e).__name__})") from None
+        return self._handles[path]
+
+    def on_read(self, nbytes: int) -> None:
+        self.bytes_read += nbytes
+        self.tensors_read += 1
+        if self._bar is not None:
+            self._bar.update(nbytes)
+            self._bar.tensor_done()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._handles.clear()
 
 
 def _one_line(e: Exception) -> str:

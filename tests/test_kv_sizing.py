@@ -1,4 +1,4 @@
-"""How the KV cache is sized (executor/local.py), on both backends.
+"""How the KV cache is sized (executor/worker.py), on both backends.
 
 - The cache never gets more blocks than the engine can fill: max_num_seqs sequences of
   max_model_len tokens plus the watermark, at most MAX_KV_BLOCKS (a tiny model used to get the
@@ -19,7 +19,7 @@ import pytest
 from cuda_emulator import CXX, POOL, MemInfo, OutOfMemoryError, fake_cupy, install, uninstall_caches
 from rawpaged import LLM, SamplingParams
 from rawpaged.errors import RawpagedError
-from rawpaged.executor import local
+from rawpaged.executor import worker
 from rawpaged.worker.cache_engine import block_bytes
 
 MiB = 1 << 20
@@ -90,7 +90,7 @@ def test_small_budgets_are_not_capped(stories260k_dir):
 
 
 def test_max_kv_blocks_bounds_huge_configs(stories260k_dir, monkeypatch):
-    monkeypatch.setattr(local, "MAX_KV_BLOCKS", 700)
+    monkeypatch.setattr(worker, "MAX_KV_BLOCKS", 700)
     llm = LLM(str(stories260k_dir), device="cpu", max_num_seqs=4096)
     assert llm.engine.cache_size.num_device_blocks == 700
     assert "MAX_KV_BLOCKS=700" in llm.engine.cache_size.why

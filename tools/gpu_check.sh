@@ -12,7 +12,8 @@
 #                  disk cache for the later steps), registers / local / shared memory per kernel
 #   2 op tests     tests/gpu/test_ops_gpu.py: every CUDA op against its CPU twin, failures listed
 #   3 end to end   tests/gpu/test_e2e_gpu.py: fixtures fp16/bf16, head-128 model, stories260K
-#                  fp16+fp32 in one process, swap preemption
+#                  fp16+fp32 in one process, swap preemption; tests/gpu/test_tp_gpu.py: NCCL of
+#                  size 1, the mp executor with one worker against one process (TP 2 with 2 GPUs)
 #   4 sanitizer    compute-sanitizer memcheck, racecheck, synccheck, initcheck on
 #                  tools/gpu_launch_all.py (every kernel of the table launched once, small sizes)
 #   5 kernels      bench/kernel_bench.py: memcpy ceiling, decode grid, prefill vs torch SDPA,
@@ -192,17 +193,18 @@ step_ops() {
 }
 
 step_e2e() {
-    begin 3 "end to end: tests/gpu/test_e2e_gpu.py" 100 e2e.log || return
+    begin 3 "end to end: tests/gpu/test_e2e_gpu.py" 120 e2e.log || return
     local sel=()
     # NOTE: quick: one fixture in fp16 and bf16 (stories260K's default profiling pass takes minutes emulated)
     [ "$QUICK" = 1 ] && sel=(-k "test_fixture_16bit_gpu_follows_fp32_cpu and llama-gqa")
-    RAWPAGED_TEST_TIMEOUT=90 limited "$LIMIT" "$PY" -m pytest -v -s -rfEs -p no:cacheprovider tests/gpu/test_e2e_gpu.py "${sel[@]}"
+    RAWPAGED_TEST_TIMEOUT=90 limited "$LIMIT" "$PY" -m pytest -v -s -rfEs -p no:cacheprovider tests/gpu/test_e2e_gpu.py \
+        tests/gpu/test_tp_gpu.py "${sel[@]}"
     local rc=$?
     pytest_lines $rc
     {
         echo "What the tests printed (logprob gaps against fp32 on the CPU, the bound's base, the kernels run):"
         echo '```'
-        grep -E 'logprob gap|stories260K .*golden' "$OUT/$LOG" | tail -n 20
+        grep -E 'logprob gap|stories260K .*golden' "$OUT/$LOG" | tail -n 22
         echo '```'
     } >> "$MD"
     finish "$(verdict $rc "$LIMIT")"

@@ -16,6 +16,7 @@ from rawpaged.errors import RawpagedError
 
 BLOCK_SIZES = (8, 16, 32)
 BATCHING = ("continuous", "static")
+DISTRIBUTED_BACKENDS = ("mp", "ray")
 
 
 def parse_size(text) -> int:
@@ -73,6 +74,13 @@ class EngineConfig:
     batching: str = _opt("continuous", "continuous (iteration-level) or static (request-level, "
                                        "FasterTransformer's: a batch starts when the last one has "
                                        "finished)", choices=BATCHING)
+    tensor_parallel_size: int = _opt(1, "ranks the model is split across (Megatron-style: heads and the "
+                                        "MLP; one GPU each, NCCL between them; CPU ranks share memory)",
+                                     aliases=["-tp"])
+    distributed_executor_backend: str | None = _opt(
+        None, "how the ranks run: mp (one process per rank, this node) or ray (one Ray actor per GPU in a "
+              "placement group, across nodes). Default: mp when tensor_parallel_size > 1, else this process",
+        choices=DISTRIBUTED_BACKENDS)
 
     def __post_init__(self):
         if self.enable_prefix_caching is None:
@@ -105,6 +113,11 @@ class EngineConfig:
             bad(f"kv_manager must be one of {', '.join(KV_MANAGERS)}, got {self.kv_manager!r}")
         if self.batching not in BATCHING:
             bad(f"batching must be continuous or static, got {self.batching!r}")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            bad(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if self.distributed_executor_backend not in (None, *DISTRIBUTED_BACKENDS):
+            bad(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
         if self.kv_manager == "paged":
             if self.orca_granularity is not None:
                 bad("orca_granularity applies to the orca-* KV managers only (kv_manager is paged)")
@@ -126,7 +139,7 @@ class EngineConfig:
             if f.name in skip:
                 continue
             meta = dict(f.metadata)
-            flag = "--" + f.name.replace("_", "-")
+            flags = ["--" + f.name.replace("_", "-"), *meta.pop("aliases", ())]
             kwargs = {"default": f.default, "help": meta.pop("help"), "dest": f.name}
             kind = _base_type(hints[f.name])
             if kind is bool:
@@ -134,7 +147,7 @@ class EngineConfig:
             else:
                 kwargs["type"] = meta.pop("type", kind)
                 kwargs.update(meta)
-            group.add_argument(flag, **kwargs)
+            group.add_argument(*flags, **kwargs)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace, **overrides) -> "EngineConfig":

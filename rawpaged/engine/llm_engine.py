@@ -18,7 +18,7 @@ from rawpaged.engine.config import EngineConfig
 from rawpaged.engine.output_processor import OutputProcessor
 from rawpaged.engine.stats import EngineStats
 from rawpaged.errors import RawpagedError
-from rawpaged.executor.local import LocalExecutor
+from rawpaged.executor import select_executor
 from rawpaged.hub import resolve_model
 from rawpaged.outputs import RequestOutput
 from rawpaged.sampler import Sampler, verify_for_vocab
@@ -29,10 +29,13 @@ from rawpaged.tokenizer import Tokenizer
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, executor_class=LocalExecutor, *,
+    def __init__(self, config: EngineConfig, executor_class=None, *,
                  model_config: ModelConfig | None = None, tokenizer: Tokenizer | None = None):
         """`model_config` and `tokenizer` given (both) skip the model directory: a simulated engine
-        (executor/simulated.py) is built from a model spec, with no files."""
+        (executor/simulated.py) is built from a model spec, with no files. Without `executor_class`
+        the config picks it (executor.select_executor: this process, `mp` or `ray`)."""
+        if executor_class is None:
+            executor_class = select_executor(config)
         self.config = config
         if model_config is None or tokenizer is None:
             model_dir = resolve_model(config.model, revision=config.revision, token=config.hf_token)
@@ -126,6 +129,12 @@ class LLMEngine:
         self.groups.pop(request_id, None)
         self.stats.num_aborted += 1
         return True
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes or actors (none for the in-process executor)."""
+        stop = getattr(self.executor, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

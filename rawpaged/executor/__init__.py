@@ -7,7 +7,9 @@ swap pool), and the model runner that flattens the batch. The engine, the schedu
 manager never see arrays, so the same scheduling runs against any executor:
   - `LocalExecutor` (executor/local.py): this process, one device (today's default);
   - a simulated executor that advances a clock by a cost model (the paper reproduction);
-  - tensor-parallel workers in processes or Ray actors.
+  - tensor-parallel ranks (executor/distributed.py): `MultiprocExecutor` (multiproc.py, one process
+    per rank on this node) and `RayExecutor` (ray_executor.py, one Ray actor per GPU in a placement
+    group, across nodes). Each rank is a `Worker` (worker.py): its shard, its heads' KV cache.
 """
 from __future__ import annotations
 
@@ -44,4 +46,18 @@ class Executor(Protocol):
         """Swap out, swap in, copy-on-write, then run the batch of a SchedulerOutput (None: no batch)."""
 
 
-__all__ = ["CacheSize", "Executor", "ModelOutput"]
+def select_executor(config):
+    """The executor class a config asks for: this process (tensor_parallel_size 1, no backend named),
+    else one process per rank (`mp`, the default) or one Ray actor per rank (`ray`)."""
+    backend = config.distributed_executor_backend
+    if config.tensor_parallel_size == 1 and backend is None:
+        from rawpaged.executor.local import LocalExecutor
+        return LocalExecutor
+    if backend == "ray":
+        from rawpaged.executor.ray_executor import RayExecutor
+        return RayExecutor
+    from rawpaged.executor.multiproc import MultiprocExecutor
+    return MultiprocExecutor
+
+
+__all__ = ["CacheSize", "Executor", "ModelOutput", "select_executor"]

@@ -80,7 +80,10 @@ class ModelRunner:
 
     def execute(self, batch: list[ScheduledSeq], kv_cache):
         """Run one step. Returns (sample_logits [N, V], prompt_logits list per seq or None)."""
-        inputs = prepare_inputs(batch, self.block_size)
+        return self.run(prepare_inputs(batch, self.block_size), kv_cache)
+
+    def run(self, inputs: BatchInputs, kv_cache):
+        """Run a flattened batch (a tensor-parallel rank gets it from the driver, already flattened)."""
         b = self.backend
         meta = inputs.meta
         dev_meta = AttentionMetadata(

@@ -122,7 +122,9 @@ def test_cli_errors_are_one_line(case, model_copy, tmp_path):
                     "Once upon a time there was a dog")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
+    # NOTE: a first run on a machine may also print the kernel compile notice (an info line, not
+    # part of the error); the error itself must be one line.
+    lines = [ln for ln in r.stderr.strip().splitlines() if "compiling the cpu kernels" not in ln]
     assert len(lines) == 1 and lines[0].startswith("rawpaged: error:"), r.stderr
 
 

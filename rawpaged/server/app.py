@@ -169,7 +169,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def _uvicorn_config(app, log_level: str, access_log: bool, limits: L.ServerLimits) -> uvicorn.Config:
     # NOTE: after the drain, connections are idle; the grace period only bounds stragglers.
     # log_config=None: uvicorn's loggers propagate to the root handler setup_logging installs.
-    return uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on",
+    # NOTE: loop="asyncio", not uvicorn's "auto": uvloop arrives with ray[serve] and, once installed,
+    # "auto" picked it, silently changing what was built and tested here (at the fd limit libuv drops
+    # connections without a word where asyncio logs and backs off; the lingering close, the soak).
+    return uvicorn.Config(app, loop="asyncio", log_level=log_level, access_log=access_log, lifespan="on",
                           timeout_graceful_shutdown=5, log_config=None, **limits.uvicorn_kwargs())
 
 

@@ -108,51 +108,55 @@ def _dot_4x1(x, t, w, o, K, kind, y):
     y[t, o], y[t + 1, o], y[t + 2, o], y[t + 3, o] = a0, a1, a2, a3
 
 
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def _rows(x, w, y, o0, o1, kind):
+    """y[:, o0:o1] for outputs o0..o1-1: groups of 4 outputs, x rows 4 at a time."""
+    T, K = x.shape
+    if T <= _FEW_ROWS:
+        # NOTE: few rows: one weight row at a time, so the weights are read as ONE sequential
+        # stream (the 4-row groups below are 4 streams of K elements each, too short for the
+        # hardware prefetcher, which left a decode step at a third of the memory bandwidth).
+        for o in range(o0, o1):
+            if o + _PREFETCH_ROWS < o1:         # the row we will read _PREFETCH_ROWS rows from now
+                for k in range(0, K, _LINE):
+                    lowp.prefetch(w, o + _PREFETCH_ROWS, k)
+            t = 0
+            while t + 4 <= T:
+                _dot_4x1(x, t, w, o, K, kind, y)
+                t += 4
+            while t < T:
+                _dot_1x1(x, t, w, o, K, kind, y)
+                t += 1
+        return
+    for t0 in range(0, T, _ROW_TILE):       # a tile of x rows stays in L2 while W streams by
+        t1 = min(T, t0 + _ROW_TILE)
+        o = o0
+        while o + 4 <= o1:
+            t = t0
+            while t + 4 <= t1:
+                _dot_4x4(x, t, w, o, K, kind, y)
+                t += 4
+            while t < t1:
+                _dot_1x4(x, t, w, o, K, kind, y)
+                t += 1
+            o += 4
+        while o < o1:                       # the last O % 4 outputs
+            for t in range(t0, t1):
+                _dot_1x1(x, t, w, o, K, kind, y)
+            o += 1
+
+
 def _build(kind: int):
     """The (serial, parallel) kernels for one storage kind.
-    NOTE: `kind` is a closure constant, not an argument: Numba freezes it, so each compilation
-    holds one widening and LLVM vectorises a loop without a branch on the kind in it."""
-
-    @njit(fastmath=_FAST, error_model="numpy")
-    def rows(x, w, y, o0, o1):
-        """y[:, o0:o1] for outputs o0..o1-1: groups of 4 outputs, x rows 4 at a time."""
-        T, K = x.shape
-        if T <= _FEW_ROWS:
-            # NOTE: few rows: one weight row at a time, so the weights are read as ONE sequential
-            # stream (the 4-row groups below are 4 streams of K elements each, too short for the
-            # hardware prefetcher, which left a decode step at a third of the memory bandwidth).
-            for o in range(o0, o1):
-                if o + _PREFETCH_ROWS < o1:         # the row we will read _PREFETCH_ROWS rows from now
-                    for k in range(0, K, _LINE):
-                        lowp.prefetch(w, o + _PREFETCH_ROWS, k)
-                t = 0
-                while t + 4 <= T:
-                    _dot_4x1(x, t, w, o, K, kind, y)
-                    t += 4
-                while t < T:
-                    _dot_1x1(x, t, w, o, K, kind, y)
-                    t += 1
-            return
-        for t0 in range(0, T, _ROW_TILE):       # a tile of x rows stays in L2 while W streams by
-            t1 = min(T, t0 + _ROW_TILE)
-            o = o0
-            while o + 4 <= o1:
-                t = t0
-                while t + 4 <= t1:
-                    _dot_4x4(x, t, w, o, K, kind, y)
-                    t += 4
-                while t < t1:
-                    _dot_1x4(x, t, w, o, K, kind, y)
-                    t += 1
-                o += 4
-            while o < o1:                       # the last O % 4 outputs
-                for t in range(t0, t1):
-                    _dot_1x1(x, t, w, o, K, kind, y)
-                o += 1
+    NOTE: `kind` is a closure constant, not an argument: Numba freezes it, and _rows is inlined,
+    so each compilation holds one widening and LLVM vectorises a loop without a branch on the kind
+    in it. The closures capture only that int (no Numba function): Numba's on-disk cache keys a
+    closure by its captured values, and a captured dispatcher pickles differently in every process
+    (the kernels were recompiled, ~3 s, at every start)."""
 
     @njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
     def serial(x, w, y):
-        rows(x, w, y, 0, w.shape[0])
+        _rows(x, w, y, 0, w.shape[0], kind)
 
     @njit(fastmath=_FAST, parallel=True, cache=True, nogil=True, error_model="numpy")
     def parallel(x, w, y, num_tasks):
@@ -161,106 +165,109 @@ def _build(kind: int):
         for task in prange(num_tasks):          # contiguous ranges of outputs, multiples of 4
             o0 = min(O, task * groups // num_tasks * 4)
             o1 = min(O, (task + 1) * groups // num_tasks * 4)
-            rows(x, w, y, o0, o1)
+            _rows(x, w, y, o0, o1, kind)
 
     return serial, parallel
 
 
-def _build_bf16_dot():
-    """(serial, parallel) kernels for bfloat16 weights on a CPU with AVX-512 BF16: x is rounded
-    to bfloat16 (xb) and each tile of dot products is bf16dot's vdpbf16ps loop (float32 sums);
-    the last K % 32 columns are added one by one."""
-    d44, d41, d11 = bf16dot.dot_tile(4, 4), bf16dot.dot_tile(4, 1), bf16dot.dot_tile(1, 1)
+# (serial, parallel) kernels for bfloat16 weights on a CPU with AVX-512 BF16: x is rounded to
+# bfloat16 (xb) and each tile of dot products is bf16dot's vdpbf16ps loop (float32 sums); the last
+# K % 32 columns are added one by one. NOTE: module-level functions, not closures, so that
+# Numba's on-disk cache finds them again in the next process (see _build).
+_D44, _D41, _D11 = bf16dot.dot_tile(4, 4), bf16dot.dot_tile(4, 1), bf16dot.dot_tile(1, 1)
 
-    @njit(fastmath=_FAST, error_model="numpy")
-    def tail(xb, t, nt, w, o, no, k0, acc):
-        """acc[r * no + c] += the columns k0.. of x[t + r] . w[o + c] (K % 32 of them)."""
-        for r in range(nt):
-            for c in range(no):
-                a = np.float32(0.0)
-                for k in range(k0, xb.shape[1]):
-                    a += lowp.widen(xb[t + r, k], lowp.BF16) * lowp.widen(w[o + c, k], lowp.BF16)
-                acc[r * no + c] += a
 
-    @njit(fastmath=_FAST, error_model="numpy")
-    def rows(xb, w, y, o0, o1):
-        T, K = xb.shape
-        n32 = K // 32
-        k0 = n32 * 32
-        acc = np.empty(16, np.float32)
-        if T <= _FEW_ROWS:                      # one weight row at a time: one sequential stream
-            for o in range(o0, o1):
-                if o + _PREFETCH_ROWS < o1:
+@njit(fastmath=_FAST, error_model="numpy")
+def _bf16_tail(xb, t, nt, w, o, no, k0, acc):
+    """acc[r * no + c] += the columns k0.. of x[t + r] . w[o + c] (K % 32 of them)."""
+    for r in range(nt):
+        for c in range(no):
+            a = np.float32(0.0)
+            for k in range(k0, xb.shape[1]):
+                a += lowp.widen(xb[t + r, k], lowp.BF16) * lowp.widen(w[o + c, k], lowp.BF16)
+            acc[r * no + c] += a
+
+
+@njit(fastmath=_FAST, error_model="numpy")
+def _bf16_rows(xb, w, y, o0, o1):
+    T, K = xb.shape
+    n32 = K // 32
+    k0 = n32 * 32
+    acc = np.empty(16, np.float32)
+    if T <= _FEW_ROWS:                      # one weight row at a time: one sequential stream
+        for o in range(o0, o1):
+            if o + _PREFETCH_ROWS < o1:
+                for k in range(0, K, _LINE):
+                    lowp.prefetch(w, o + _PREFETCH_ROWS, k)
+            t = 0
+            while t + 4 <= T:
+                _D41(xb, t, w, o, n32, acc)
+                _bf16_tail(xb, t, 4, w, o, 1, k0, acc)
+                for r in range(4):
+                    y[t + r, o] = acc[r]
+                t += 4
+            while t < T:
+                _D11(xb, t, w, o, n32, acc)
+                _bf16_tail(xb, t, 1, w, o, 1, k0, acc)
+                y[t, o] = acc[0]
+                t += 1
+        return
+    for t0 in range(0, T, _ROW_TILE):
+        t1 = min(T, t0 + _ROW_TILE)
+        o = o0
+        while o + 4 <= o1:
+            if o + 8 <= o1:                     # the next group of 4 rows, while this one computes
+                for r in range(4, 8):
                     for k in range(0, K, _LINE):
-                        lowp.prefetch(w, o + _PREFETCH_ROWS, k)
-                t = 0
-                while t + 4 <= T:
-                    d41(xb, t, w, o, n32, acc)
-                    tail(xb, t, 4, w, o, 1, k0, acc)
-                    for r in range(4):
-                        y[t + r, o] = acc[r]
-                    t += 4
-                while t < T:
-                    d11(xb, t, w, o, n32, acc)
-                    tail(xb, t, 1, w, o, 1, k0, acc)
-                    y[t, o] = acc[0]
-                    t += 1
-            return
-        for t0 in range(0, T, _ROW_TILE):
-            t1 = min(T, t0 + _ROW_TILE)
-            o = o0
-            while o + 4 <= o1:
-                if o + 8 <= o1:                     # the next group of 4 rows, while this one computes
-                    for r in range(4, 8):
-                        for k in range(0, K, _LINE):
-                            lowp.prefetch(w, o + r, k)
-                t = t0
-                while t + 4 <= t1:
-                    d44(xb, t, w, o, n32, acc)
-                    tail(xb, t, 4, w, o, 4, k0, acc)
-                    for r in range(4):
-                        for c in range(4):
-                            y[t + r, o + c] = acc[r * 4 + c]
-                    t += 4
-                while t < t1:
+                        lowp.prefetch(w, o + r, k)
+            t = t0
+            while t + 4 <= t1:
+                _D44(xb, t, w, o, n32, acc)
+                _bf16_tail(xb, t, 4, w, o, 4, k0, acc)
+                for r in range(4):
                     for c in range(4):
-                        d11(xb, t, w, o + c, n32, acc[c:])
-                    tail(xb, t, 1, w, o, 4, k0, acc)
-                    for c in range(4):
-                        y[t, o + c] = acc[c]
-                    t += 1
-                o += 4
-            while o < o1:
-                for t in range(t0, t1):
-                    d11(xb, t, w, o, n32, acc)
-                    tail(xb, t, 1, w, o, 1, k0, acc)
-                    y[t, o] = acc[0]
-                o += 1
+                        y[t + r, o + c] = acc[r * 4 + c]
+                t += 4
+            while t < t1:
+                for c in range(4):
+                    _D11(xb, t, w, o + c, n32, acc[c:])
+                _bf16_tail(xb, t, 1, w, o, 4, k0, acc)
+                for c in range(4):
+                    y[t, o + c] = acc[c]
+                t += 1
+            o += 4
+        while o < o1:
+            for t in range(t0, t1):
+                _D11(xb, t, w, o, n32, acc)
+                _bf16_tail(xb, t, 1, w, o, 1, k0, acc)
+                y[t, o] = acc[0]
+            o += 1
 
-    @njit(cache=True, nogil=True, error_model="numpy")
-    def round_x(x, xb):
-        for t in range(x.shape[0]):
-            for k in range(x.shape[1]):
-                xb[t, k] = lowp.to_bf16_bits(x[t, k])
 
-    @njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
-    def serial(x, w, y):
-        xb = np.empty(x.shape, np.uint16)
-        round_x(x, xb)
-        rows(xb, w, y, 0, w.shape[0])
+@njit(cache=True, nogil=True, error_model="numpy")
+def _round_x(x, xb):
+    for t in range(x.shape[0]):
+        for k in range(x.shape[1]):
+            xb[t, k] = lowp.to_bf16_bits(x[t, k])
 
-    @njit(fastmath=_FAST, parallel=True, cache=True, nogil=True, error_model="numpy")
-    def parallel(x, w, y, num_tasks):
-        xb = np.empty(x.shape, np.uint16)
-        round_x(x, xb)
-        O = w.shape[0]
-        groups = (O + 3) // 4
-        for task in prange(num_tasks):
-            o0 = min(O, task * groups // num_tasks * 4)
-            o1 = min(O, (task + 1) * groups // num_tasks * 4)
-            rows(xb, w, y, o0, o1)
 
-    return serial, parallel
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def _bf16_serial(x, w, y):
+    xb = np.empty(x.shape, np.uint16)
+    _round_x(x, xb)
+    _bf16_rows(xb, w, y, 0, w.shape[0])
+
+
+@njit(fastmath=_FAST, parallel=True, cache=True, nogil=True, error_model="numpy")
+def _bf16_parallel(x, w, y, num_tasks):
+    xb = np.empty(x.shape, np.uint16)
+    _round_x(x, xb)
+    O = w.shape[0]
+    groups = (O + 3) // 4
+    for task in prange(num_tasks):
+        o0 = min(O, task * groups // num_tasks * 4)
+        o1 = min(O, (task + 1) * groups // num_tasks * 4)
+        _bf16_rows(xb, w, y, o0, o1)
 
 
 _KERNELS = {kind: _build(kind) for kind in (lowp.F32, lowp.BF16, lowp.F16)}
@@ -268,7 +275,7 @@ _KERNELS = {kind: _build(kind) for kind in (lowp.F32, lowp.BF16, lowp.F16)}
 # nearest even) in hardware; elsewhere they are widened and multiply float32 activations.
 ROUNDS_BF16_ACTIVATIONS = bf16dot.HAS_BF16_DOT and os.environ.get("RAWPAGED_CPU_BF16_DOT", "1") != "0"
 if ROUNDS_BF16_ACTIVATIONS:
-    _KERNELS[lowp.BF16] = _build_bf16_dot()
+    _KERNELS[lowp.BF16] = (_bf16_serial, _bf16_parallel)
 
 
 _local = threading.local()

@@ -8,16 +8,15 @@ saying why, where pip cannot reach it. About a minute with a warm pip cache, thr
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from server_helpers import ServeProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Once upon a time"
@@ -70,34 +69,16 @@ def installed(tmp_path_factory) -> Path:
     return venv
 
 
-class Server:
-    """`rawpaged serve` from the fresh environment; its output lines are collected on a thread."""
+def start_server(venv: Path, cwd: Path, *args: str) -> ServeProcess:
+    """`rawpaged serve` from the fresh environment, with nothing of this checkout in its environment."""
+    return ServeProcess([str(venv / "bin" / "rawpaged"), "serve", *args], cwd=cwd,
+                        env=clean_env(NUMBA_CACHE_DIR=str(cwd / "numba_cache")))
 
-    def __init__(self, venv: Path, cwd: Path, *args: str):
-        self.proc = subprocess.Popen([str(venv / "bin" / "rawpaged"), "serve", *args], cwd=cwd,
-                                     env=clean_env(NUMBA_CACHE_DIR=str(cwd / "numba_cache")),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.url: str | None = None
-        self.ready = threading.Event()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            m = re.search(r"running on (http://\S+)", line)
-            if m:
-                self.url = m.group(1)
-                self.ready.set()
-        self.ready.set()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        status = self.proc.wait(60)
-        self.reader.join(10)
-        return status
+def stop(server: ServeProcess) -> int:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+    return server.exit_status(60)
 
 
 def test_clone_install_serve_demo_model(installed, tmp_path):
@@ -105,10 +86,9 @@ def test_clone_install_serve_demo_model(installed, tmp_path):
     from rawpaged import LLM, SamplingParams
     from rawpaged.hub import DEMO_MODEL
 
-    server = Server(installed, tmp_path, "--port", str(free_port()))
+    server = start_server(installed, tmp_path, "--port", str(free_port()))
     try:
-        assert server.ready.wait(180), f"server did not start: {server.lines}"
-        assert server.url is not None, f"server exited: {server.lines}"
+        server.wait_ready(180)
         notice = next(line for line in server.lines if "demo model" in line)
         # the installed package's own copy of the model: no ../shared, no checkout on the path
         site = (installed / "lib").resolve()
@@ -122,6 +102,6 @@ def test_clone_install_serve_demo_model(installed, tmp_path):
         assert r.choices[0].text == want.text and r.usage.completion_tokens == len(want.token_ids)
         assert r.choices[0].finish_reason == want.finish_reason
     finally:
-        status = server.stop()
+        status = stop(server)
     assert status == 0, server.lines
     assert any("shutting down" in line for line in server.lines), server.lines

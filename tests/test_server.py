@@ -18,6 +18,7 @@ import pytest
 
 from rawpaged import LLM, SamplingParams
 from rawpaged.engine import EngineConfig, LLMEngine
+from server_helpers import gate, wait_for
 from rawpaged.server.app import BackgroundServer, ServerConfig
 from rawpaged.server.chat import load_chat_template
 
@@ -84,27 +85,6 @@ def _blocks(srv: BackgroundServer) -> tuple[int, int]:
 
 def _stats(srv: BackgroundServer) -> dict:
     return srv.state.engine.submit(lambda e: e.get_stats()).result(10)
-
-
-def _gate(srv: BackgroundServer) -> threading.Event:
-    """Park the engine thread (between steps) until the returned event is set (or 20 s pass)."""
-    release, parked = threading.Event(), threading.Event()
-
-    def park(engine):
-        parked.set()
-        release.wait(20)
-
-    srv.state.engine.submit(park)
-    assert parked.wait(10)
-    return release
-
-
-def _wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def _sse(lines) -> list:
@@ -360,13 +340,13 @@ def test_disconnect_aborts_and_frees_blocks(server):
     lines = [r.iter_lines() for r in responses]
     firsts = [next(line for line in it if line) for it in lines]          # every stream has started
     assert all(f.startswith("data: {") for f in firsts)
-    release = _gate(server)                        # no engine step until the two clients are gone
+    release = gate(server)                        # no engine step until the two clients are gone
     try:
         assert server.state.engine.num_in_flight == 4
         for i in (0, 1):
             ctxs[i].__exit__(None, None, None)
             clients[i].close()
-        _wait_for(lambda: server.state.engine.num_in_flight == 2, what="the server to notice the disconnects")
+        wait_for(lambda: server.state.engine.num_in_flight == 2, what="the server to notice the disconnects")
     finally:
         release.set()
     for i in (2, 3):                               # the other streams go on to the end
@@ -394,14 +374,14 @@ def test_disconnect_non_streamed(server):
     t = threading.Thread(target=post)
     t.start()
     # NOTE: 8 x 480 tokens take over a second here; park the engine as soon as it holds the request.
-    _wait_for(lambda: server.state.engine.submit(lambda e: len(e.groups)).result(10) == 1, what="the request")
-    release = _gate(server)
+    wait_for(lambda: server.state.engine.submit(lambda e: len(e.groups)).result(10) == 1, what="the request")
+    release = gate(server)
     try:
         t.join(10)
-        _wait_for(lambda: server.state.engine.num_in_flight == 0, what="the server to notice the disconnect")
+        wait_for(lambda: server.state.engine.num_in_flight == 0, what="the server to notice the disconnect")
     finally:
         release.set()
-    _wait_for(lambda: _stats(server)["num_aborted"] == before["num_aborted"] + 1, what="num_aborted")
+    wait_for(lambda: _stats(server)["num_aborted"] == before["num_aborted"] + 1, what="num_aborted")
     free, total = _blocks(server)
     assert free == total
 
@@ -570,7 +550,7 @@ def test_drain_refuses_new_and_finishes_in_flight(stories260k_dir):
                                                           "stream": True}) as resp:
             lines = resp.iter_lines()
             assert next(line for line in lines if line).startswith("data: {")
-            release = _gate(srv)
+            release = gate(srv)
             try:
                 srv.server.begin_drain("test")
                 with httpx.Client(base_url=srv.url, timeout=30) as other:
@@ -598,7 +578,7 @@ def test_drain_timeout_aborts(stories260k_dir):
                                                           "stream": True}) as resp:
             lines = resp.iter_lines()
             assert next(line for line in lines if line).startswith("data: {")
-            release = _gate(srv)
+            release = gate(srv)
             srv.server.begin_drain("test")
             time.sleep(1.0)                        # past the drain timeout, the engine still parked
             release.set()

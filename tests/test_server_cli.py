@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,14 +15,15 @@ import httpx
 import pytest
 
 from rawpaged import LLM, SamplingParams
+from server_helpers import ServeProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
            "{% if add_generation_prompt %}assistant:{% endif %}"
 
 
-class Served:
-    """A `rawpaged serve` subprocess; its merged stdout/stderr lines are collected on a thread."""
+class Served(ServeProcess):
+    """`python -m rawpaged.cli serve ARGS` from this checkout, optionally at an open-file limit."""
 
     def __init__(self, *args: str, max_open_files: int | None = None):
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -33,39 +31,8 @@ class Served:
         def limit_files():                  # soft and hard: the server cannot raise it
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
 
-        self.proc = subprocess.Popen([sys.executable, "-m", "rawpaged.cli", "serve", *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     preexec_fn=limit_files if max_open_files else None)
-        self.lines: list[str] = []
-        self.url: str | None = None
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            m = re.search(r"running on (http://\S+)", line)
-            if m:
-                self.url = m.group(1)
-                self._ready.set()
-        self._ready.set()
-
-    def wait_ready(self, timeout: float = 60.0) -> str:
-        assert self._ready.wait(timeout), f"server did not start: {self.lines}"
-        assert self.url is not None, f"server exited: {self.lines}"
-        return self.url
-
-    def exit_status(self, timeout: float = 60.0) -> int:
-        """Wait for the process to end and for its output to be read."""
-        status = self.proc.wait(timeout)
-        self._reader.join(10)
-        return status
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        super().__init__([sys.executable, "-m", "rawpaged.cli", "serve", *args], env=env,
+                         preexec_fn=limit_files if max_open_files else None)
 
 
 @pytest.fixture

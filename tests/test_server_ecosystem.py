@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 
 from rawpaged import LLM, SamplingParams
 from rawpaged.engine import EngineConfig, LLMEngine
+from server_helpers import gate, wait_for
 from rawpaged.server import protocol
 from rawpaged.server.app import BackgroundServer, ServerConfig
 from rawpaged.server.chat import ChatTemplate
@@ -48,27 +48,6 @@ def server(stories260k_dir):
 def http(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
-
-
-def _gate(srv: BackgroundServer) -> threading.Event:
-    """Park the engine thread (between steps) until the returned event is set."""
-    release, parked = threading.Event(), threading.Event()
-
-    def park(engine):
-        parked.set()
-        release.wait(20)
-
-    srv.state.engine.submit(park)
-    assert parked.wait(10)
-    return release
-
-
-def _wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # -- metrics ----------------------------------------------------------------------------------
@@ -118,13 +97,13 @@ def test_vllm_gauges_move_grafana_selectors_resolve(http, server):
             a.stream("POST", "/v1/completions", json=body) as first:
         lines = first.iter_lines()
         assert next(line for line in lines if line).startswith("data: {")
-        release = _gate(server)                  # the first request cannot finish meanwhile
+        release = gate(server)                  # the first request cannot finish meanwhile
         second = threading.Thread(target=lambda: b.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}))
         second.start()
-        _wait_for(lambda: server.state.engine.num_in_flight == 2, what="the second request to be queued")
+        wait_for(lambda: server.state.engine.num_in_flight == 2, what="the second request to be queued")
         release.set()
-        _wait_for(lambda: server.state.engine.stats["num_waiting"] == 1, what="the second request to wait")
-        release = _gate(server)
+        wait_for(lambda: server.state.engine.stats["num_waiting"] == 1, what="the second request to wait")
+        release = gate(server)
         try:
             busy = _scrape(http)
         finally:
@@ -134,7 +113,7 @@ def test_vllm_gauges_move_grafana_selectors_resolve(http, server):
     assert one(busy, f"vllm:num_requests_running{{{M}}}") == 1
     assert one(busy, f"vllm:num_requests_waiting{{{M}}}") == 1
     assert 0 < one(busy, f"vllm:kv_cache_usage_perc{{{M}}}") <= 1
-    _wait_for(lambda: server.state.engine.stats["num_running"] == 0, what="the engine to fall idle")
+    wait_for(lambda: server.state.engine.stats["num_running"] == 0, what="the engine to fall idle")
     after = _scrape(http)
     assert one(after, f"vllm:num_requests_running{{{M}}}") == 0
     assert one(after, f"vllm:kv_cache_usage_perc{{{M}}}") == 0
@@ -207,14 +186,14 @@ def test_aborted_request_counts_as_abort(http, server):
     ctx = c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True,
                                                     "stream": True})
     assert next(line for line in ctx.__enter__().iter_lines() if line).startswith("data: {")
-    release = _gate(server)                      # it cannot finish before the server notices the client left
+    release = gate(server)                      # it cannot finish before the server notices the client left
     try:
         ctx.__exit__(None, None, None)
         c.close()
-        _wait_for(lambda: server.state.engine.num_in_flight == 0, what="the abort")
+        wait_for(lambda: server.state.engine.num_in_flight == 0, what="the abort")
     finally:
         release.set()
-    _wait_for(lambda: sum(select(_scrape(http), f'vllm:request_success_total{{{M},finished_reason="abort"}}'))
+    wait_for(lambda: sum(select(_scrape(http), f'vllm:request_success_total{{{M},finished_reason="abort"}}'))
               == before + 1, what="the abort to be counted")
 
 
@@ -230,7 +209,7 @@ def test_one_log_line_per_request_and_per_error(http, caplog):
     missing = http.post("/v1/completions", json={"prompt": PROMPT, "model": "nope"})
     http.get("/health")
     http.get("/metrics")
-    _wait_for(lambda: any(streamed_id in r.getMessage() for r in caplog.records), what="the stream's line")
+    wait_for(lambda: any(streamed_id in r.getMessage() for r in caplog.records), what="the stream's line")
     lines = [r for r in caplog.records if r.name == "rawpaged.server.requests"]
     ids = [ok.json()["id"], streamed_id, bad.headers["x-request-id"], missing.headers["x-request-id"]]
     for rid in ids:
@@ -252,7 +231,7 @@ def test_one_log_line_per_request_and_per_error(http, caplog):
 def test_periodic_engine_line_while_busy(http, caplog):
     caplog.set_level(logging.INFO, logger="rawpaged.server")
     http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True})
-    _wait_for(lambda: any(r.getMessage().startswith("engine: ") for r in caplog.records), what="an engine line")
+    wait_for(lambda: any(r.getMessage().startswith("engine: ") for r in caplog.records), what="an engine line")
     line = next(r for r in caplog.records if r.getMessage().startswith("engine: "))
     assert re.fullmatch(r"engine: \d+ running, \d+ waiting, \d+ swapped, KV cache \d+\.\d%, "
                         r"prompt \d+\.\d tokens/s, generation \d+\.\d tokens/s", line.getMessage())

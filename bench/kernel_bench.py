@@ -110,7 +110,7 @@ class Bench:
         batch = kernels.AttentionBatch(q, dispatch.token_stride(q, "q", tuple(q.shape[1:])), kv, 0, tables, seq_lens,
                                        qsl, scale)
         if k.family is kernels.PAGED_PREFILL:
-            args = kernels.prefill_args(k, out, batch)
+            args = kernels.prefill_args(k, out, batch, plan.group_tile)
             calls = [(launch.function(k.name), plan.grid, plan.block, args, plan.shared_mem)]
         else:
             scratch = None

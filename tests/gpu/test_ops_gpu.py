@@ -64,6 +64,23 @@ def test_decode(dtype, head_dim, block_size, group):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [80, 128, 256])
+@pytest.mark.parametrize("group,kv_heads", [(1, 4), (4, 2), (7, 2), (8, 1), (71, 1)])
+@pytest.mark.parametrize("policy", ["simt", "mma"])
+def test_decode_both_kernels_any_group(monkeypatch, dtype, head_dim, group, kv_heads, policy):
+    """CUDA-core and tensor-core decode (mma.sync, ldmatrix, cp.async: the paths the emulator models),
+    odd groups leaving the last head tile partial, split-K as the occupancy chooses it."""
+    monkeypatch.setattr(cuda, "decode_policy", policy)
+    rng = np.random.default_rng(head_dim + group)
+    ctx = [1, 37, 300, 1100]
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, 16, kv_heads * group, kv_heads, ctx,
+                                                  [1] * len(ctx))
+    got = run_attention(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("policy,partition", [("always", 64), ("always", 512), ("never", 512), ("auto", 512)])
 def test_decode_split_k(monkeypatch, dtype, policy, partition):
     monkeypatch.setattr(cuda, "split_k_policy", policy)
@@ -85,6 +102,20 @@ def test_varlen_prefill_mixed_batch(monkeypatch, dtype, head_dim, policy):
     ctx = [130, 97, 64, 40, 1]
     q_lens = [130, 33, 16, 1, 1]
     q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, 16, 8, 2, ctx, q_lens)
+    got = run_attention(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("heads,kv_heads,q_lens", [(10, 2, [200, 9, 1]), (7, 1, [150, 33, 1]), (8, 2, [12, 5, 1])])
+def test_prefill_group_tiles(dtype, head_dim, heads, kv_heads, q_lens):
+    """Tensor-core prefill with 1, 2 or 4 heads of a group per block (each K/V tile gathered once for
+    them), groups 5 and 7 leaving masked warps, Q in registers (64, 128) or shared memory (256)."""
+    rng = np.random.default_rng(heads + head_dim)
+    ctx = [300, 100, 77]
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, 16, heads, kv_heads, ctx, q_lens)
     got = run_attention(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5), **TOL[dtype])

@@ -46,6 +46,41 @@ def reference(q, kv, layer, tables, ctx, qsl, scale, sliding_window=None):
 
 
 # --------------------------------------------------------------------------------------------
+# The tensor-core building blocks on the hardware: the probes of tests/intrinsic_probes.py, held to
+# the PTX ISA's layouts, as the host emulation's models are in tests/test_cuda_intrinsics.py (so the
+# emulator's ldmatrix / mma / cp.async are checked against the real instructions here). Only the
+# race-free uses run here: the emulator's deliberate races are undefined on a device.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def probes():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/, for intrinsic_probes
+    import intrinsic_probes
+    return intrinsic_probes, intrinsic_probes.probe_module(cp)
+
+
+def test_ldmatrix_follows_the_ptx_layout(probes):
+    p, mod = probes
+    tile = p.ldmatrix_source(np.random.default_rng(1))
+    np.testing.assert_array_equal(p.run_ldmatrix(cp, mod, tile), p.ldmatrix_expected(tile))
+
+
+@pytest.mark.parametrize("tag", ["f16", "bf16"])
+def test_mma_m16n8k16_fragments(probes, tag):
+    p, mod = probes
+    a, b, acc = p.mma_operands(np.random.default_rng(2))
+    np.testing.assert_array_equal(p.run_mma(cp, mod, tag, a, b, acc), acc + a @ b)
+
+
+def test_cp_async_wait_barrier_and_zero_fill(probes):
+    p, mod = probes
+    src = p.cp_async_source(np.random.default_rng(3))
+    np.testing.assert_array_equal(p.run_cp_async(cp, mod, src, 0), p.cp_async_expected(src))
+    np.testing.assert_array_equal(p.run_cp_refill(cp, mod, src, 1), src[:32, 0])
+
+
+# --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -194,10 +194,14 @@ def test_decode_paths_match_cpu(emu, monkeypatch, policy, parts, dtype, head_dim
                     seed=head_dim + heads)
 
 
-def test_decode_group_of_71_shares_each_kv_row(emu):
-    """Falcon-style MQA (71 query heads on one KV head): 5 tensor-core tiles of 16, the last with 7 heads."""
+@pytest.mark.parametrize("policy,kernel,tiles", [("auto", "paged_decode_mma_f16_hd64", 5),
+                                                 ("simt", "paged_decode_f16_hd64_g8", 9)])
+def test_decode_group_of_71_shares_each_kv_row(emu, monkeypatch, policy, kernel, tiles):
+    """Falcon-style MQA (71 query heads on one KV head): 5 tensor-core tiles of 16, the last with 7
+    heads, or 9 CUDA-core tiles of 8, the last with 7."""
+    monkeypatch.setattr(cuda, "decode_policy", policy)
     plan = cuda.select_decode_kernel(64, "float16", 16, 2, 71, 1, 40, 4)
-    assert plan.kernel == "paged_decode_mma_f16_hd64" and plan.grid[0] == 5
+    assert plan.kernel == kernel and plan.grid[0] == tiles
     check_attention(emu, "float16", 64, 16, 71, 1, [40, 7], [1, 1], seed=71)
 
 
@@ -221,12 +225,16 @@ PREFILL_CASES = [
     ("float16", 96, 16, 8, 2, [90, 50], [90, 6]),               # group 4: 4 heads x 16 tokens
     ("float16", 128, 16, 10, 2, [70, 12], [9, 12]),             # group 5, short chunks: 4 + 1 heads (3 masked warps)
     ("float16", 256, 16, 8, 2, [70, 40], [70, 5]),              # head size 256: Q in shared memory
+    ("bfloat16", 128, 16, 7, 1, [80, 30], [80, 2]),             # bf16, group 7: 4 + 3 heads (1 masked warp)
+    ("bfloat16", 64, 8, 6, 2, [100], [37]),                     # bf16, group 3, block 8
 ]
 
 
 @pytest.mark.parametrize("policy", ["mma", "varlen"])
 @pytest.mark.parametrize("dtype,head_dim,block_size,heads,kv_heads,ctx,qlens", PREFILL_CASES)
 def test_prefill_matches_cpu(emu, monkeypatch, policy, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens):
+    if dtype == "bfloat16" and not HAVE_BF16:
+        pytest.skip("ml_dtypes not installed: no bfloat16 arrays")
     monkeypatch.setattr(cuda, "prefill_policy", policy)
     check_attention(emu, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens, seed=sum(ctx) + head_dim)
 

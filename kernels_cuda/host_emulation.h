@@ -3,16 +3,20 @@
 // With -DRP_HOST_EMULATION, common.cuh includes this header and a .cu file compiles with g++ as
 // plain C++: every CUDA thread of a block becomes a fiber (a coroutine with its own stack, switched
 // cooperatively on one OS thread), __syncthreads is a barrier of the block's fibers, a warp shuffle
-// is a barrier of the warp's 32 fibers around an exchange slot, mma.sync is computed from the 32 lanes' fragments exactly as the
-// PTX ISA lays them out. Blocks run one after another, so `__shared__` becomes `static` and the
-// dynamic shared memory is one buffer. It is slow and meant for small shapes; it lets the CPU test
-// suite execute the real kernel sources (tests/test_cuda_emulation.py). Not shipped to NVRTC: the
+// is a barrier of the warp's 32 fibers around an exchange slot, mma.sync and ldmatrix are computed from
+// the 32 lanes' fragments and row addresses exactly as the PTX ISA lays them out, cp.async copies land
+// when the issuing thread waits for their group (so a missing wait or barrier reads poison). Blocks
+// run one after another, so `__shared__` becomes `static` and the dynamic shared memory is one buffer.
+// It is slow and meant for small shapes; it lets the CPU test suite execute the real kernel sources
+// (tests/test_cuda_emulation.py). Not shipped to NVRTC: the
 // #include of this file sits in an #ifdef that is false there.
 #pragma once
 #include <math.h>
 #include <string.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <deque>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -145,7 +149,6 @@ inline RpMmaSlot rp_mma_slots[32][32];
 inline unsigned char* rp_dyn_smem = nullptr;
 
 inline void* rp_emu_dyn_smem() { return rp_dyn_smem; }
-inline void __syncthreads() { rp_arrive(0); }
 
 inline float __shfl_xor_sync(unsigned, float v, int offset) {
     const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -189,6 +192,84 @@ inline void rp_emu_mma(float* c, const unsigned* a, const unsigned* b, Cvt cvt) 
     }
     rp_arrive(1 + w);
 }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the addresses of the 8 rows
+// (16 bytes each) of matrix i; lane L (g = L/4, c = L%4) receives in r[i] row g, elements 2c and 2c+1
+// of matrix i, or with .trans column g, elements of rows 2c and 2c+1 (lower index in the low half).
+inline const unsigned short* rp_ldm_rows[32][32];
+
+template <bool TRANS>
+inline void rp_emu_ldmatrix_x4(unsigned* r, const void* row) {
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    rp_ldm_rows[w][lane] = (const unsigned short*)row;
+    rp_arrive(1 + w);
+    const int g = lane >> 2, c = lane & 3;
+    for (int i = 0; i < 4; ++i) {
+        unsigned lo, hi;
+        if (TRANS) {
+            lo = rp_ldm_rows[w][8 * i + 2 * c][g];
+            hi = rp_ldm_rows[w][8 * i + 2 * c + 1][g];
+        } else {
+            lo = rp_ldm_rows[w][8 * i + g][2 * c];
+            hi = rp_ldm_rows[w][8 * i + g][2 * c + 1];
+        }
+        r[i] = lo | (hi << 16);
+    }
+    rp_arrive(1 + w);
+}
+
+// cp.async (16 bytes global -> shared, zero-filled when !valid) lands late, as on the device, in
+// one of two modes (a kernel must be right in both):
+//   deferred (default): a thread's copies wait in its commit groups; cp.async.wait_group N completes
+//     all but its newest N groups, and what completed becomes visible in shared memory only when
+//     that thread next reaches __syncwarp or __syncthreads. A kernel that reads a stage before
+//     waiting for it, or without the barrier that publishes the other threads' copies, reads poison.
+//   eager (-DRP_EMU_CP_EAGER): every copy lands the moment it is issued, and the scheduler always
+//     resumes the lowest runnable thread, so a warp runs as far ahead of the others as barriers let
+//     it. A kernel that refills a stage while other warps may still read it (no barrier between the
+//     last read and the next issue) overwrites their data.
+struct RpCopy { void* dst; const void* src; bool valid; };
+inline std::vector<RpCopy> rp_cp_open[1024];                 // issued since the last commit
+inline std::deque<std::vector<RpCopy>> rp_cp_groups[1024];   // committed, oldest first
+inline std::vector<RpCopy> rp_cp_done[1024];                 // completed, published at the next barrier
+
+inline void rp_cp_land(const RpCopy& c) {
+    if (c.valid) memcpy(c.dst, c.src, 16);
+    else memset(c.dst, 0, 16);
+}
+inline void rp_emu_cp_async(void* dst, const void* src, bool valid) {
+#ifdef RP_EMU_CP_EAGER
+    rp_cp_land(RpCopy{dst, src, valid});
+#else
+    rp_cp_open[threadIdx.x].push_back(RpCopy{dst, src, valid});
+#endif
+}
+inline void rp_emu_cp_commit() {
+    rp_cp_groups[threadIdx.x].push_back(rp_cp_open[threadIdx.x]);
+    rp_cp_open[threadIdx.x].clear();
+}
+inline void rp_emu_cp_wait(int newest_pending) {
+    std::deque<std::vector<RpCopy>>& groups = rp_cp_groups[threadIdx.x];
+    while ((int)groups.size() > newest_pending) {
+        for (const RpCopy& c : groups.front()) rp_cp_done[threadIdx.x].push_back(c);
+        groups.pop_front();
+    }
+}
+inline void rp_emu_cp_publish() {
+    for (const RpCopy& c : rp_cp_done[threadIdx.x]) rp_cp_land(c);
+    rp_cp_done[threadIdx.x].clear();
+}
+inline void rp_emu_cp_reset(unsigned threads) {
+    for (unsigned i = 0; i < threads; ++i) {
+        rp_cp_open[i].clear();
+        rp_cp_groups[i].clear();
+        rp_cp_done[i].clear();
+    }
+}
+
+// Block and warp barriers (they also publish the arriving thread's completed cp.async copies).
+inline void __syncthreads() { rp_emu_cp_publish(); rp_arrive(0); }
+inline void __syncwarp(unsigned = 0xffffffffu) { rp_emu_cp_publish(); rp_arrive(1 + (threadIdx.x >> 5)); }
 
 // ---- Harness entry points (called through ctypes by the test) -------------------------------
 // The kernel is called through a prototype of 24 integer-class and 8 float arguments: on x86-64
@@ -258,6 +339,9 @@ inline int rp_run_block(unsigned threads) {
             rp_ctx_switch(&rp_sched_sp, f.sp);
             progressed = true;
             if (f.done) --live;
+#ifdef RP_EMU_CP_EAGER
+            break;                               // start again from thread 0: low warps run ahead
+#endif
         }
         if (!progressed) return -1;
     }
@@ -279,6 +363,7 @@ extern "C" int rp_emu_launch(void* fn, unsigned gx, unsigned gy, unsigned gz, un
                 free(rp_dyn_smem);
                 rp_dyn_smem = (unsigned char*)aligned_alloc(16, (size_t)((smem_bytes + 15) / 16 * 16 + 16));
                 memset(rp_dyn_smem, 0xff, (size_t)((smem_bytes + 15) / 16 * 16 + 16));   // NaN: unwritten reads show
+                rp_emu_cp_reset(threads);
                 if (rp_run_block(threads)) return -1;
             }
     return 0;

@@ -292,9 +292,17 @@ class EmuKernel:
         assert rc == 0, f"{self.name}: a block deadlocked (threads waiting on barriers no one else reaches)"
 
 
+# How the emulated cp.async lands (kernels_cuda/host_emulation.h): "deferred" (at the issuing thread's
+# wait, visible to the others after its next barrier: catches a missing wait or barrier) or "eager" (at
+# issue: catches a stage refilled while other warps still read it). Tests switch it with
+# monkeypatch.setattr(cuda_emulator, "CP_ASYNC_MODE", "eager") and fresh module caches.
+CP_ASYNC_MODE = "deferred"
+
+
 class EmuModule:
     def __init__(self, code: str, options=()):
-        self.lib = compile_source(code, tuple(options))
+        extra = ("-DRP_EMU_CP_EAGER",) if CP_ASYNC_MODE == "eager" else ()
+        self.lib = compile_source(code, tuple(options) + extra)
 
     def get_function(self, name: str) -> EmuKernel:
         return EmuKernel(self.lib, name)
@@ -512,8 +520,11 @@ def make_fake_cupy() -> types.ModuleType:
     cp.__version__ = "emulated (tests/cuda_emulator.py)"
     cp.get_default_memory_pool = lambda: POOL
     cp.get_default_pinned_memory_pool = lambda: types.SimpleNamespace(free_all_blocks=lambda: None)
-    device = types.SimpleNamespace(attributes={"MultiProcessorCount": 4}, synchronize=lambda: None, id=0,
-                                   compute_capability="80")
+    device = types.SimpleNamespace(attributes={"MultiProcessorCount": 4, "MaxSharedMemoryPerMultiprocessor": 233472,
+                                               "MaxRegistersPerMultiprocessor": 65536,
+                                               "MaxThreadsPerMultiProcessor": 2048, "MaxBlocksPerMultiprocessor": 32,
+                                               "ReservedSharedMemoryPerBlock": 1024},
+                                   synchronize=lambda: None, id=0, compute_capability="80")
     driver = types.SimpleNamespace(funcSetAttribute=lambda *a: None, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
     runtime = types.SimpleNamespace(memcpyAsync=_memcpy, memcpy=_memcpy_sync, memsetAsync=_memset,
                                     memcpyHostToHost=0, memcpyHostToDevice=1, memcpyDeviceToHost=2,

@@ -37,7 +37,8 @@ from rawpaged.backend.cuda import all_kernel_names, dispatch, kernels
 ARCHS = ("sm_80", "sm_90")
 MAIN_INSTANTIATIONS = (
     [f"paged_decode_{t}_hd128_g{g}" for t in ("f16", "bf16") for g in (1, 2, 4, 8)]
-    + [f"paged_prefill_{t}_hd128" for t in ("f16", "bf16")]
+    + [f"paged_decode_mma_{t}_hd{hd}" for t in ("f16", "bf16") for hd in (128, 256)]
+    + [f"paged_prefill_{t}_hd{hd}" for t in ("f16", "bf16") for hd in (128, 256)]
     + [f"paged_decode_reduce_{t}" for t in ("f16", "bf16")]
     + [f"reshape_and_cache_{t}" for t in ("f16", "bf16")]
     + ["copy_blocks_kernel"]
@@ -181,8 +182,20 @@ def test_ptx_has_vector_loads_and_tensor_core_mma(builds):
         decode = body(f"paged_decode_{t}_hd128_g1")
         assert "ld.global.nc.v4.u32" in decode, f"decode {t}: K/V are not read with 16-byte loads"
         assert "shfl.sync.bfly" in decode
-        prefill = body(f"paged_prefill_{t}_hd128")
-        assert f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32" in prefill, f"prefill {t}: no tensor-core mma"
+        mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32"
+        for hd in (128, 256):
+            for kind in ("decode_mma", "prefill"):
+                code = body(f"paged_{kind}_{t}_hd{hd}")
+                assert mma in code, f"{kind} {t} hd{hd}: no tensor-core mma"
+                assert "cp.async.cg.shared.global" in code and "cp.async.wait_group" in code, f"{kind}: no cp.async"
+                assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in code, f"{kind}: V not by ldmatrix.trans"
+                assert "ldmatrix.sync.aligned.m8n8.x4.shared.b16" in code, f"{kind}: K not by ldmatrix"
+        # Q in registers (head size <= 128): the plain ldmatrix are K's alone (HD/16 k-steps x BN/16 pairs
+        # of key n-tiles, unrolled), and Q arrives once as HD/4 4-byte fragment loads per lane
+        plain = "ldmatrix.sync.aligned.m8n8.x4.shared.b16"
+        prefill, decode = body(f"paged_prefill_{t}_hd128"), body(f"paged_decode_mma_{t}_hd128")
+        assert prefill.count(plain) == 8 * kernels.prefill_bn(128) // 16 and decode.count(plain) == 8
+        assert prefill.count("ld.global.nc.u32") >= 32 and decode.count("ld.global.nc.u32") >= 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +285,7 @@ def _attention_batch(k: kernels.Kernel, head_dim: int = 64):
     kv = np.zeros((5, 2, 2, 2, 16, hd), _dt(d))
     batch = kernels.AttentionBatch(q, 4 * hd, kv, 1, np.zeros((2, 4), np.int32), np.zeros(2, np.int32),
                                    np.zeros(3, np.int32), 0.125)
-    plan = dispatch.Launch(k.name, (1, 1, 1), (128, 1, 1), 0, use_split_k=True, num_partitions=2, partition_size=16)
+    plan = dispatch.Launch(k.name, (1, 1, 1), (128, 1, 1), 0, use_split_k=True, num_partitions=2, partition_align=16)
     rows = 2 * 4 * 2
     scratch = (np.zeros((rows, hd), np.float32), np.zeros(rows, np.float32), np.zeros(rows, np.float32))
     return q, batch, plan, scratch
@@ -281,12 +294,12 @@ def _attention_batch(k: kernels.Kernel, head_dim: int = 64):
 def _attention_samples(k):
     q, batch, plan, scratch = _attention_batch(k)
     out = np.zeros_like(q)
-    if k.family is kernels.PAGED_DECODE:
+    if k.family in (kernels.PAGED_DECODE, kernels.PAGED_DECODE_MMA):
         return [kernels.decode_args(k, out, batch, plan, scratch), kernels.decode_args(k, out, batch, plan)]
     if k.family is kernels.PAGED_DECODE_REDUCE:
         return [kernels.decode_reduce_args(k, out, batch, plan, scratch)]
     if k.family is kernels.PAGED_PREFILL:
-        return [kernels.prefill_args(k, out, batch)]
+        return [kernels.prefill_args(k, out, batch, 2)]
     return [kernels.varlen_args(k, out, batch)]
 
 

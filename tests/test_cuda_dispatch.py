@@ -62,21 +62,35 @@ def test_dtype_tag_rejects(dtype):
         cuda.dtype_tag(dtype)
 
 
-@pytest.mark.parametrize("group,tile", [(1, 1), (2, 2), (3, 1), (4, 4), (6, 2), (7, 1), (8, 8), (12, 4), (32, 8)])
-def test_group_tile_divides_the_group(group, tile):
+@pytest.mark.parametrize("group,tile", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 8), (6, 8), (7, 8), (8, 8), (12, 8),
+                                        (32, 8), (71, 8)])
+def test_group_tile_covers_the_group(group, tile):
+    """CUDA-core decode: one tile of up to 8 heads; an odd group is one tile with masked heads."""
     assert cuda.group_tile(group) == tile
-    assert group % tile == 0
+    assert tile >= min(group, 8) and (tile == 8 or tile < 2 * group)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
-def test_decode_fast_paths(dtype, head_dim):
+def test_decode_fast_paths_take_tensor_cores_for_groups_of_four(dtype, head_dim):
     plan = cuda.select_decode_kernel(head_dim, dtype, 16, 64, 32, 8, 4096, 132)
     tag = cuda.dtype_tag(dtype)
-    assert plan.kernel == f"paged_decode_{tag}_hd{head_dim}_g4"
+    assert plan.kernel == f"paged_decode_mma_{tag}_hd{head_dim}"
     assert plan.grid == (8, 64, 1) and plan.block == (128, 1, 1)
-    assert plan.shared_mem == (4 * 4 * head_dim + 2 * 4 * 4) * 4
-    assert not plan.use_split_k
+    assert plan.shared_mem == cuda.decode_mma_shared(head_dim)
+    assert not plan.use_split_k                    # 512 blocks: every SM has enough bytes in flight already
+    simt = cuda.select_decode_kernel(head_dim, dtype, 16, 64, 32, 8, 4096, 132, decode_policy="simt")
+    assert simt.kernel == f"paged_decode_{tag}_hd{head_dim}_g4"
+    assert simt.shared_mem == (4 * 4 * head_dim + 2 * 4 * 4) * 4
+
+
+def test_decode_mma_shared_memory():
+    """DecodeMmaShape<HD>::SMEM_BYTES (the program static_asserts each): per warp a ring of K/V chunk
+    buffers of 16 padded rows, 3 stages up to head size 128, 2 at 256 plus Q's 16-row tile."""
+    assert cuda.decode_mma_shared(128) == 4 * 3 * 2 * 16 * 136 * 2 == 104448
+    assert cuda.decode_mma_shared(64) == 4 * 3 * 2 * 16 * 72 * 2
+    assert cuda.decode_mma_shared(256) == (4 * 2 * 2 * 16 * 264 + 16 * 264) * 2
+    assert all(cuda.decode_mma_shared(hd) <= 227 * 1024 for hd in cuda.DECODE_MMA_HEAD_DIMS)
 
 
 @pytest.mark.parametrize("head_dim,dtype,expect", [(8, "float16", "paged_decode_f16_hdany_g1"),
@@ -87,6 +101,25 @@ def test_decode_generic_path(head_dim, dtype, expect):
     assert cuda.select_decode_kernel(head_dim, dtype, 8, 4, 8, 8, 100, 132).kernel == expect
 
 
+@pytest.mark.parametrize("head_dim,dtype,heads,kv,expect", [
+    (72, "float16", 32, 8, "paged_decode_f16_hdany_g4"),       # no tensor-core kernel at 72: CUDA cores
+    (128, "float32", 24, 8, "paged_decode_f32_hdany_g4"),      # fp32: CUDA cores, group 3 in a tile of 4
+    (128, "float16", 24, 8, "paged_decode_f16_hd128_g4"),      # group 3 < MMA_MIN_GROUP: CUDA cores
+    (128, "float16", 40, 8, "paged_decode_mma_f16_hd128"),     # group 5
+])
+def test_decode_kernel_by_group(head_dim, dtype, heads, kv, expect):
+    assert cuda.select_decode_kernel(head_dim, dtype, 16, 4, heads, kv, 100, 132).kernel == expect
+
+
+def test_decode_policy_checks():
+    with pytest.raises(ValueError, match="tensor-core decode kernel needs fp16/bf16"):
+        cuda.select_decode_kernel(128, "float32", 16, 4, 8, 8, 100, 132, decode_policy="mma")
+    with pytest.raises(ValueError, match="decode_policy must be auto, mma or simt"):
+        cuda.select_decode_kernel(128, "float16", 16, 4, 8, 8, 100, 132, decode_policy="fast")
+    assert cuda.select_decode_kernel(128, "float16", 16, 4, 8, 8, 100, 132, decode_policy="mma").kernel \
+        == "paged_decode_mma_f16_hd128"
+
+
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_block_size_is_a_runtime_argument(block_size):
     """Block size changes no kernel name (it is a shift inside the kernel), only validity."""
@@ -94,27 +127,113 @@ def test_block_size_is_a_runtime_argument(block_size):
     assert plan.kernel == "paged_decode_f16_hd128_g1"
 
 
-def test_decode_gqa_grid_covers_every_head():
-    # 48 query heads on 8 KV heads: group 6 -> tiles of 2 heads, 3 tiles per KV head
-    plan = cuda.select_decode_kernel(128, "float16", 16, 5, 48, 8, 100, 132)
-    assert plan.kernel.endswith("_g2") and plan.grid == (24, 5, 1)
+@pytest.mark.parametrize("heads,kv,policy,grid_x", [(48, 8, "auto", 8), (48, 8, "simt", 8), (71, 1, "auto", 5),
+                                                   (71, 1, "simt", 9), (24, 8, "auto", 8), (6, 2, "simt", 2),
+                                                   (34, 2, "auto", 4)])
+def test_decode_grid_covers_every_head(heads, kv, policy, grid_x):
+    """48 on 8 (group 6): one tile per KV head on either kernel; 71 on 1: 5 tensor-core tiles of 16
+    or 9 CUDA-core tiles of 8; group 17: 2 tiles of 16."""
+    plan = cuda.select_decode_kernel(128, "float16", 16, 5, heads, kv, 100, 132, decode_policy=policy)
+    assert plan.grid[:2] == (grid_x, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Occupancy and split-K
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("regs,static,dynamic,threads,expect", [
+    (255, 0, 0, 128, 2),          # 256 registers a thread: 32 K a block
+    (168, 0, 0, 128, 3),
+    (96, 0, 0, 128, 5),
+    (32, 0, 0, 128, 16),          # threads: 2048 / 128
+    (150, 0, 104448, 128, 2),     # tensor-core decode at head size 128: shared memory
+    (236, 0, 143616, 128, 1),     # ... at 256
+    (0, 0, 0, 128, 4),            # unknown registers: ASSUMED_REGISTERS = 128
+    (32, 128, 0, 1024, 2),
+])
+def test_resident_blocks(regs, static, dynamic, threads, expect):
+    assert cuda.resident_blocks(regs, static, dynamic, threads) == expect
+
+
+def test_resident_blocks_reads_the_limits():
+    small = cuda.DeviceLimits(shared_per_sm=100 * 1024)
+    assert cuda.resident_blocks(64, 0, 40 * 1024, 128, small) == 2
+
+
+def test_inflight_bytes_per_decode_block():
+    """What kernels_cuda/paged_attention.cu says each block keeps in flight."""
+    assert cuda.decode_inflight_bytes(True, 128, 16, 2) == 4 * 2 * 8192 == 65536      # 2 chunks of 8 KB a warp
+    assert cuda.decode_inflight_bytes(True, 256, 16, 2) == 4 * 1 * 16384
+    assert cuda.decode_inflight_bytes(False, 128, 1, 2) == 4 * 32 * 2 * 8 * 16         # VPL 8: 32 KB
+    assert cuda.decode_inflight_bytes(False, 128, 8, 2) == 4 * 32 * 2 * 2 * 16         # VPL 2: 8 KB
+    assert cuda.decode_inflight_bytes(False, 80, 1, 2) == 4 * 20 * 2 * 8 * 16          # 10 of 16 lanes a row
+
+
+@pytest.mark.parametrize("base,span,occ,inflight,policy,expect", [
+    (8, 4096, 2, 65536, "auto", 32),        # batch 1, 8 KV heads: fill 2 x 132 slots: 33 -> 32 of 128 tokens
+    (512, 4096, 2, 65536, "auto", 1),       # batch 64 x 8 KV heads: every SM has a block already
+    (100, 4096, 2, 65536, "auto", 3),       # 264 slots over 100 blocks
+    (64, 4096, 4, 8192, "auto", 8),         # 8 KB a block: 4 a SM needed; 9 -> 8 partitions of 512
+    (64, 4096, 3, 16384, "auto", 7),
+    (8, 100, 2, 65536, "auto", 2),          # short: at most ceil(100 / 64) partitions
+    (8, 40, 2, 65536, "auto", 1),
+    (8, 40, 2, 65536, "always", 2),
+    (8, 4096, 2, 65536, "never", 1),
+    (1, 1 << 20, 2, 65536, "auto", 128),    # MAX_PARTITIONS
+])
+def test_decode_partitions(base, span, occ, inflight, policy, expect):
+    assert cuda.decode_partitions(base, span, 132, occ, inflight, policy) == expect
+
+
+def test_partition_tokens_is_the_kernels_rule():
+    assert cuda.partition_tokens(4096, 64, 33) == 128 and cuda.partition_tokens(100, 64, 2) == 64
+    assert cuda.partition_tokens(100, 16, 7) == 16 and cuda.partition_tokens(0, 64, 4) == 64
 
 
 def test_split_k_chosen_for_few_long_sequences():
-    plan = cuda.select_decode_kernel(128, "float16", 16, 1, 32, 32, 4096, 132)
-    assert plan.use_split_k and plan.num_partitions == 4096 // cuda.PARTITION_SIZE
-    assert plan.grid == (32, 1, plan.num_partitions)
+    plan = cuda.select_decode_kernel(128, "float16", 16, 1, 32, 8, 4096, 132, blocks_per_sm=2)
+    assert plan.use_split_k and plan.num_partitions == 32 and plan.grid == (8, 1, 32)
     assert plan.reduce_kernel == "paged_decode_reduce_f16" and plan.reduce_grid == (32, 1, 1)
-    assert plan.reduce_shared_mem == plan.num_partitions * 4
+    assert plan.reduce_shared_mem == 32 * 4 and plan.partition_align == cuda.PARTITION_SIZE
+
+
+def test_occupancy_is_read_through_the_callable():
+    """ops.py passes launch.occupancy: (kernel name, dynamic shared bytes) -> resident blocks per SM."""
+    seen = []
+
+    def occupancy(name, shared):
+        seen.append((name, shared))
+        return 1
+    plan = cuda.select_decode_kernel(128, "float16", 16, 1, 32, 8, 4096, 132, blocks_per_sm=occupancy)
+    assert seen == [("paged_decode_mma_f16_hd128", 104448)] and plan.blocks_per_sm == 1
+    assert plan.num_partitions == 16                 # ceil(132 / 8) = 17 shares of 241 -> 256 tokens: 16
 
 
 @pytest.mark.parametrize("num_seqs,max_len,expect", [(64, 4096, False),   # 64*8 blocks fill 132 SMs
                                                       (1, 4096, True),     # 8 blocks: split
-                                                      (1, 700, False),     # too short to split
+                                                      (1, 700, True),      # 11 partitions of 64 at most
+                                                      (1, 60, False),      # one partition's worth
                                                       (4, 1024, True)])
 def test_split_k_heuristic(num_seqs, max_len, expect):
     plan = cuda.select_decode_kernel(128, "float16", 16, num_seqs, 32, 8, max_len, 132)
     assert plan.use_split_k is expect
+
+
+def test_split_k_with_a_window_plans_for_the_window():
+    long = cuda.select_decode_kernel(128, "float16", 16, 1, 32, 8, 32768, 132, blocks_per_sm=2)
+    windowed = cuda.select_decode_kernel(128, "float16", 16, 1, 32, 8, 32768, 132, blocks_per_sm=2,
+                                         sliding_window=256)
+    assert long.num_partitions == 32 and windowed.num_partitions == 4     # 256 keys: 4 x 64
+
+
+def test_split_k_fixed_for_cuda_graphs():
+    """max_model_len: one plan whatever the step's longest context; num_partitions: exactly that."""
+    plans = {cuda.select_decode_kernel(128, "float16", 16, 4, 32, 8, n, 132, max_model_len=8192) for n in (1, 700, 8192)}
+    assert len(plans) == 1 and plans.pop().num_partitions > 1
+    fixed = cuda.select_decode_kernel(128, "float16", 16, 4, 32, 8, 100, 132, num_partitions=5)
+    assert fixed.use_split_k and fixed.grid == (8, 4, 5) and fixed.reduce_shared_mem == 20
+    assert not cuda.select_decode_kernel(128, "float16", 16, 4, 32, 8, 9000, 132, num_partitions=1).use_split_k
+    with pytest.raises(ValueError, match="num_partitions must be >= 1"):
+        cuda.select_decode_kernel(128, "float16", 16, 4, 32, 8, 100, 132, num_partitions=0)
 
 
 def test_split_k_policy_forces(monkeypatch):
@@ -122,21 +241,33 @@ def test_split_k_policy_forces(monkeypatch):
     assert not cuda.select_decode_kernel(64, "float16", 16, 1, 8, 8, 9000, 132, policy="never").use_split_k
     monkeypatch.setattr(cuda, "split_k_policy", "always")
     plan = cuda.select_decode_kernel(64, "float16", 16, 1, 8, 8, 40, 132, partition_size=16)
-    assert plan.use_split_k and plan.num_partitions == 3 and plan.partition_size == 16
+    assert plan.use_split_k and plan.num_partitions == 3 and plan.partition_align == 16
     with pytest.raises(ValueError, match="split_k_policy"):
-        cuda.use_split_k(1, 1, 1, policy="sometimes")
+        cuda.decode_partitions(1, 1, 1, 1, 1, policy="sometimes")
 
 
 def test_prefill_dispatch():
     plan = cuda.select_prefill_kernel(128, "bfloat16", 16, 3, 32, 8, 900, 300)
-    assert plan.kernel == "paged_prefill_bf16_hd128"
-    assert plan.grid == (5, 32, 3) and plan.shared_mem == (64 + 64) * (128 + 8) * 2
+    assert plan.kernel == "paged_prefill_bf16_hd128" and plan.group_tile == 4      # 4 heads x 16 tokens a block
+    assert plan.grid == (19, 8, 3) and plan.shared_mem == 2 * 2 * 32 * 136 * 2 == cuda.prefill_shared(128)
+    mha = cuda.select_prefill_kernel(64, "float16", 16, 3, 32, 32, 900, 300)
+    assert mha.group_tile == 1 and mha.grid == (5, 32, 3) and mha.shared_mem == 2 * 2 * 64 * 72 * 2
     assert cuda.select_prefill_kernel(72, "float16", 16, 3, 32, 8, 900, 300).kernel == "paged_varlen_f16"
     assert cuda.select_prefill_kernel(128, "float32", 16, 3, 32, 8, 900, 300).kernel == "paged_varlen_f32"
     varlen = cuda.select_prefill_kernel(128, "float16", 16, 3, 30, 10, 900, 300, policy="varlen")
     assert varlen.kernel == "paged_varlen_f16" and varlen.grid == (900, 8, 1)
     with pytest.raises(ValueError, match="tensor-core prefill"):
         cuda.select_prefill_kernel(128, "float32", 16, 3, 32, 8, 900, 300, policy="mma")
+
+
+@pytest.mark.parametrize("group,max_q,tile", [(1, 500, 1), (2, 500, 2), (4, 500, 4), (8, 500, 4), (5, 500, 1),
+                                              (5, 12, 4), (3, 16, 4), (6, 40, 2)])
+def test_prefill_group_tile_is_the_fewest_blocks(group, max_q, tile):
+    """Query heads of a group per prefill block: each K/V tile a block gathers feeds all its heads."""
+    assert cuda.prefill_group_tile(group, max_q) == tile
+    plan = cuda.select_prefill_kernel(128, "float16", 16, 1, 2 * group, 2, max_q, max_q)
+    assert plan.group_tile == tile and plan.grid == (-(-max_q // (64 // tile)), 2 * -(-group // tile), 1)
+
 
 
 def test_select_attention_kernel_picks_decode_or_prefill():
@@ -147,21 +278,20 @@ def test_select_attention_kernel_picks_decode_or_prefill():
     assert cuda.select_attention_kernel(12, "float16", 16, 8, 500, 132, **kw).kernel == "paged_varlen_f16"
 
 
-def test_every_dispatched_kernel_is_instantiated():
+def test_every_dispatched_kernel_is_instantiated(monkeypatch):
     names = set(cuda.all_kernel_names()["paged_attention.cu"])
     for dtype in ("float16", "bfloat16", "float32"):
         for hd in list(range(8, 257, 8)) + [12, 20, 100]:
-            for heads, kv in ((8, 8), (8, 4), (8, 2), (8, 1), (12, 2), (14, 2)):
+            for heads, kv in ((8, 8), (8, 4), (8, 2), (8, 1), (12, 2), (14, 2), (71, 1), (34, 2)):
                 for mql in (1, 5):
                     for split in ("never", "always"):
-                        cuda.split_k_policy = split
-                        try:
+                        for decode in ("auto", "simt"):
+                            monkeypatch.setattr(cuda, "split_k_policy", split)
+                            monkeypatch.setattr(cuda, "decode_policy", decode)
                             plan = cuda.select_attention_kernel(hd, dtype, 16, 2, 3000, 132, num_heads=heads,
                                                                 num_kv_heads=kv, max_query_len=mql, num_tokens=6)
-                        finally:
-                            cuda.split_k_policy = "auto"
-                        assert plan.kernel in names, plan.kernel
-                        assert plan.reduce_kernel is None or plan.reduce_kernel in names
+                            assert plan.kernel in names, plan.kernel
+                            assert plan.reduce_kernel is None or plan.reduce_kernel in names
 
 
 @pytest.mark.parametrize("args,msg", [((257, 16, 8, 8), "head_dim 257"), ((0, 16, 8, 8), "head_dim 0"),

@@ -17,6 +17,7 @@ import ctypes
 import numpy as np
 import pytest
 
+import cuda_emulator
 from cuda_emulator import CXX, _dev, compile_source, install, uninstall_caches
 from rawpaged.backend import cpu
 from rawpaged.backend import cuda
@@ -33,6 +34,16 @@ except Exception:
 @pytest.fixture()
 def emu(monkeypatch):
     """The CUDA backend running on the emulator (tests/cuda_emulator.py): 4 'multiprocessors', fresh module caches."""
+    yield install(monkeypatch)
+    uninstall_caches()
+
+
+@pytest.fixture(params=["deferred", "eager"])
+def emu_both(request, monkeypatch):
+    """The emulator in both cp.async modes (kernels_cuda/host_emulation.h): deferred copies catch a
+    stage read before its wait or barrier, eager copies with warps running ahead catch a stage
+    refilled while another warp still reads it."""
+    monkeypatch.setattr(cuda_emulator, "CP_ASYNC_MODE", request.param)
     yield install(monkeypatch)
     uninstall_caches()
 
@@ -77,10 +88,30 @@ def reference_attention(q, kv, layer, tables, ctx, qsl, scale, window=None):
     return cpu.paged_attention(f32(q), f32(kv), layer, tables, ctx, qsl, scale, sliding_window=window)
 
 
-def run_attention(emu, q, kv, layer, tables, ctx, qsl, scale, window=None):
-    out = emu.paged_attention(_dev(q), _dev(kv), layer, tables, ctx, qsl, scale,
-                              max_query_len=int(np.diff(qsl).max()), max_seq_len=int(ctx.max()), sliding_window=window)
+def run_attention(emu, q, kv, layer, tables, ctx, qsl, scale, window=None, num_partitions=None):
+    """The backend's op; with num_partitions, its fixed-grid variant (paged_attention_planned)."""
+    hints = dict(max_query_len=int(np.diff(qsl).max()), max_seq_len=int(ctx.max()), sliding_window=window)
+    if num_partitions is None:
+        out = emu.paged_attention(_dev(q), _dev(kv), layer, tables, ctx, qsl, scale, **hints)
+    else:
+        out = emu.paged_attention_planned(_dev(q), _dev(kv), layer, tables, ctx, qsl, scale, **hints,
+                                          num_partitions=num_partitions)
     return np.asarray(out).astype(np.float32)
+
+
+def check_attention(emu, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens, window=None, num_partitions=None,
+                    seed=0):
+    """Random batch (NaN past every context and, with a window, before every window), the backend's
+    op on the emulated kernels against the fp32 CPU twin."""
+    rng = np.random.default_rng(seed)
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens)
+    if window:
+        poison_outside_windows(kv, tables, ctx_a, qsl, block_size, window, layer)
+    scale = head_dim ** -0.5
+    got = run_attention(emu, q, kv, layer, tables, ctx_a, qsl, scale, window, num_partitions)
+    want = reference_attention(q, kv, layer, tables, ctx_a, qsl, scale, window)
+    assert np.isfinite(got).all() and np.isfinite(want).all()
+    np.testing.assert_allclose(got, want, **TOL[dtype])
 
 
 def poison_outside_windows(kv, tables, ctx, qsl, block_size, window, layer):
@@ -118,38 +149,111 @@ def test_decode_matches_cpu(emu, dtype, head_dim, block_size, heads, kv_heads, c
     np.testing.assert_allclose(got, want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("partition", [16, 48])
-def test_decode_split_k_matches_cpu(emu, monkeypatch, partition):
-    """Partitions of 16/48 tokens: several per sequence, none at all for the short ones' tail."""
-    monkeypatch.setattr(cuda, "split_k_policy", "always")
+@pytest.mark.parametrize("partition,parts", [(16, 7), (48, 3), (16, 2)])
+def test_decode_split_k_matches_cpu(emu, monkeypatch, partition, parts):
+    """Each sequence's keys cut into `parts` equal shares rounded up to `partition` tokens: several
+    per long sequence, empty trailing ones for the short (the reduce merges only the non-empty)."""
     monkeypatch.setattr(cuda, "PARTITION_SIZE", partition)
-    rng = np.random.default_rng(partition)
+    rng = np.random.default_rng(partition + parts)
     q, kv, tables, ctx, qsl, layer = make_batch(rng, "float16", 64, 16, 4, 1, [5, 100, 47], [1, 1, 1])
-    plan = cuda.select_decode_kernel(64, "float16", 16, 3, 4, 1, 100, 4)
-    assert plan.use_split_k and plan.num_partitions == -(-100 // partition)
-    got = run_attention(emu, q, kv, layer, tables, ctx, qsl, 0.125)
+    plan = cuda.select_decode_kernel(64, "float16", 16, 3, 4, 1, 100, 4, num_partitions=parts)
+    assert plan.use_split_k and plan.num_partitions == parts and plan.grid[2] == parts
+    got = run_attention(emu, q, kv, layer, tables, ctx, qsl, 0.125, num_partitions=parts)
     np.testing.assert_allclose(got, reference_attention(q, kv, layer, tables, ctx, qsl, 0.125), **TOL["float16"])
+
+
+# Decode on both kernels (CUDA cores "simt", tensor cores "mma"), with and without split-K, over
+# group sizes that fill the head tiles and odd ones that leave the last tile partial.
+DECODE_PATH_CASES = [
+    # dtype, head_dim, block_size, heads, kv heads, contexts
+    ("float16", 128, 16, 8, 2, [1, 17, 70]),       # group 4: one mma tile of 16 rows, 12 masked
+    ("float16", 64, 8, 3, 1, [33, 100]),           # group 3: simt tile of 4 (one head masked)
+    ("float16", 80, 32, 14, 2, [33, 100]),         # group 7, head size 80 (10 packs, 5 k-steps)
+    ("float16", 96, 16, 17, 1, [50, 9]),           # group 17: two mma tiles (16 + 1), simt 8 + 8 + 1
+    ("float16", 256, 16, 8, 2, [50, 3]),           # head size 256: Q in shared memory on tensor cores
+    ("bfloat16", 128, 8, 8, 1, [70, 9]),           # group 8, bf16, block 8
+    ("float16", 64, 32, 5, 5, [40, 71]),           # MHA on tensor cores (mma policy), block 32
+]
+
+
+@pytest.mark.parametrize("policy", ["simt", "mma"])
+@pytest.mark.parametrize("parts", [None, 1, 3])
+@pytest.mark.parametrize("dtype,head_dim,block_size,heads,kv_heads,ctx", DECODE_PATH_CASES)
+def test_decode_paths_match_cpu(emu, monkeypatch, policy, parts, dtype, head_dim, block_size, heads, kv_heads, ctx):
+    if dtype == "bfloat16" and not HAVE_BF16:
+        pytest.skip("ml_dtypes not installed: no bfloat16 arrays")
+    monkeypatch.setattr(cuda, "decode_policy", policy)
+    monkeypatch.setattr(cuda, "PARTITION_SIZE", 16)
+    plan = cuda.select_decode_kernel(head_dim, dtype, block_size, len(ctx), heads, kv_heads, max(ctx), 4,
+                                     num_partitions=parts)
+    assert ("_mma_" in plan.kernel) == (policy == "mma")
+    group = heads // kv_heads
+    tile = 16 if policy == "mma" else cuda.group_tile(group)
+    assert plan.grid[0] == kv_heads * -(-group // tile)
+    check_attention(emu, dtype, head_dim, block_size, heads, kv_heads, ctx, [1] * len(ctx), num_partitions=parts,
+                    seed=head_dim + heads)
+
+
+@pytest.mark.parametrize("policy,kernel,tiles", [("auto", "paged_decode_mma_f16_hd64", 5),
+                                                 ("simt", "paged_decode_f16_hd64_g8", 9)])
+def test_decode_group_of_71_shares_each_kv_row(emu, monkeypatch, policy, kernel, tiles):
+    """Falcon-style MQA (71 query heads on one KV head): 5 tensor-core tiles of 16, the last with 7
+    heads, or 9 CUDA-core tiles of 8, the last with 7."""
+    monkeypatch.setattr(cuda, "decode_policy", policy)
+    plan = cuda.select_decode_kernel(64, "float16", 16, 2, 71, 1, 40, 4)
+    assert plan.kernel == kernel and plan.grid[0] == tiles
+    check_attention(emu, "float16", 64, 16, 71, 1, [40, 7], [1, 1], seed=71)
+
+
+def test_decode_fixed_by_max_model_len_matches_cpu(emu):
+    """A CUDA-graph-ready grid: the partitions planned for max_model_len, whatever this step's contexts."""
+    rng = np.random.default_rng(4)
+    q, kv, tables, ctx, qsl, layer = make_batch(rng, "float16", 128, 16, 4, 1, [9, 70], [1, 1])
+    plans = {cuda.select_decode_kernel(128, "float16", 16, 2, 4, 1, n, 4, max_model_len=512) for n in (9, 70, 300)}
+    assert len(plans) == 1 and plans.pop().num_partitions == 4      # 2 blocks fill 4 emulated SMs x 2
+    out = emu.paged_attention_planned(_dev(q), _dev(kv), layer, tables, ctx, qsl, 128 ** -0.5, max_query_len=1,
+                                      max_model_len=512)
+    np.testing.assert_allclose(np.asarray(out).astype(np.float32),
+                               reference_attention(q, kv, layer, tables, ctx, qsl, 128 ** -0.5), **TOL["float16"])
 
 
 PREFILL_CASES = [
     # dtype, head_dim, block_size, heads, kv heads, contexts, new tokens (prefill, chunked prefill, decode)
-    ("float16", 64, 16, 4, 2, [70, 65, 33], [70, 20, 1]),
+    ("float16", 64, 16, 4, 2, [70, 65, 33], [70, 20, 1]),     # group 2: 2 heads x 32 tokens a block
     ("float16", 128, 8, 2, 1, [40, 3], [17, 3]),
-    ("float16", 80, 32, 2, 2, [66], [66]),
+    ("float16", 80, 32, 2, 2, [66], [66]),                      # MHA: 64 tokens of one head a block
+    ("float16", 96, 16, 8, 2, [90, 50], [90, 6]),               # group 4: 4 heads x 16 tokens
+    ("float16", 128, 16, 10, 2, [70, 12], [9, 12]),             # group 5, short chunks: 4 + 1 heads (3 masked warps)
+    ("float16", 256, 16, 8, 2, [70, 40], [70, 5]),              # head size 256: Q in shared memory
+    ("bfloat16", 128, 16, 7, 1, [80, 30], [80, 2]),             # bf16, group 7: 4 + 3 heads (1 masked warp)
+    ("bfloat16", 64, 8, 6, 2, [100], [37]),                     # bf16, group 3, block 8
 ]
 
 
 @pytest.mark.parametrize("policy", ["mma", "varlen"])
 @pytest.mark.parametrize("dtype,head_dim,block_size,heads,kv_heads,ctx,qlens", PREFILL_CASES)
 def test_prefill_matches_cpu(emu, monkeypatch, policy, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens):
+    if dtype == "bfloat16" and not HAVE_BF16:
+        pytest.skip("ml_dtypes not installed: no bfloat16 arrays")
     monkeypatch.setattr(cuda, "prefill_policy", policy)
-    rng = np.random.default_rng(sum(ctx) + head_dim)
-    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens)
-    scale = head_dim ** -0.5
-    got = run_attention(emu, q, kv, layer, tables, ctx_a, qsl, scale)
-    want = reference_attention(q, kv, layer, tables, ctx_a, qsl, scale)
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, **TOL[dtype])
+    check_attention(emu, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens, seed=sum(ctx) + head_dim)
+
+
+# The pipelined kernels in both emulated cp.async modes (a missing wait or barrier, or a stage
+# refilled too early, fails one of them): several K/V tiles per prefill block, several chunks per warp.
+@pytest.mark.parametrize("kind,dtype,head_dim,block_size,heads,kv_heads,ctx,qlens,parts", [
+    ("prefill", "float16", 64, 16, 4, 2, [150, 65], [150, 20], None),
+    ("prefill", "float16", 256, 8, 4, 4, [100], [70], None),
+    ("prefill", "float16", 128, 16, 8, 2, [120, 40], [8, 40], None),
+    ("decode", "float16", 128, 16, 8, 2, [300, 17], [1, 1], 1),
+    ("decode", "float16", 256, 32, 4, 1, [200, 33], [1, 1], 2),
+])
+def test_pipelines_in_both_copy_modes(emu_both, monkeypatch, kind, dtype, head_dim, block_size, heads, kv_heads, ctx,
+                                      qlens, parts):
+    monkeypatch.setattr(cuda, "prefill_policy", "mma")
+    monkeypatch.setattr(cuda, "decode_policy", "mma")
+    check_attention(emu_both, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens, num_partitions=parts,
+                    seed=head_dim + len(ctx))
 
 
 def test_prefill_fp32_uses_varlen_and_matches_cpu(emu):
@@ -194,13 +298,18 @@ WINDOW_CASES = [
     ("float16", 64, 16, 4, 1, [130], [130], 40, "mma"),                   # tiles wholly before a warp's window
     ("float16", 64, 16, 4, 2, [70, 65, 33], [70, 20, 1], 24, "varlen"),
     ("float32", 16, 8, 2, 1, [12, 29], [12, 4], 5, "varlen"),
+    ("float16", 96, 8, 12, 2, [90, 20, 40], [1, 1, 1], 21, "decode"),     # group 6 on tensor cores
+    ("float16", 64, 16, 6, 2, [70, 9], [1, 1], 16, "simt"),               # group 3 on CUDA cores
+    ("float16", 128, 16, 8, 2, [100, 30], [10, 30], 33, "mma"),           # 4 heads x 16 tokens a block
 ]
 
 
 @pytest.mark.parametrize("dtype,head_dim,block_size,heads,kv_heads,ctx,qlens,window,path", WINDOW_CASES)
 def test_sliding_window_matches_cpu(emu, monkeypatch, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens,
                                     window, path):
-    if path != "decode":
+    if path == "simt":
+        monkeypatch.setattr(cuda, "decode_policy", path)
+    elif path != "decode":
         monkeypatch.setattr(cuda, "prefill_policy", path)
     rng = np.random.default_rng(window * 100 + head_dim)
     q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, block_size, heads, kv_heads, ctx, qlens)
@@ -212,19 +321,15 @@ def test_sliding_window_matches_cpu(emu, monkeypatch, dtype, head_dim, block_siz
     np.testing.assert_allclose(got, want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("partition,window", [(16, 20), (16, 16), (48, 30)])
-def test_sliding_window_split_k_skips_partitions_before_the_window(emu, monkeypatch, partition, window):
-    """Partitions wholly before a sequence's window write nothing (their scratch stays NaN from
-    cupy.empty in the emulator): the reduce must start at the partition holding the window's first key."""
-    monkeypatch.setattr(cuda, "split_k_policy", "always")
+@pytest.mark.parametrize("policy", ["simt", "mma"])
+@pytest.mark.parametrize("partition,window,parts", [(16, 20, 4), (16, 16, 2), (48, 30, 3), (16, 90, 5)])
+def test_sliding_window_split_k_partitions_the_window(emu, monkeypatch, policy, partition, window, parts):
+    """With a window each sequence splits only its window's keys (no partition lies before it, the
+    scratch of empty partitions stays NaN from cupy.empty in the emulator and must not be merged)."""
     monkeypatch.setattr(cuda, "PARTITION_SIZE", partition)
-    rng = np.random.default_rng(partition + window)
-    q, kv, tables, ctx, qsl, layer = make_batch(rng, "float16", 64, 16, 4, 1, [5, 100, 47], [1, 1, 1])
-    poison_outside_windows(kv, tables, ctx, qsl, 16, window, layer)
-    got = run_attention(emu, q, kv, layer, tables, ctx, qsl, 0.125, window)
-    want = reference_attention(q, kv, layer, tables, ctx, qsl, 0.125, window)
-    assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, want, **TOL["float16"])
+    monkeypatch.setattr(cuda, "decode_policy", policy)
+    check_attention(emu, "float16", 64, 16, 4, 1, [5, 100, 47], [1, 1, 1], window=window, num_partitions=parts,
+                    seed=partition + window)
 
 
 def test_a_kernel_ignoring_the_window_fails_here(emu):

@@ -73,8 +73,9 @@ def test_declaration_check_sees_two_swapped_ints():
 def test_every_source_and_kernel_name_comes_from_the_table():
     names = cuda.all_kernel_names()
     assert list(names) == list(SOURCES) and all(names.values())
-    assert sum(map(len, names.values())) == len(kernels.KERNELS) == 95      # 92 + gelu_tanh_and_mul_{f16,bf16,f32}
-    assert len(names["paged_attention.cu"]) == 68
+    # 92 + gelu_tanh_and_mul_{f16,bf16,f32} + paged_decode_mma_{f16,bf16}_hd{64,80,96,128,256}
+    assert sum(map(len, names.values())) == len(kernels.KERNELS) == 105
+    assert len(names["paged_attention.cu"]) == 78
     for source in SOURCES:
         # the sources hold templates only: every extern "C" kernel is generated
         code = re.sub(r"//.*", "", read_source(source, inline_headers=False))
@@ -96,12 +97,13 @@ def test_dispatch_cannot_name_a_missing_instantiation(family, targs, msg):
 
 def test_program_holds_the_wrappers_of_its_dtype_and_checks_constants():
     f16 = kernels.program("paged_attention.cu", "f16")
-    names = re.findall(r'^extern "C" __global__ void __launch_bounds__\(128\) (\w+)\(', f16, re.MULTILINE)
-    assert sorted(names) == sorted(k.name for k in kernels.KERNELS.values() if k.tag == "f16") and len(names) == 31
+    names = re.findall(r'^extern "C" __global__ void __launch_bounds__\(128(?:, 2)?\) (\w+)\(', f16, re.MULTILINE)
+    assert sorted(names) == sorted(k.name for k in kernels.KERNELS.values() if k.tag == "f16") and len(names) == 36
+    assert f16.count("__launch_bounds__(128, 2) paged_prefill_f16_hd") == 5     # the prefill names 2 blocks an SM
     for const, value in kernels.SOURCE_CONSTANTS["paged_attention.cu"].items():
         assert f"static_assert({const} == {value}," in f16
     everything = kernels.program("paged_attention.cu")
-    assert len(re.findall(r'^extern "C" __global__', everything, re.MULTILINE)) == 68
+    assert len(re.findall(r'^extern "C" __global__', everything, re.MULTILINE)) == 78
     assert len(re.findall(r'^extern "C" __global__', kernels.program("norms.cu", "f16"), re.MULTILINE)) == 9   # every dtype
     assert '#include "common.cuh"' not in everything and "struct f16" in everything          # header pasted in
     w = kernels.PAGED_DECODE.kernel(T="bf16", HD=0, GT=8).wrapper()
@@ -215,8 +217,13 @@ def test_package_knobs_reach_dispatch_and_launch(monkeypatch):
     monkeypatch.setattr(cuda, "num_sms", lambda: 7)
     assert launch.num_sms() == 7
     monkeypatch.undo()
-    assert dispatch.prefill_policy == "auto" and dispatch.PARTITION_SIZE == 512 and dispatch.split_k_policy == "auto"
+    assert dispatch.prefill_policy == "auto" and dispatch.PARTITION_SIZE == 64 and dispatch.split_k_policy == "auto"
     assert "split_k_policy" not in vars(cuda)        # no stale copy in the package
+    monkeypatch.setattr(cuda, "decode_policy", "simt")
+    assert dispatch.decode_policy == "simt"
+    assert cuda.select_decode_kernel(128, "float16", 16, 1, 8, 2, 40, 132).kernel == "paged_decode_f16_hd128_g4"
+    monkeypatch.undo()
+    assert "decode_policy" not in vars(cuda)
 
 
 def test_the_program_can_be_printed_for_compiling_by_hand():
@@ -236,7 +243,10 @@ def test_a_compiled_head_size_must_be_q_s():
     batch = kernels.AttentionBatch(q, 4 * 64, np.zeros((5, 2, 2, 2, 16, 64), np.float16), 1,
                                    np.zeros((2, 4), np.int32), np.zeros(2, np.int32), np.zeros(3, np.int32), 0.1)
     with pytest.raises(ValueError, match="paged_prefill_f16_hd128 is compiled for head_dim 128, q has 64"):
-        kernels.prefill_args(kernels.PAGED_PREFILL.kernel(T="f16", HD=128), q, batch)
+        kernels.prefill_args(kernels.PAGED_PREFILL.kernel(T="f16", HD=128), q, batch, 2)
+    with pytest.raises(ValueError, match="paged_decode_mma_f16_hd128 is compiled for head_dim 128, q has 64"):
+        kernels.decode_args(kernels.PAGED_DECODE_MMA.kernel(T="f16", HD=128), q, batch,
+                            dispatch.select_decode_kernel(64, "float16", 16, 2, 4, 2, 10, 132))
     plan = dispatch.select_decode_kernel(64, "float16", 16, 2, 4, 2, 10, 132)
     with pytest.raises(ValueError, match="paged_decode_f16_hd128_g2 is compiled for head_dim 128"):
         kernels.decode_args(kernels.PAGED_DECODE.kernel(T="f16", HD=128, GT=2), q, batch, plan)

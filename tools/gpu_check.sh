@@ -16,7 +16,8 @@
 #                  size 1, the mp executor with one worker against one process (TP 2 with 2 GPUs)
 #   4 sanitizer    compute-sanitizer memcheck, racecheck, synccheck, initcheck on
 #                  tools/gpu_launch_all.py (every kernel of the table launched once, small sizes)
-#   5 kernels      bench/kernel_bench.py: memcpy ceiling, decode grid, prefill vs torch SDPA,
+#   5 kernels      bench/kernel_bench.py: memcpy ceiling, decode at issue 13's shapes (paged and
+#                  contiguous KV), prefill vs torch SDPA,
 #                  memory-bound kernels, GEMM vs torch.matmul (cold L2, event medians)
 #   6 decode step  bench/decode_step.py: host ms / GPU ms / launches of a 32-layer LLaMA-7B step
 #   7 throughput   bench/throughput.py --device cuda (LLaMA-7B layer shapes, 2 layers)

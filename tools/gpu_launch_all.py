@@ -4,11 +4,11 @@ tools/gpu_check.sh runs this under compute-sanitizer's memcheck, racecheck, sync
     PYTHONPATH=. python tools/gpu_launch_all.py [--no-pool] [--dtypes f16,bf16,f32]
 
 Each kernel is reached from its template arguments (a family without a launcher here is reported,
-not skipped silently): decode for every (dtype, head size, group tile) with split-K off, the
-split-K reduce, the tensor-core prefill for every head size, the varlen kernel, the cache writes
-and block copies, the norms, rotary (both cos/sin dtypes) and activations; the attention kernels
-once more with a sliding window. Inputs are random and
-fully initialised (initcheck then reports reads of memory nobody wrote: scratch a kernel reads
+not skipped silently): decode on CUDA cores for every (dtype, head size, group tile) and on tensor
+cores for every head size, with split-K off, the split-K reduce, the tensor-core prefill for every
+head size, the varlen kernel, the cache writes and block copies, the norms, rotary (both cos/sin
+dtypes) and activations; the attention kernels once more with a sliding window. Inputs are random
+and fully initialised (initcheck then reports reads of memory nobody wrote: scratch a kernel reads
 before writing it, say); outputs start as NaN and must come back finite. Sizes are small: the
 sanitizers run kernels 10-100x slower.
 
@@ -81,15 +81,27 @@ class Launcher:
 
     def paged_decode(self, k):
         hd = k.template_args["HD"] or 72              # 72: a head size without its own instantiation
-        self.cuda.split_k_policy = "never"
-        self.attention(k.template_args["T"], hd, k.template_args["GT"], [1, 19, 40], [1, 1, 1], what=k.name)
+        self.cuda.split_k_policy, self.cuda.decode_policy = "never", "simt"
+        try:
+            self.attention(k.template_args["T"], hd, k.template_args["GT"], [1, 19, 40], [1, 1, 1], what=k.name)
+        finally:
+            self.cuda.decode_policy = "auto"
+
+    def paged_decode_mma(self, k):
+        # group 5: a head tile of 16 rows with 11 masked; contexts past the 4 warps' first chunks
+        self.cuda.split_k_policy, self.cuda.decode_policy = "never", "mma"
+        try:
+            self.attention(k.template_args["T"], k.template_args["HD"], 5, [1, 19, 140], [1, 1, 1], what=k.name)
+        finally:
+            self.cuda.decode_policy = "auto"
 
     def paged_decode_reduce(self, k):
+        size = self.cuda.PARTITION_SIZE
         self.cuda.split_k_policy, self.cuda.PARTITION_SIZE = "always", 16
         try:
             self.attention(k.template_args["T"], 64, 2, [1, 19, 40], [1, 1, 1], what=k.name)
         finally:
-            self.cuda.split_k_policy, self.cuda.PARTITION_SIZE = "never", 512
+            self.cuda.split_k_policy, self.cuda.PARTITION_SIZE = "never", size
 
     def paged_prefill(self, k):
         self.cuda.prefill_policy = "mma"

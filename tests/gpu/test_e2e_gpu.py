@@ -3,7 +3,7 @@
 - the four golden fixtures (tests/fixtures/*) in fp16 and bf16 on the GPU follow the same engine in
   fp32 on the CPU (tests/e2e_helpers.py: logprobs within 3x what rounding the weights alone causes);
 - a random LLaMA of head size 128 (GQA group 4) with a 1500-token prompt does the same, through the
-  fast kernels (decode hd128_g4 with split-K, tensor-core prefill, cuBLAS bf16): the fixtures' head
+  fast kernels (tensor-core decode hd128 with split-K, tensor-core prefill, cuBLAS bf16): the fixtures' head
   sizes 8 and 16 only reach the generic paths;
 - stories260K (a real pretrained model) greedy on the GPU equals its golden 64 ids, in fp16 and fp32,
   with both engines alive in one process;
@@ -84,7 +84,7 @@ def test_head128_gpu_follows_fp32_cpu_through_the_fast_kernels(head128, dtype, t
     gap = assert_follows_fp32(f"head128 {dtype}", gpu, cpu, weight_gap)
     print(f"head128 {dtype}: logprob gap {gap:.4f}, weights alone {weight_gap:.4f}; kernels {sorted(set(launched))}")
     tag = {"float16": "f16", "bfloat16": "bf16"}[dtype]
-    for kernel in (f"paged_decode_{tag}_hd128_g4", f"paged_decode_reduce_{tag}", f"paged_prefill_{tag}_hd128"):
+    for kernel in (f"paged_decode_mma_{tag}_hd128", f"paged_decode_reduce_{tag}", f"paged_prefill_{tag}_hd128"):
         assert kernel in launched, f"{kernel} never ran: {sorted(set(launched))}"
 
 

@@ -46,6 +46,41 @@ def reference(q, kv, layer, tables, ctx, qsl, scale, sliding_window=None):
 
 
 # --------------------------------------------------------------------------------------------
+# The tensor-core building blocks on the hardware: the probes of tests/intrinsic_probes.py, held to
+# the PTX ISA's layouts, as the host emulation's models are in tests/test_cuda_intrinsics.py (so the
+# emulator's ldmatrix / mma / cp.async are checked against the real instructions here). Only the
+# race-free uses run here: the emulator's deliberate races are undefined on a device.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def probes():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # tests/, for intrinsic_probes
+    import intrinsic_probes
+    return intrinsic_probes, intrinsic_probes.probe_module(cp)
+
+
+def test_ldmatrix_follows_the_ptx_layout(probes):
+    p, mod = probes
+    tile = p.ldmatrix_source(np.random.default_rng(1))
+    np.testing.assert_array_equal(p.run_ldmatrix(cp, mod, tile), p.ldmatrix_expected(tile))
+
+
+@pytest.mark.parametrize("tag", ["f16", "bf16"])
+def test_mma_m16n8k16_fragments(probes, tag):
+    p, mod = probes
+    a, b, acc = p.mma_operands(np.random.default_rng(2))
+    np.testing.assert_array_equal(p.run_mma(cp, mod, tag, a, b, acc), acc + a @ b)
+
+
+def test_cp_async_wait_barrier_and_zero_fill(probes):
+    p, mod = probes
+    src = p.cp_async_source(np.random.default_rng(3))
+    np.testing.assert_array_equal(p.run_cp_async(cp, mod, src, 0), p.cp_async_expected(src))
+    np.testing.assert_array_equal(p.run_cp_refill(cp, mod, src, 1), src[:32, 0])
+
+
+# --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -61,6 +96,23 @@ def test_decode(dtype, head_dim, block_size, group):
     got = run_attention(q, kv, layer, tables, ctx_a, qsl, scale)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, scale), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [80, 128, 256])
+@pytest.mark.parametrize("group,kv_heads", [(1, 4), (4, 2), (7, 2), (8, 1), (71, 1)])
+@pytest.mark.parametrize("policy", ["simt", "mma"])
+def test_decode_both_kernels_any_group(monkeypatch, dtype, head_dim, group, kv_heads, policy):
+    """CUDA-core and tensor-core decode (mma.sync, ldmatrix, cp.async: the paths the emulator models),
+    odd groups leaving the last head tile partial, split-K as the occupancy chooses it."""
+    monkeypatch.setattr(cuda, "decode_policy", policy)
+    rng = np.random.default_rng(head_dim + group)
+    ctx = [1, 37, 300, 1100]
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, 16, kv_heads * group, kv_heads, ctx,
+                                                  [1] * len(ctx))
+    got = run_attention(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -85,6 +137,20 @@ def test_varlen_prefill_mixed_batch(monkeypatch, dtype, head_dim, policy):
     ctx = [130, 97, 64, 40, 1]
     q_lens = [130, 33, 16, 1, 1]
     q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, 16, 8, 2, ctx, q_lens)
+    got = run_attention(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("heads,kv_heads,q_lens", [(10, 2, [200, 9, 1]), (7, 1, [150, 33, 1]), (8, 2, [12, 5, 1])])
+def test_prefill_group_tiles(dtype, head_dim, heads, kv_heads, q_lens):
+    """Tensor-core prefill with 1, 2 or 4 heads of a group per block (each K/V tile gathered once for
+    them), groups 5 and 7 leaving masked warps, Q in registers (64, 128) or shared memory (256)."""
+    rng = np.random.default_rng(heads + head_dim)
+    ctx = [300, 100, 77]
+    q, kv, tables, ctx_a, qsl, layer = make_batch(rng, dtype, head_dim, 16, heads, kv_heads, ctx, q_lens)
     got = run_attention(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, reference(q, kv, layer, tables, ctx_a, qsl, head_dim ** -0.5), **TOL[dtype])

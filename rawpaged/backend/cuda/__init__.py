@@ -34,21 +34,24 @@ import numpy as np
 
 from rawpaged.backend.cuda import dense, dispatch, kernels, launch, memory, ops, spec  # noqa: F401
 from rawpaged.backend.cuda.dense import embedding, linear
-from rawpaged.backend.cuda.dispatch import (SPLIT_K_MIN_WAVES, Launch, check_attention_args, check_attention_shape,
+from rawpaged.backend.cuda.dispatch import (Launch, DeviceLimits, check_attention_args, check_attention_shape,
                                             check_cache_args, check_norm_args, check_rotary_args, copy_runs,
-                                            decode_kernel_name, dtype_tag, float32_to_bfloat16_bits, grid_1d,
-                                            group_tile, norm_threads, resolve_dtype_name, select_attention_kernel,
-                                            select_decode_kernel, select_prefill_kernel, token_stride, use_split_k)
-from rawpaged.backend.cuda.kernels import (DECODE_FAST_HEAD_DIMS, DTYPE_TAGS, GROUP_TILES, MAX_HEAD_DIM, NUM_THREADS,
-                                           NUM_WARPS, PACK, PREFILL_BM, PREFILL_BN, PREFILL_MMA_HEAD_DIMS,
-                                           all_kernel_names)
+                                            decode_inflight_bytes, decode_kernel_name, decode_partitions, dtype_tag,
+                                            float32_to_bfloat16_bits, grid_1d, group_tile, norm_threads,
+                                            partition_tokens, prefill_group_tile, resident_blocks,
+                                            resolve_dtype_name, select_attention_kernel, select_decode_kernel,
+                                            select_prefill_kernel, token_stride, use_mma_decode)
+from rawpaged.backend.cuda.kernels import (DECODE_FAST_HEAD_DIMS, DECODE_MMA_HEAD_DIMS, DECODE_MMA_ROWS, DTYPE_TAGS,
+                                           GROUP_TILES, MAX_HEAD_DIM, NUM_THREADS, NUM_WARPS, PACK, PREFILL_BM,
+                                           PREFILL_MMA_HEAD_DIMS, all_kernel_names, decode_mma_shared, prefill_bn,
+                                           prefill_shared)
 from rawpaged.backend.cuda.memory import (BFLOAT16, MemorySnapshot, alloc_pinned, bfloat16_supported,
                                           free_device_memory, memory_snapshot, record_event, resolve_dtype,
                                           swap_blocks, swap_stream, synchronize, to_device, to_host,
                                           total_device_memory, wait_event)
 from rawpaged.backend.cuda.ops import (copy_blocks, fused_add_rms_norm, gelu, gelu_tanh, gelu_tanh_and_mul,
-                                       layer_norm, paged_attention, relu, reshape_and_cache, rms_norm,
-                                       rotary_embedding, silu_and_mul)
+                                       layer_norm, paged_attention, paged_attention_planned, relu, reshape_and_cache,
+                                       rms_norm, rotary_embedding, silu_and_mul)
 
 name = "cuda"
 xp = launch.cupy
@@ -67,6 +70,7 @@ class _Package(types.ModuleType):
     package would be set and silently ignored."""
     split_k_policy = _forward(dispatch, "split_k_policy")
     prefill_policy = _forward(dispatch, "prefill_policy")
+    decode_policy = _forward(dispatch, "decode_policy")
     PARTITION_SIZE = _forward(dispatch, "PARTITION_SIZE")
     cupy = _forward(launch, "cupy")
     num_sms = _forward(launch, "num_sms")

@@ -12,20 +12,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rawpaged.backend.cuda.kernels import (DECODE_FAST_HEAD_DIMS, DTYPE_TAGS, GROUP_TILES, MAX_HEAD_DIM,
-                                           NUM_THREADS, NUM_WARPS, PACK, PAGED_DECODE, PAGED_DECODE_REDUCE,
-                                           PAGED_PREFILL, PAGED_VARLEN, PREFILL_BM, PREFILL_BN,
-                                           PREFILL_MMA_HEAD_DIMS)
+from rawpaged.backend.cuda.kernels import (DECODE_FAST_HEAD_DIMS, DECODE_MMA_CHUNK, DECODE_MMA_HEAD_DIMS,
+                                           DECODE_MMA_ROWS, DTYPE_TAGS, GROUP_TILES, MAX_HEAD_DIM, NUM_THREADS,
+                                           NUM_WARPS, PACK, PAGED_DECODE, PAGED_DECODE_MMA, PAGED_DECODE_REDUCE,
+                                           PAGED_PREFILL, PAGED_VARLEN, PREFILL_BM, PREFILL_GROUP_TILES,
+                                           PREFILL_MMA_HEAD_DIMS, decode_mma_shared, decode_mma_stages,
+                                           prefill_shared)
 from rawpaged.errors import RawpagedError
 
-# Split-K: with fewer than SPLIT_K_MIN_WAVES blocks per multiprocessor the decode kernel splits each
-# context into partitions of PARTITION_SIZE tokens (and a reduce kernel merges them), provided the
-# longest context holds at least two partitions. Tests force it on or off with `split_k_policy`.
-# NOTE: these three are read at call time; `rawpaged.backend.cuda.split_k_policy = ...` sets them here.
-PARTITION_SIZE = 512
-SPLIT_K_MIN_WAVES = 2
+# Split-K decode: each sequence's keys are cut into num_partitions equal shares, each a multiple of
+# PARTITION_SIZE tokens (and at least that), and a reduce kernel merges them. `split_k_policy`:
+# "auto" chooses the count from the occupancy (decode_partitions), "always" splits in at least
+# two, "never" does not split. `decode_policy`: "auto" takes the tensor-core kernel for groups of
+# MMA_MIN_GROUP and more (fp16/bf16 at the compiled head sizes), "mma" whenever it exists, "simt"
+# never (the CUDA-core kernel; for benchmarks and tests).
+# NOTE: these are read at call time; `rawpaged.backend.cuda.split_k_policy = ...` sets them here.
+PARTITION_SIZE = 64
+MAX_PARTITIONS = 128
+MMA_MIN_GROUP = 4
 split_k_policy = "auto"        # "auto" | "always" | "never"
+decode_policy = "auto"         # "auto" | "mma" | "simt"
 prefill_policy = "auto"        # "auto" | "mma" | "varlen"
+
+# Bytes a decode kernel should keep in flight per SM: Little's law at ~4.3 TB/s device bandwidth
+# and ~600-800 ns loaded DRAM latency is 23-26 KB per SM on the H200's 132 SMs; 32 KB leaves margin
+# for the latency growing under load (kernels_cuda/paged_attention.cu, its header).
+INFLIGHT_PER_SM = 32 * 1024
+ASSUMED_REGISTERS = 128        # a kernel whose register count is unknown (the host emulation reports 0)
 
 
 @dataclass(frozen=True)
@@ -37,10 +50,85 @@ class Launch:
     shared_mem: int
     use_split_k: bool = False
     num_partitions: int = 1
-    partition_size: int = 0
+    partition_align: int = PARTITION_SIZE
     reduce_kernel: str | None = None
     reduce_grid: tuple[int, int, int] | None = None
     reduce_shared_mem: int = 0
+    group_tile: int = 0            # query heads of a group per block (prefill: the kernel's group_tile)
+    blocks_per_sm: int = 0         # decode: the occupancy its partitions were planned with
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """Per-SM limits occupancy is computed from (defaults: H100/H200, compute capability 9.0)."""
+    shared_per_sm: int = 228 * 1024
+    registers_per_sm: int = 65536
+    threads_per_sm: int = 2048
+    blocks_per_sm: int = 32
+    reserved_shared_per_block: int = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Occupancy and split-K partitions
+# --------------------------------------------------------------------------------------------
+def resident_blocks(num_regs: int, static_shared: int, dynamic_shared: int, threads: int,
+                  limits: DeviceLimits = DeviceLimits()) -> int:
+    """Resident blocks per SM of a kernel, from its registers per thread and shared memory (what
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor computes): registers are allocated per warp in
+    units of 256 (8 per thread), each block also reserves `reserved_shared_per_block` bytes.
+    num_regs 0 (unknown) counts as ASSUMED_REGISTERS."""
+    warps = -(-threads // 32)
+    regs_per_warp = -(-(num_regs or ASSUMED_REGISTERS) * 32 // 256) * 256
+    by_regs = limits.registers_per_sm // regs_per_warp // warps
+    by_threads = limits.threads_per_sm // (warps * 32)
+    by_shared = limits.shared_per_sm // (static_shared + dynamic_shared + limits.reserved_shared_per_block)
+    return max(0, min(by_regs, by_threads, by_shared, limits.blocks_per_sm))
+
+
+def decode_inflight_bytes(mma: bool, head_dim: int, gt: int, itemsize: int) -> int:
+    """K/V bytes one decode block keeps in flight (kernels_cuda/paged_attention.cu says how):
+    tensor cores: 4 warps x (stages - 1) chunks of 16 K and 16 V rows; CUDA cores: 4 warps x 32
+    lanes x VPL K and VPL V loads of 8 elements, on the lanes a row's packs use."""
+    if mma:
+        return NUM_WARPS * (decode_mma_stages(head_dim) - 1) * 2 * DECODE_MMA_CHUNK * head_dim * itemsize
+    weight = (2 if itemsize == 4 else 1) * gt
+    vpl = 2 if weight >= 8 else (4 if weight >= 4 else 8)
+    nv = max(1, head_dim // PACK)
+    nvp = 1 << (nv - 1).bit_length()
+    return NUM_WARPS * 32 * nv // nvp * 2 * vpl * PACK * itemsize
+
+
+def decode_partitions(base_blocks: int, span: int, num_sms: int, occupancy: int, inflight: int,
+                      policy: str = "auto", align: int | None = None) -> int:
+    """Split-K partitions for a decode grid of `base_blocks` blocks (KV heads x head tiles x
+    sequences) whose longest key span is `span` tokens.
+
+    auto: none (1) when the plain grid already puts enough blocks on every SM to keep
+    INFLIGHT_PER_SM bytes in flight (`inflight` per block, at most `occupancy` blocks per SM);
+    otherwise enough to fill every resident slot (num_sms x occupancy), so batch 1 with 8 KV heads
+    runs on the whole GPU. Never more than ceil(span / align) (partitions of at least `align`
+    tokens) nor MAX_PARTITIONS. always: at least 2. never: 1."""
+    if policy not in ("auto", "always", "never"):
+        raise ValueError(f"split_k_policy must be auto, always or never, got {policy!r}")
+    if policy == "never":
+        return 1
+    align = align or PARTITION_SIZE
+    most = max(1, min(MAX_PARTITIONS, -(-span // align)))
+    occupancy = max(1, occupancy)
+    needed = min(occupancy, -(-INFLIGHT_PER_SM // max(1, inflight)))
+    if base_blocks >= needed * num_sms:
+        parts = 1
+    else:
+        parts = min(most, -(-occupancy * num_sms // max(1, base_blocks)))
+        share = partition_tokens(span, align, parts)
+        parts = max(1, -(-span // share))                  # no trailing partition left empty
+    return max(2, parts) if policy == "always" else parts
+
+
+def partition_tokens(span: int, align: int, parts: int) -> int:
+    """Tokens per partition when a span of `span` keys is cut into `parts` (the kernels' rule)."""
+    share = -(-span // parts)
+    return max(align, -(-share // align) * align)
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,48 +154,94 @@ def check_attention_shape(head_dim: int, block_size: int, num_heads: int, num_kv
 
 
 def group_tile(group: int) -> int:
-    """Query heads one decode block handles: the largest of 8, 4, 2, 1 dividing the GQA group."""
-    return next(gt for gt in GROUP_TILES if group % gt == 0)
+    """Query heads one CUDA-core decode block handles: the group rounded up to a power of two, at
+    most 8 (a group of 3 is one tile of 4 with a masked head; 12 is two tiles of 8, the second half
+    masked), so every head of a tile shares each K/V row the block reads."""
+    return min(GROUP_TILES[-1], 1 << max(0, group - 1).bit_length())
 
 
-def use_split_k(num_blocks: int, max_seq_len: int, num_sms: int, policy: str = "auto",
-                partition_size: int = PARTITION_SIZE) -> bool:
-    """Split each context across blocks when the plain grid leaves the GPU idle and contexts are long."""
-    if policy not in ("auto", "always", "never"):
-        raise ValueError(f"split_k_policy must be auto, always or never, got {policy!r}")
-    if policy != "auto":
-        return policy == "always"
-    return num_blocks < SPLIT_K_MIN_WAVES * num_sms and max_seq_len >= 2 * partition_size
+def use_mma_decode(tag: str, head_dim: int, group: int, policy: str | None = None) -> bool:
+    """The tensor-core decode kernel: fp16/bf16 at its compiled head sizes, for groups of
+    MMA_MIN_GROUP and more (auto), always where it exists (mma), never (simt)."""
+    policy = policy or decode_policy
+    if policy not in ("auto", "mma", "simt"):
+        raise ValueError(f"decode_policy must be auto, mma or simt, got {policy!r}")
+    ok = tag != "f32" and head_dim in DECODE_MMA_HEAD_DIMS
+    if policy == "mma" and not ok:
+        raise ValueError(f"the tensor-core decode kernel needs fp16/bf16 and head_dim in {DECODE_MMA_HEAD_DIMS}")
+    return ok and (policy == "mma" or (policy == "auto" and group >= MMA_MIN_GROUP))
 
 
 def decode_kernel_name(tag: str, head_dim: int, gt: int) -> str:
-    """The compile-time head size where one is instantiated (16-bit types), else the generic path."""
+    """The CUDA-core kernel: the compile-time head size where one is instantiated (16-bit types),
+    else the generic path."""
     hd = head_dim if (head_dim in DECODE_FAST_HEAD_DIMS and tag != "f32") else 0
     return PAGED_DECODE.kernel_name(T=tag, HD=hd, GT=gt)
 
 
 def select_decode_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_kv_heads, max_seq_len,
-                         num_sms, policy=None, partition_size=None, sliding_window=0) -> Launch:
-    """Decode (one query token per sequence): one block per (KV head, group tile, sequence[, partition]).
-    With a sliding window W a query reads at most W keys: split-K is chosen on min(max_seq_len, W), and
-    the partitions wholly before a sequence's window return at once (grid z still spans max_seq_len)."""
+                         num_sms, policy=None, partition_size=None, sliding_window=0, *, blocks_per_sm=None,
+                         num_partitions=None, max_model_len=None, decode_policy=None) -> Launch:
+    """Decode (one query token per sequence): one block per (KV head, tile of its group's query
+    heads, sequence[, partition]); the tile is 16 heads on tensor cores, group_tile(group) on CUDA
+    cores, and the group's last tile masks the heads past its end (any group size, odd ones too).
+
+    Split-K (`policy`, default split_k_policy): the partition count comes from decode_partitions
+    with the kernel's occupancy, `blocks_per_sm`: an int, or a callable (kernel name, dynamic shared
+    bytes) -> int that reads the compiled kernel's registers on the device (ops.py passes
+    launch.occupancy); None estimates it from the shared memory with ASSUMED_REGISTERS.
+    For a CUDA graph the grid must not depend on the step: `max_model_len` plans the partitions for
+    that length instead of max_seq_len (the same count every step), `num_partitions` fixes it.
+    With a sliding window W a query reads at most W keys: the span is min(length, W)."""
     check_attention_shape(head_dim, block_size, num_heads, num_kv_heads)
     if head_dim % PACK:
         raise ValueError(f"paged decode kernel needs head_dim % {PACK} == 0, got {head_dim} (use the varlen kernel)")
     tag = dtype_tag(dtype)
-    gt = group_tile(num_heads // num_kv_heads)
-    heads_grid = num_kv_heads * (num_heads // num_kv_heads // gt)
-    shared = (NUM_WARPS * gt * head_dim + 2 * NUM_WARPS * gt) * 4
-    kernel = decode_kernel_name(tag, head_dim, gt)
-    part = partition_size or PARTITION_SIZE
-    span = min(max_seq_len, sliding_window) if sliding_window else max_seq_len
-    if not use_split_k(heads_grid * num_seqs, span, num_sms, policy or split_k_policy, part):
-        return Launch(kernel, (heads_grid, num_seqs, 1), (NUM_THREADS, 1, 1), shared)
-    parts = max(1, math.ceil(max_seq_len / part))
+    group = num_heads // num_kv_heads
+    mma = use_mma_decode(tag, head_dim, group, decode_policy)
+    if mma:
+        tile, kernel, shared = DECODE_MMA_ROWS, PAGED_DECODE_MMA.kernel_name(T=tag, HD=head_dim), decode_mma_shared(head_dim)
+    else:
+        tile = group_tile(group)
+        kernel = decode_kernel_name(tag, head_dim, tile)
+        shared = (NUM_WARPS * tile * head_dim + 2 * NUM_WARPS * tile) * 4
+    heads_grid = num_kv_heads * -(-group // tile)
+    align = partition_size or PARTITION_SIZE
+    if callable(blocks_per_sm):
+        occupancy = blocks_per_sm(kernel, shared)
+    elif blocks_per_sm is None:
+        occupancy = resident_blocks(0, 0, shared, NUM_THREADS)
+    else:
+        occupancy = int(blocks_per_sm)
+    length = max_model_len or max_seq_len
+    span = min(length, sliding_window) if sliding_window else length
+    if num_partitions is not None:
+        if int(num_partitions) < 1:
+            raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+        parts = int(num_partitions)
+    else:
+        itemsize = 4 if tag == "f32" else 2
+        parts = decode_partitions(heads_grid * num_seqs, span, num_sms, occupancy,
+                                  decode_inflight_bytes(mma, head_dim, tile, itemsize), policy or split_k_policy, align)
+    if parts <= 1:
+        return Launch(kernel, (heads_grid, num_seqs, 1), (NUM_THREADS, 1, 1), shared, partition_align=align,
+                      blocks_per_sm=occupancy)
     return Launch(kernel, (heads_grid, num_seqs, parts), (NUM_THREADS, 1, 1), shared,
-                  use_split_k=True, num_partitions=parts, partition_size=part,
+                  use_split_k=True, num_partitions=parts, partition_align=align,
                   reduce_kernel=PAGED_DECODE_REDUCE.kernel_name(T=tag), reduce_grid=(num_heads, num_seqs, 1),
-                  reduce_shared_mem=parts * 4)
+                  reduce_shared_mem=parts * 4, blocks_per_sm=occupancy)
+
+
+def prefill_group_tile(group: int, max_query_len: int) -> int:
+    """Query heads of a group per prefill block (1, 2 or 4; a block holds 64 / that tokens): the
+    choice with the fewest blocks, i.e. the fewest gathers of each K/V tile; then the fewest masked
+    heads (a tile past the group's end); then the most heads. Long prompts: any tile dividing the
+    group gathers alike; short chunks and decode rows in a mixed batch: 4 heads x 16 tokens instead
+    of 64 mostly empty rows per head."""
+    def cost(gh: int) -> tuple:
+        tiles = -(-group // gh)
+        return -(-max_query_len // (PREFILL_BM // gh)) * tiles, tiles * gh - group, -gh
+    return min(PREFILL_GROUP_TILES, key=cost)
 
 
 def select_prefill_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_kv_heads, num_tokens,
@@ -123,19 +257,23 @@ def select_prefill_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_
     if policy == "mma" and not mma_ok:
         raise ValueError(f"the tensor-core prefill kernel needs fp16/bf16 and head_dim in {PREFILL_MMA_HEAD_DIMS}")
     if mma_ok and policy != "varlen":
-        shared = (PREFILL_BM + 2 * PREFILL_BN) * (head_dim + 8) * 2
+        gh = prefill_group_tile(num_heads // num_kv_heads, max_query_len)
+        head_tiles = -(-(num_heads // num_kv_heads) // gh)
         return Launch(PAGED_PREFILL.kernel_name(T=tag, HD=head_dim),
-                      (math.ceil(max_query_len / PREFILL_BM), num_heads, num_seqs), (NUM_THREADS, 1, 1), shared)
+                      (math.ceil(max_query_len / (PREFILL_BM // gh)), num_kv_heads * head_tiles, num_seqs),
+                      (NUM_THREADS, 1, 1), prefill_shared(head_dim), group_tile=gh)
     return Launch(PAGED_VARLEN.kernel_name(T=tag), (num_tokens, math.ceil(num_heads / NUM_WARPS), 1),
                   (NUM_THREADS, 1, 1), 0)
 
 
 def select_attention_kernel(head_dim, dtype, block_size, num_seqs, max_seq_len, num_sms, *, num_heads,
-                            num_kv_heads, max_query_len=1, num_tokens=None, sliding_window=0) -> Launch:
+                            num_kv_heads, max_query_len=1, num_tokens=None, sliding_window=0, blocks_per_sm=None,
+                            max_model_len=None, num_partitions=None) -> Launch:
     """The decode kernel when every sequence brings one token, else the varlen prefill kernel."""
     if max_query_len <= 1 and head_dim % PACK == 0:
         return select_decode_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_kv_heads,
-                                    max_seq_len, num_sms, sliding_window=sliding_window)
+                                    max_seq_len, num_sms, sliding_window=sliding_window, blocks_per_sm=blocks_per_sm,
+                                    max_model_len=max_model_len, num_partitions=num_partitions)
     return select_prefill_kernel(head_dim, dtype, block_size, num_seqs, num_heads, num_kv_heads,
                                  num_tokens if num_tokens is not None else num_seqs * max(1, max_query_len),
                                  max(1, max_query_len))

@@ -44,17 +44,53 @@ from rawpaged.backend.cuda.spec import NULL, TAG_CTYPES, Family, Kernel, Param, 
 DTYPE_TAGS = {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}
 MAX_HEAD_DIM = 256
 DECODE_FAST_HEAD_DIMS = (64, 80, 96, 128, 256)     # compile-time head size; others use the "any" path
+DECODE_MMA_HEAD_DIMS = DECODE_FAST_HEAD_DIMS       # tensor-core decode (fp16/bf16)
 PREFILL_MMA_HEAD_DIMS = (64, 80, 96, 128, 256)     # tensor-core prefill (fp16/bf16)
-GROUP_TILES = (8, 4, 2, 1)                         # query heads per decode block (GQA)
+GROUP_TILES = (1, 2, 4, 8)                         # query heads per CUDA-core decode block (GQA)
+DECODE_MMA_ROWS = 16                               # query heads per tensor-core decode block (the mma's M)
+DECODE_MMA_CHUNK = 16                              # tokens per warp step of the tensor-core decode
+PREFILL_GROUP_TILES = (1, 2, 4)                    # query heads of a group per prefill block
 NUM_THREADS = 128                                  # every attention kernel: 4 warps
 NUM_WARPS = 4
 PACK = 8                                           # elements per 16-byte lane load
-PREFILL_BM, PREFILL_BN = 64, 32                    # query rows per block, keys per tile
+PREFILL_BM = 64                                    # query rows (token x head pairs) per prefill block
+
+
+def decode_mma_stages(head_dim: int) -> int:
+    """cp.async stages per warp of the tensor-core decode (DecodeMmaShape<HD>::STAGES)."""
+    return 3 if head_dim <= 128 else 2
+
+
+def decode_mma_shared(head_dim: int) -> int:
+    """Dynamic shared memory of paged_decode_mma_*_hd<head_dim> (DecodeMmaShape<HD>::SMEM_BYTES):
+    each warp's ring of K/V chunk buffers, 16 rows of head_dim + 8 (padded) each, and Q's tile
+    where it is not kept in registers (head size 256)."""
+    stride = head_dim + 8
+    pipe = NUM_WARPS * decode_mma_stages(head_dim) * 2 * DECODE_MMA_CHUNK * stride
+    q_tile = 0 if head_dim <= 128 else DECODE_MMA_ROWS * stride
+    return (pipe + q_tile) * 2
+
+
+def prefill_bn(head_dim: int) -> int:
+    """Keys per tile of the tensor-core prefill (PrefillShape<HD>::BN)."""
+    return 64 if head_dim <= 64 else 32
+
+
+def prefill_shared(head_dim: int) -> int:
+    """Dynamic shared memory of paged_prefill_*_hd<head_dim> (PrefillShape<HD>::SMEM_BYTES): two
+    stages of K and V tiles, and the warps' Q tiles where Q is not kept in registers (256)."""
+    stride = head_dim + 8
+    q_tiles = 0 if head_dim <= 128 else NUM_WARPS * 16 * stride
+    return (2 * 2 * prefill_bn(head_dim) * stride + q_tiles) * 2
+
 
 # Constants a source defines that the Python side relies on: the program static_asserts each.
 SOURCE_CONSTANTS = {
-    "paged_attention.cu": {"NUM_THREADS": NUM_THREADS, "NUM_WARPS": NUM_WARPS, "PACK": PACK,
-                           "PF_BM": PREFILL_BM, "PF_BN": PREFILL_BN},
+    "paged_attention.cu": {"NUM_THREADS": NUM_THREADS, "NUM_WARPS": NUM_WARPS, "PACK": PACK, "PF_BM": PREFILL_BM,
+                           "DM_ROWS": DECODE_MMA_ROWS, "DM_CHUNK": DECODE_MMA_CHUNK,
+                           **{f"DecodeMmaShape<{hd}>::SMEM_BYTES": decode_mma_shared(hd) for hd in DECODE_MMA_HEAD_DIMS},
+                           **{f"PrefillShape<{hd}>::BN": prefill_bn(hd) for hd in PREFILL_MMA_HEAD_DIMS},
+                           **{f"PrefillShape<{hd}>::SMEM_BYTES": prefill_shared(hd) for hd in PREFILL_MMA_HEAD_DIMS}},
 }
 
 # --------------------------------------------------------------------------------------------
@@ -63,33 +99,46 @@ SOURCE_CONSTANTS = {
 TAGS = ("f16", "bf16", "f32")
 HALF_TAGS = ("f16", "bf16")
 
-# paged_attention.cu. Decode: compile-time head sizes for the 16-bit types, the generic ("any" =
-# 0) path for every dtype; each for every group tile.
+# paged_attention.cu. Decode on CUDA cores: compile-time head sizes for the 16-bit types, the
+# generic ("any" = 0) path for every dtype; each for every group tile. Decode on tensor cores: the
+# 16-bit types at the compile-time head sizes; same parameters (decode_args fills both).
+_DECODE_PARAMS = parse_params(
+    "T* out, float* part_out, float* part_max, float* part_sum, const T* q, long long q_stride, "
+    "const T* kv_cache, const int* block_tables, const int* seq_lens, const int* query_start_loc, "
+    "int layer, int num_layers, int num_heads, int num_kv_heads, int block_size, "
+    "int max_blocks_per_seq, int head_dim, int partition_align, int num_partitions, int sliding_window, "
+    "float scale",
+    nullable=("part_out", "part_max", "part_sum"))
+
 PAGED_DECODE = Family(
     "paged_decode", "paged_attention.cu", "paged_decode_impl", ("T", "HD", "GT"), "paged_decode_{T}_hd{HD}_g{GT}",
-    parse_params("T* out, float* part_out, float* part_max, float* part_sum, const T* q, long long q_stride, "
-                 "const T* kv_cache, const int* block_tables, const int* seq_lens, const int* query_start_loc, "
-                 "int layer, int num_layers, int num_heads, int num_kv_heads, int block_size, "
-                 "int max_blocks_per_seq, int head_dim, int partition_size, int num_partitions, int sliding_window, "
-                 "float scale",
-                 nullable=("part_out", "part_max", "part_sum")),
+    _DECODE_PARAMS,
     tuple((t, hd, gt) for t in TAGS for hd in (0,) + (DECODE_FAST_HEAD_DIMS if t != "f32" else ())
           for gt in GROUP_TILES),
     NUM_THREADS, per_dtype=True)
+
+PAGED_DECODE_MMA = Family(
+    "paged_decode_mma", "paged_attention.cu", "paged_decode_mma_impl", ("T", "HD"), "paged_decode_mma_{T}_hd{HD}",
+    _DECODE_PARAMS, tuple((t, hd) for t in HALF_TAGS for hd in DECODE_MMA_HEAD_DIMS), NUM_THREADS, per_dtype=True)
 
 PAGED_DECODE_REDUCE = Family(
     "paged_decode_reduce", "paged_attention.cu", "paged_decode_reduce_impl", ("T",), "paged_decode_reduce_{T}",
     parse_params("T* out, const float* part_out, const float* part_max, const float* part_sum, "
                  "const int* seq_lens, const int* query_start_loc, int num_heads, int head_dim, "
-                 "int partition_size, int num_partitions, int sliding_window"),
+                 "int partition_align, int num_partitions, int sliding_window"),
     tuple((t,) for t in TAGS), NUM_THREADS, per_dtype=True)
 
 PAGED_PREFILL = Family(
     "paged_prefill", "paged_attention.cu", "paged_prefill_impl", ("T", "HD"), "paged_prefill_{T}_hd{HD}",
     parse_params("T* out, const T* q, long long q_stride, const T* kv_cache, const int* block_tables, "
                  "const int* seq_lens, const int* query_start_loc, int layer, int num_layers, int num_heads, "
-                 "int num_kv_heads, int block_size, int max_blocks_per_seq, int sliding_window, float scale"),
-    tuple((t, hd) for t in HALF_TAGS for hd in PREFILL_MMA_HEAD_DIMS), NUM_THREADS, per_dtype=True)
+                 "int num_kv_heads, int block_size, int max_blocks_per_seq, int group_tile, int sliding_window, "
+                 "float scale"),
+    tuple((t, hd) for t in HALF_TAGS for hd in PREFILL_MMA_HEAD_DIMS), NUM_THREADS, per_dtype=True,
+    # NOTE: with a bare __launch_bounds__(128) ptxas capped hd80 at 128 registers and spilled 8 bytes
+    # on sm_80 (nvcc 13.0); naming 2 resident blocks (any count up to 255 registers allows it) lifts
+    # the cap: 136 registers, no spill.
+    min_blocks=2)
 
 PAGED_VARLEN = Family(
     "paged_varlen", "paged_attention.cu", "paged_varlen_impl", ("T",), "paged_varlen_{T}",
@@ -145,7 +194,10 @@ UNARY = Family(
     "unary", "activations.cu", "unary_impl", ("T",), "unary_{T}",
     parse_params("T* out, const T* x, long long n, int op"), tuple((t,) for t in TAGS), 256)
 
-FAMILIES = (PAGED_DECODE, PAGED_DECODE_REDUCE, PAGED_PREFILL, PAGED_VARLEN, RESHAPE_AND_CACHE, COPY_BLOCKS,
+# The families that read q with 16-byte (or 4-byte fragment) loads: ops.py copies a q whose rows are not aligned.
+VECTOR_Q_FAMILIES = (PAGED_DECODE, PAGED_DECODE_MMA, PAGED_PREFILL)
+
+FAMILIES = (PAGED_DECODE, PAGED_DECODE_MMA, PAGED_DECODE_REDUCE, PAGED_PREFILL, PAGED_VARLEN, RESHAPE_AND_CACHE, COPY_BLOCKS,
             RMS_NORM, FUSED_ADD_RMS_NORM, LAYER_NORM, ROTARY, SILU_AND_MUL, GELU_TANH_AND_MUL, UNARY)
 KERNELS: dict[str, Kernel] = {k.name: k for f in FAMILIES for k in f.kernels.values()}
 if len(KERNELS) != sum(len(f.kernels) for f in FAMILIES) or {f.source for f in FAMILIES} != set(SOURCES) or any(
@@ -210,21 +262,22 @@ class AttentionBatch:
                     block_size=block_size, max_blocks_per_seq=self.block_tables.shape[1])
 
 
-def _expect(k: Kernel, family: Family, batch: AttentionBatch | None = None) -> None:
-    if k.family is not family:
-        raise TypeError(f"{k.name} is a {k.family.name} kernel, not {family.name}")
+def _expect(k: Kernel, family, batch: AttentionBatch | None = None) -> None:
+    families = family if isinstance(family, tuple) else (family,)
+    if k.family not in families:
+        raise TypeError(f"{k.name} is a {k.family.name} kernel, not {' or '.join(f.name for f in families)}")
     # NOTE: a compile-time head size (HD > 0) is the only one the kernel reads: another q would be misread.
     if batch is not None and k.template_args.get("HD") and k.template_args["HD"] != batch.q.shape[2]:
         raise ValueError(f"{k.name} is compiled for head_dim {k.template_args['HD']}, q has {batch.q.shape[2]}")
 
 
 def decode_args(k: Kernel, out, batch: AttentionBatch, plan, scratch=None) -> tuple:
-    """paged_decode_*: `plan` (dispatch.Launch) gives the partitions; `scratch` = (part_out, part_max,
-    part_sum) fp32 arrays for split-K, None otherwise."""
-    _expect(k, PAGED_DECODE, batch)
+    """paged_decode_* and paged_decode_mma_*: `plan` (dispatch.Launch) gives the partitions; `scratch` =
+    (part_out, part_max, part_sum) fp32 arrays for split-K, None otherwise."""
+    _expect(k, (PAGED_DECODE, PAGED_DECODE_MMA), batch)
     part_out, part_max, part_sum = scratch if scratch is not None else (NULL, NULL, NULL)
     return k.args(out=out, part_out=part_out, part_max=part_max, part_sum=part_sum, **batch.arrays(),
-                  **batch.sizes(), head_dim=batch.q.shape[2], partition_size=plan.partition_size,
+                  **batch.sizes(), head_dim=batch.q.shape[2], partition_align=plan.partition_align,
                   num_partitions=plan.num_partitions, sliding_window=batch.sliding_window, scale=batch.scale)
 
 
@@ -234,14 +287,16 @@ def decode_reduce_args(k: Kernel, out, batch: AttentionBatch, plan, scratch) -> 
     part_out, part_max, part_sum = scratch
     return k.args(out=out, part_out=part_out, part_max=part_max, part_sum=part_sum, seq_lens=batch.seq_lens,
                   query_start_loc=batch.query_start_loc, num_heads=batch.q.shape[1], head_dim=batch.q.shape[2],
-                  partition_size=plan.partition_size, num_partitions=plan.num_partitions,
+                  partition_align=plan.partition_align, num_partitions=plan.num_partitions,
                   sliding_window=batch.sliding_window)
 
 
-def prefill_args(k: Kernel, out, batch: AttentionBatch) -> tuple:
-    """paged_prefill_* (tensor cores; the head size is the template's)."""
+def prefill_args(k: Kernel, out, batch: AttentionBatch, group_tile: int) -> tuple:
+    """paged_prefill_* (tensor cores; the head size is the template's; group_tile query heads of a
+    group per block, as the dispatcher chose for the grid)."""
     _expect(k, PAGED_PREFILL, batch)
-    return k.args(out=out, **batch.arrays(), **batch.sizes(), sliding_window=batch.sliding_window, scale=batch.scale)
+    return k.args(out=out, **batch.arrays(), **batch.sizes(), group_tile=group_tile,
+                  sliding_window=batch.sliding_window, scale=batch.scale)
 
 
 def varlen_args(k: Kernel, out, batch: AttentionBatch) -> tuple:

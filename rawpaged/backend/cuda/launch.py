@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from rawpaged.backend.cuda import kernels
+from rawpaged.backend.cuda import dispatch, kernels
 from rawpaged.errors import RawpagedError
 
 try:  # NOTE: guarded so the package can be imported and its dispatch tested on machines without CuPy.
@@ -54,6 +54,8 @@ def function(name: str):
 def clear_caches() -> None:
     module.cache_clear()
     function.cache_clear()
+    occupancy.cache_clear()
+    device_limits.cache_clear()
 
 
 def allow_shared(fn, nbytes: int) -> None:
@@ -84,6 +86,30 @@ def launch(k: kernels.Kernel, grid, block, args: tuple, shared_mem: int = 0) -> 
 @functools.lru_cache(maxsize=None)
 def num_sms() -> int:
     return int(require_cupy().cuda.Device().attributes["MultiProcessorCount"])
+
+
+@functools.lru_cache(maxsize=None)
+def device_limits() -> dispatch.DeviceLimits:
+    """The current device's per-SM limits (cudaDeviceGetAttribute through CuPy); H100 values where
+    an attribute is missing."""
+    attrs = require_cupy().cuda.Device().attributes
+    d = dispatch.DeviceLimits()
+    return dispatch.DeviceLimits(
+        shared_per_sm=int(attrs.get("MaxSharedMemoryPerMultiprocessor", d.shared_per_sm)),
+        registers_per_sm=int(attrs.get("MaxRegistersPerMultiprocessor", d.registers_per_sm)),
+        threads_per_sm=int(attrs.get("MaxThreadsPerMultiProcessor", d.threads_per_sm)),
+        blocks_per_sm=int(attrs.get("MaxBlocksPerMultiprocessor", d.blocks_per_sm)),
+        reserved_shared_per_block=int(attrs.get("ReservedSharedMemoryPerBlock", d.reserved_shared_per_block)))
+
+
+@functools.lru_cache(maxsize=None)
+def occupancy(name: str, dynamic_shared: int, threads: int = kernels.NUM_THREADS) -> int:
+    """Resident blocks per SM of kernel `name` launched with `threads` threads and `dynamic_shared`
+    bytes: its registers and static shared memory read from the compiled kernel (compiling its module
+    on first use), the limits from the device (dispatch.resident_blocks)."""
+    attrs = function(name).attributes
+    return dispatch.resident_blocks(int(attrs.get("num_regs", 0)), int(attrs.get("shared_size_bytes", 0)),
+                                    int(dynamic_shared), int(threads), device_limits())
 
 
 def on_device(arr, dtype=None):

@@ -31,6 +31,18 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
     `max_query_len` / `max_seq_len` are host-side hints (the model runner knows them); when missing
     they are read back from the device, which costs a synchronisation.
     """
+    return paged_attention_planned(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale, out,
+                                   max_query_len, max_seq_len, sliding_window)
+
+
+def paged_attention_planned(q, kv_cache, layer, block_tables, seq_lens, query_start_loc, scale,
+                            out=None, max_query_len=None, max_seq_len=None, sliding_window=None, *,
+                            max_model_len=None, num_partitions=None):
+    """paged_attention with the decode grid fixed in advance, for a step captured in a CUDA graph:
+    `max_model_len` plans split-K for that length (the same grid whatever the step's contexts) and
+    `num_partitions` fixes the partition count outright (dispatch.select_decode_kernel).
+    NOTE: a name of its own, not two more keywords on paged_attention, whose signature is the backend
+    contract's (rawpaged/backend/base.py) that the CPU twin shares."""
     cp = require_cupy()
     block_tables = on_device(block_tables, np.int32)
     seq_lens = on_device(seq_lens, np.int32)
@@ -46,17 +58,19 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
         return out
     if max_query_len is None:
         max_query_len = int(cp.diff(query_start_loc).max())
-    if max_seq_len is None:
+    if max_seq_len is None and max_model_len is None:
         max_seq_len = int(seq_lens.max())
-    plan = select_attention_kernel(head_dim, q.dtype, block_size, num_seqs, max_seq_len, launch.num_sms(),
-                                   num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                   max_query_len=max_query_len, num_tokens=num_tokens, sliding_window=window)
+    plan = select_attention_kernel(head_dim, q.dtype, block_size, num_seqs, max_seq_len or max_model_len,
+                                   launch.num_sms(), num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                   max_query_len=max_query_len, num_tokens=num_tokens, sliding_window=window,
+                                   blocks_per_sm=launch.occupancy, max_model_len=max_model_len,
+                                   num_partitions=num_partitions)
     k = kernels.kernel(plan.kernel)
-    if k.family in (kernels.PAGED_DECODE, kernels.PAGED_PREFILL) and not packable(q):
-        q = cp.ascontiguousarray(q)            # 16-byte loads need aligned rows
+    if k.family in kernels.VECTOR_Q_FAMILIES and not packable(q):
+        q = cp.ascontiguousarray(q)            # 16-byte (and 4-byte fragment) loads need aligned rows
     batch = kernels.AttentionBatch(q, token_stride(q, "paged_attention: q", (num_heads, head_dim)), kv_cache,
                                    layer, block_tables, seq_lens, query_start_loc, scale, window)
-    if k.family is kernels.PAGED_DECODE:
+    if k.family in (kernels.PAGED_DECODE, kernels.PAGED_DECODE_MMA):
         scratch = None
         if plan.use_split_k:
             rows = num_seqs * num_heads * plan.num_partitions
@@ -68,7 +82,7 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
             launch.launch(reduce, plan.reduce_grid, (NUM_THREADS, 1, 1),
                           kernels.decode_reduce_args(reduce, out, batch, plan, scratch), plan.reduce_shared_mem)
     elif k.family is kernels.PAGED_PREFILL:
-        launch.launch(k, plan.grid, plan.block, kernels.prefill_args(k, out, batch), plan.shared_mem)
+        launch.launch(k, plan.grid, plan.block, kernels.prefill_args(k, out, batch, plan.group_tile), plan.shared_mem)
     else:
         launch.launch(k, plan.grid, plan.block, kernels.varlen_args(k, out, batch), plan.shared_mem)
     return out

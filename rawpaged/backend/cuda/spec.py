@@ -87,6 +87,7 @@ class Family:
     instances: tuple[tuple, ...]     # the template arguments of every instantiation
     max_threads: int                 # __launch_bounds__: the most threads a launch may use
     per_dtype: bool = False          # its source is compiled once per dtype (only the model's is built)
+    min_blocks: int = 0              # __launch_bounds__'s second argument (0: none); see kernels.PAGED_PREFILL
     kernels: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -209,7 +210,8 @@ class Kernel:
         types = self.ctypes()
         decl = ", ".join(f"{t} {p.name}" for t, p in zip(types, self.params))
         call = ", ".join(p.name for p in self.params)
-        return (f'extern "C" __global__ void __launch_bounds__({self.max_threads}) {self.name}({decl}) {{\n'
+        bounds = f"{self.max_threads}, {self.family.min_blocks}" if self.family.min_blocks else f"{self.max_threads}"
+        return (f'extern "C" __global__ void __launch_bounds__({bounds}) {self.name}({decl}) {{\n'
                 f"    static_assert(rp_same_type<decltype(&{impl}), void (*)({', '.join(types)})>::value,\n"
                 f'                  "{self.name}: {self.family.impl} takes other parameter types than the '
                 f'table in rawpaged/backend/cuda/kernels.py");\n'

@@ -13,7 +13,7 @@ from rawpaged.errors import RawpagedError
 from rawpaged.executor.simulated import SIM_VOCAB, build_sim_engine
 from rawpaged.repro.calibrate import fit_profile
 from rawpaged.repro.costmodel import CostModel, StepShape
-from rawpaged.repro.driver import run_workload
+from rawpaged.repro.driver import MEASURED_FIELDS, run_workload
 from rawpaged.repro.specs import HardwareProfile, ModelSpec, SimSetup, paper_setup
 from rawpaged.repro.workloads import (PAPER_MEANS, LengthSource, load_lengths, make_workload, poisson_arrivals,
                                       prompt_token_ids, with_rate)
@@ -105,7 +105,8 @@ def test_simulated_run_is_deterministic_for_a_seed():
     a, b = _run_toy(0), _run_toy(0)
     assert a.batches == b.batches and len(a.batches) > 20
     for k in a.steps:
-        np.testing.assert_array_equal(a.steps[k], b.steps[k])
+        if k not in MEASURED_FIELDS:
+            np.testing.assert_array_equal(a.steps[k], b.steps[k])
     np.testing.assert_array_equal(a.finish, b.finish)
     assert a.num_preemptions > 0                        # the toy pool is small enough to preempt
     assert a.steps["physical_blocks"].sum() < a.steps["logical_blocks"].sum()   # forks shared blocks

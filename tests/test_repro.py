@@ -75,6 +75,27 @@ def test_cost_model_tensor_parallel_and_swaps_by_hand():
     assert swap.copy == pytest.approx(0.01 + 2 * 4 * 64 / 1000, rel=1e-12)
 
 
+def test_small_blocks_pay_a_wait_per_block_by_hand():
+    hw = dataclasses.replace(HW, block_latency=0.1, sms=2, warps_per_sm=4)
+    cm = CostModel(SimSetup(SPEC, hw, num_gpus=2, kv_memory=0), block_size=4)
+    s = StepShape(num_seqs=3, num_tokens=3, num_sampled=3, decode_context=30, decode_blocks=9)
+    plain = CostModel(SimSetup(SPEC, HW, num_gpus=2, kv_memory=0), block_size=4).step(s).attention
+    # 2 passes (K, V) x 2 heads x 2 layers x 9 blocks x 0.1 s, half the heads per rank, 8 warps at once
+    assert cm.step(s).attention == pytest.approx(plain + 2 * 2 * 2 * 9 * 0.1 / 2 / 8, rel=1e-12)
+
+
+def test_step_shape_counts_the_decode_rows_blocks():
+    eng = _toy_engine()                                  # blocks of 8
+    for i, n in enumerate((3, 8, 12)):
+        eng.add_request(str(i), None, SamplingParams(temperature=0, ignore_eos=True, max_tokens=3),
+                        prompt_token_ids=[1] * n, arrival_time=0.0)
+    eng.step()                                           # the prompts: no decode row
+    assert eng.executor.last_shape.decode_blocks == 0
+    eng.step()                                           # contexts 4, 9, 13: 1 + 2 + 2 blocks of 8
+    shape = eng.executor.last_shape
+    assert (shape.decode_context, shape.decode_blocks) == (4 + 9 + 13, 5)
+
+
 def test_prefill_alone_prices_a_mixed_step_as_two_steps():
     cm = CostModel(SimSetup(SPEC, dataclasses.replace(HW, prefill_alone=True), kv_memory=0))
     mixed = StepShape(num_seqs=3, num_tokens=12, num_sampled=3, decode_context=20, prefill_pairs=55,

@@ -99,7 +99,7 @@ class SimulatedExecutor:
         self.num_device_blocks = num_device_blocks      # nothing to allocate: no arrays
 
     def execute_model(self, out) -> ModelOutput | None:
-        self.last_shape = StepShape.of(out)
+        self.last_shape = StepShape.of(out, self.config.block_size)
         self.last_cost = self.cost_model.step(self.last_shape)
         self.last_step_time = self.last_cost.total
         self.clock += self.last_step_time

@@ -41,7 +41,7 @@ from rawpaged.sampling_params import SamplingParams
 STEP_FIELDS = ("t", "dt", "num_seqs", "num_tokens", "num_sampled", "decode_context", "prefill_pairs",
                "swap_blocks", "copy_blocks", "batched_requests", "real_tokens", "reserved",
                "internal", "external", "free", "total", "logical_blocks", "physical_blocks", "prefill_seqs",
-               "prefill_tokens", "rounding", "host_cpu")
+               "prefill_tokens", "decode_blocks", "rounding", "host_cpu")
 MEASURED_FIELDS = ("host_cpu",)     # timed on this machine: differs from run to run (the rest is deterministic)
 
 
@@ -52,7 +52,7 @@ def record_shapes(executor, record_batches: bool = False):
     executor.last_execute_cpu = 0.0
 
     def execute_model(out):
-        executor.last_out_shape = StepShape.of(out)
+        executor.last_out_shape = StepShape.of(out, executor.config.block_size)
         executor.last_batched_requests = len(out.scheduled)
         if record_batches:
             executor.last_batch = tuple((s.group.request_id, s.group.seqs.index(s.seq), s.num_new_tokens)
@@ -260,7 +260,7 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
                      shape.prefill_pairs, shape.swap_blocks, shape.copy_blocks, ex.last_batched_requests,
                      kv.real_tokens, kv.reserved_unused, kv.internal_fragmentation, kv.external_fragmentation,
                      kv.free, kv.total, logical, physical, shape.prefill_seqs, shape.prefill_tokens,
-                     rounding() if rounding else 0, host))
+                     shape.decode_blocks, rounding() if rounding else 0, host))
         walls.append(wall)
         cpus.append(cpu)
         if record_batches:

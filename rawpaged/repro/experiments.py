@@ -436,8 +436,10 @@ def fig18(ctx: Context):
     return fig
 
 
-BLOCK_NOTE = ("The cost model charges no kernel inefficiency for small blocks (the paper's Fig. 18a effect); "
-              "what varies here is fragmentation, preemption and swap/copy granularity.")
+BLOCK_NOTE = ("Both sides of the trade-off are modelled: small blocks cost the paper's decode kernel a wait per "
+              "block it reads (a block-table load, then the block's rows: costmodel.py 'Small blocks', its "
+              "constants stated assumptions in specs.py, not fits), large blocks waste each sequence's last "
+              "partial block (fewer requests fit, more preemption). Swap and copy-on-write move whole blocks.")
 
 
 def fig19(ctx: Context):

@@ -61,8 +61,9 @@ REASONS = [
      "computing and storing the shared prefix once."),
     (("fig17", ""), "all three Orca variants reserve for 1024 output tokens on top of ~1024-token prompts, so they "
      "behave alike, as in the paper."),
-    (("fig18", ""), "the cost model has no kernel penalty for small blocks, so only the fragmentation side of the "
-     "trade-off shows."),
+    (("fig18", ""), "small blocks pay the paper's kernel a wait per block read (assumed latency and occupancy, "
+     "specs.py), large ones waste the last partial block of every sequence; where the minimum falls depends on "
+     "those assumed constants, which no GPU here could measure."),
     (("calibration", ""), "the machine is shared with other jobs: measured step times carry their noise."),
     (("validate", ""), "same requests, same sequences, same token counts in every step."),
 ]

@@ -121,6 +121,10 @@ class HardwareProfile:
     allreduce_latency: float = 2.5e-5
     transfer_latency: float = 1e-5   # per swapped or copied block (one contiguous copy each)
     prefill_alone: bool = False      # prompts run in steps of their own (vLLM 0.1): see costmodel.py
+    # the paper's decode kernel waits once per KV block it reads (costmodel.py, "Small blocks"); 0: no term
+    block_latency: float = 0.0       # seconds a warp waits per block: block-table load, then the rows
+    sms: int = 0                     # streaming multiprocessors
+    warps_per_sm: int = 16           # warps of the decode kernel resident per SM
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -149,9 +153,18 @@ class HardwareProfile:
 
 # Datasheet peaks (dense fp16/bf16 tensor FLOP/s, HBM bandwidth, NVLink per direction). The H200's
 # bandwidth is its measured device-to-device copy (about 4.3 TB/s, of 4.8 peak: DESIGN.md).
+#
+# The A100 profiles' per-block wait (the paper's kernel, costmodel.py "Small blocks"), stated
+# assumptions, not fits: 108 SMs (datasheet); 0.5 us a block, a dependent pair of loads at ~1.41 GHz
+# (an L2 hit for the block-table entry, ~200 cycles, then the rows from DRAM, ~500 cycles: the
+# range microbenchmarks of Volta/Ampere report); 16 resident warps a SM (vLLM 0.1's kernel runs 128
+# threads a thread block; at ~128 registers a thread the SM's 65,536 registers hold 512 threads).
+# For OPT-13B that is 0.53 KV tokens' worth of bandwidth time per block: +26% attention time at
+# blocks of 2, +3% at 16.
+PAPER_KERNEL = dict(block_latency=5e-7, sms=108, warps_per_sm=16)
 HARDWARE: dict[str, HardwareProfile] = {h.name: h for h in (
-    HardwareProfile("a100-40gb", 40 * GiB, 1.555e12, 312e12, 300e9, 25e9, prefill_alone=True),
-    HardwareProfile("a100-80gb", 80 * GiB, 2.039e12, 312e12, 300e9, 25e9, prefill_alone=True),
+    HardwareProfile("a100-40gb", 40 * GiB, 1.555e12, 312e12, 300e9, 25e9, prefill_alone=True, **PAPER_KERNEL),
+    HardwareProfile("a100-80gb", 80 * GiB, 2.039e12, 312e12, 300e9, 25e9, prefill_alone=True, **PAPER_KERNEL),
     HardwareProfile("h100-80gb", 80 * GiB, 3.35e12, 989e12, 450e9, 50e9, mem_eff=0.85, attn_eff=0.85),
     HardwareProfile("h200-141gb", 141 * 10**9, 4.3e12, 790e12, 450e9, 50e9, mem_eff=0.9, gemm_eff=0.8,
                     attn_eff=0.85),

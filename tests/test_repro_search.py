@@ -134,3 +134,39 @@ def test_host_cost_fit_recovers_known_constants():
     step, per_seq, err = fit_host_cost(np.concatenate([[0], seqs]), np.concatenate([[9.0], host]))  # idle step ignored
     assert step == pytest.approx(1.5e-4, rel=0.1) and per_seq == pytest.approx(3e-5, rel=0.02)
     assert err < 0.02
+
+
+def test_replayed_clock_repeats_the_schedule():
+    from rawpaged.repro.real import Replay
+    setup = SimSetup(SPEC, HW, kv_memory=96 * SPEC.kv_bytes_per_token)
+    cfg = EngineConfig(block_size=8, enable_chunked_prefill=False, enable_prefix_caching=False,
+                       max_num_batched_tokens=64, swap_space=0)
+    rng = np.random.default_rng(5)
+    src = LengthSource("synthetic", rng.integers(4, 30, 300), rng.integers(4, 30, 300), paired=False,
+                       description="uniform test lengths")
+    wl = make_workload(src, 40, 0.1, seed=2, max_len=64)
+    first = run_workload(build_sim_engine(setup, cfg), wl, "model", vocab=SIM_VOCAB, record_batches=True)
+    # a clock that runs at another speed changes the decisions; the replayed one does not
+    other = run_workload(build_sim_engine(setup, cfg), wl, "model", cost_model=_Scaled(first.steps["dt"], 3.0),
+                         vocab=SIM_VOCAB, record_batches=True)
+    again = run_workload(build_sim_engine(setup, cfg), wl, "model", cost_model=Replay(first.steps["dt"]),
+                         vocab=SIM_VOCAB, record_batches=True)
+    assert other.batches != first.batches
+    assert again.batches == first.batches
+    np.testing.assert_array_equal(again.finish, first.finish)
+
+
+class _Scaled:
+    def __init__(self, dts, k):
+        self.dts, self.k = iter(list(dts) * 10), k
+
+    def step_time(self, shape):
+        return self.k * next(self.dts)
+
+
+def test_calibration_sanity_flags_a_bad_fit():
+    from rawpaged.repro.real import CPU_BASE, _sanity
+    good = {"per_gemm_flop": 1e-12, "per_decode_kv_byte": 0.0, "per_prefill_flop": 0.0, "step_spread": 0.05}
+    assert _sanity(CPU_BASE, good, {"step": 1.02}) == []
+    bad = _sanity(CPU_BASE, dict(good, per_gemm_flop=0.0, step_spread=0.6), {"step": 2.5})
+    assert len(bad) == 3 and "too loaded" in bad[1] and "outside" in bad[2]

@@ -92,14 +92,16 @@ class Progress:
         self.tty = stream.isatty()
         self.start = time.perf_counter()
         self.last = ""
+        self.last_line = 0.0
 
     def __call__(self, what: str, done: int, total: int, point=None) -> None:
         el = time.perf_counter() - self.start
         line = f"[{int(el // 60)}:{int(el % 60):02d}] {what}: {done}/{total}" + (f"  {point.label()}" if point else "")
         if self.tty:
             self.stream.write("\r" + line[:120].ljust(120))
-        elif done == total or what != self.last:
+        elif done == total or what != self.last or el - self.last_line >= 15:
             self.stream.write(line + "\n")
+            self.last_line = el
         self.last = what
         self.stream.flush()
 

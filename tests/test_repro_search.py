@@ -40,6 +40,15 @@ def test_rate_search_reports_floor_and_ceiling():
     assert high.outcome == "at or above the ceiling" and high.rate == 10.0
 
 
+def test_rate_search_ends_at_bounds_that_rounding_moves():
+    # 1.6 x 1.71774 = 2.748384 runs as 2.748: the search once asked for that point forever
+    high = _search(lambda r: 0.1, guess=1.5, floor=0.0171774, ceiling=2.748384)
+    assert high.outcome == "at or above the ceiling" and high.rates[-1] == 2.748
+    low = _search(lambda r: 5.0, guess=1.5, floor=0.0171774, ceiling=2.748384)
+    assert low.outcome == "below the floor" and low.rates[-1] == 0.01718
+    assert len(set(high.rates)) == len(high.rates) and len(set(low.rates)) == len(low.rates)
+
+
 def test_overloaded_point_counts_as_above():
     s = RateSearch(threshold=1.0, guess=2.0, floor=0.1, ceiling=10.0)
     s.record(2.0, {"overloaded": True, "normalized_latency": 0.5})

@@ -45,8 +45,9 @@ STEP_FIELDS = ("t", "dt", "num_seqs", "num_tokens", "num_sampled", "decode_conte
 MEASURED_FIELDS = ("host_cpu",)     # timed on this machine: differs from run to run (the rest is deterministic)
 
 
-def record_shapes(executor, record_batches: bool = False):
-    """Wrap executor.execute_model so the driver sees each step's SchedulerOutput first."""
+def record_shapes(executor, record_batches: bool = False, measure_host: bool = False):
+    """Wrap executor.execute_model so the driver sees each step's SchedulerOutput first (and, with
+    `measure_host`, times it in this thread's CPU clock)."""
     inner = executor.execute_model
     executor.shapes_seen = []
     executor.last_execute_cpu = 0.0
@@ -57,9 +58,10 @@ def record_shapes(executor, record_batches: bool = False):
         if record_batches:
             executor.last_batch = tuple((s.group.request_id, s.group.seqs.index(s.seq), s.num_new_tokens)
                                         for s in out.batch)
-        start, cpu = time.perf_counter(), time.thread_time()
+        start, cpu = time.perf_counter(), time.thread_time() if measure_host else 0.0
         result = inner(out)
-        executor.last_execute_cpu = time.thread_time() - cpu
+        if measure_host:
+            executor.last_execute_cpu = time.thread_time() - cpu
         executor.last_execute_wall = time.perf_counter() - start
         return result
 
@@ -193,14 +195,20 @@ def _sharing(engine) -> tuple[int, int]:
 def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: CostModel | None = None,
                  vocab: int, record_batches: bool = False, measure_sharing: bool = False,
                  max_waiting: int | None = None, stop_above: float | None = None, max_steps: int = 10_000_000,
-                 progress=None) -> RunResult:
+                 measure_cpu: bool | None = None, measure_host: bool = False, progress=None) -> RunResult:
     """Replay `wl` through `engine` (see the module docstring); `progress(done, total)` is called
     now and then. With `max_waiting`, a run whose waiting queue grows past it stops early and is
     marked overloaded (its rate is past the system's capacity: latency grows without bound). With
-    `stop_above`, a run stops as soon as its mean normalized latency is certain to exceed it."""
+    `stop_above`, a run stops as soon as its mean normalized latency is certain to exceed it.
+    `measure_cpu` (default: with the "cpu" clock) records each step's process CPU time (step_cpu),
+    `measure_host` its host time (the host_cpu column; hostcost.py); unmeasured, they are NaN.
+    NOTE: off by default because CPU clocks are system calls (no vDSO): on this machine the four
+    a step took a fifth of a simulated run's time."""
     if clock not in ("model", "wall", "cpu"):
         raise RawpagedError(f"clock must be 'model', 'wall' or 'cpu', got {clock!r}")
-    ex = record_shapes(engine.executor, record_batches)
+    ex = record_shapes(engine.executor, record_batches, measure_host)
+    if measure_cpu is None:
+        measure_cpu = clock == "cpu"
     snapshot = _record_snapshots(engine.scheduler)
     overloaded = False
     if clock == "model" and cost_model is None:
@@ -234,10 +242,14 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
             t = max(t, reqs[nxt].arrival)
             continue
         ex.last_execute_cpu = 0.0
-        w0, c0, h0 = time.perf_counter(), time.process_time(), time.thread_time()
+        w0 = time.perf_counter()
+        c0 = time.process_time() if measure_cpu else 0.0
+        h0 = time.thread_time() if measure_host else 0.0
         outputs = engine.step()
-        host = time.thread_time() - h0 - ex.last_execute_cpu + getattr(ex, "last_prepare_cpu", 0.0)
-        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        host = (time.thread_time() - h0 - ex.last_execute_cpu + getattr(ex, "last_prepare_cpu", 0.0)
+                if measure_host else math.nan)
+        wall = time.perf_counter() - w0
+        cpu = time.process_time() - c0 if measure_cpu else math.nan
         shape = ex.last_out_shape
         dt = cost_model.step_time(shape) if clock == "model" else wall if clock == "wall" else cpu
         t += dt

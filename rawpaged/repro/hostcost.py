@@ -69,7 +69,7 @@ def measure_host_cost(data_dir: str | Path, num_requests: int = 200, seed: int =
         if wl is None:
             wl = with_rate(burst, 0.5 * runs[0].throughput)
         engine = build_sim_engine(setup, config, tokenizer=_opt_tokenizer(data_dir), prepare_inputs=True)
-        runs.append(run_workload(engine, wl, "model", vocab=SIM_VOCAB))
+        runs.append(run_workload(engine, wl, "model", vocab=SIM_VOCAB, measure_host=True))
     seqs = np.concatenate([r.steps["num_seqs"] for r in runs])
     host = np.concatenate([r.steps["host_cpu"] for r in runs])
     step, per_seq, err = fit_host_cost(seqs, host)

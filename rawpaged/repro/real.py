@@ -236,7 +236,8 @@ def _repeat_times(ctx: Context, make_engine, wl, first, repeats: int, device: st
     replays of it); and the median relative spread of the repeats."""
     runs = [_times(first, device)]
     for _ in range(repeats - 1):
-        r = run_workload(make_engine(), wl, "model", cost_model=Replay(first.steps["dt"]), vocab=SIM_VOCAB)
+        r = run_workload(make_engine(), wl, "model", cost_model=Replay(first.steps["dt"]), vocab=SIM_VOCAB,
+                         measure_cpu=True)
         if len(r.steps["dt"]) != len(first.steps["dt"]):       # cannot happen: the same decisions
             raise RawpagedError("calibration: a replayed run took a different number of steps")
         runs.append(_times(r, device))

@@ -139,11 +139,20 @@ class RateSearch:
     hi: float | None = None           # lowest rate seen above it
     seen: list = field(default_factory=list)
 
+    def __post_init__(self):
+        # NOTE: the bounds as the rates run (round_rate): an unrounded ceiling of 2.7484 was never
+        # reached by its own rounded point 2.748, and the search asked for that point forever.
+        self.floor, self.ceiling = round_rate(self.floor), round_rate(self.ceiling)
+
     def above(self, row: dict) -> bool:
         return bool(row["overloaded"]) or row["normalized_latency"] > self.threshold
 
+    @property
+    def rates(self) -> list[float]:
+        return [r for r, _ in self.seen]
+
     def record(self, rate: float, row: dict) -> None:
-        self.seen.append(row)
+        self.seen.append((rate, row))
         if self.above(row):
             self.hi = rate if self.hi is None else min(self.hi, rate)
         else:
@@ -153,14 +162,17 @@ class RateSearch:
         """The next rate to run, or None when the search is over."""
         lo, hi = self.lo, self.hi
         if lo is None and hi is None:
-            return round_rate(self.guess)
-        if hi is None:
-            return None if lo >= self.ceiling else round_rate(min(2 * lo, self.ceiling))
-        if lo is None:
-            return None if hi <= self.floor else round_rate(max(hi / 2, self.floor))
-        if hi / lo <= self.tol:
-            return None
-        return round_rate(math.sqrt(lo * hi))
+            nxt = round_rate(min(max(self.guess, self.floor), self.ceiling))
+        elif hi is None:
+            nxt = None if lo >= self.ceiling else round_rate(min(2 * lo, self.ceiling))
+        elif lo is None:
+            nxt = None if hi <= self.floor else round_rate(max(hi / 2, self.floor))
+        elif hi / lo <= self.tol:
+            nxt = None
+        else:
+            nxt = round_rate(math.sqrt(lo * hi))
+        # a rate already run decides nothing new (rounding can bring one back): the search is over
+        return None if nxt is None or any(r == nxt for r in self.rates) else nxt
 
     @property
     def outcome(self) -> str:

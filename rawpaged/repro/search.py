@@ -111,6 +111,8 @@ def drive(ctx, tasks: list[Task], what: str = "points") -> list:
             advance(t, [ctx.cache[p] for p in pts])
         if ready or not active:
             continue
+        if not inflight:      # cannot happen: every point a task waits for is cached or running
+            raise RuntimeError(f"search.drive: {len(active)} tasks wait for points that nothing runs")
         done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
         for fut in done:
             p = inflight.pop(fut)

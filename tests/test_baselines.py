@@ -9,6 +9,7 @@ import pytest
 
 from rawpaged import LLM, SamplingParams
 from rawpaged.core.block_manager import BlockSpaceManager
+from rawpaged.core.contiguous import Run
 from rawpaged.core.kv_managers import make_kv_manager
 from rawpaged.core.orca import OrcaManager
 from rawpaged.core.scheduler import Scheduler
@@ -26,8 +27,9 @@ def test_config_options_and_their_flags():
     parser = argparse.ArgumentParser()
     EngineConfig.add_cli_args(parser)
     cfg = EngineConfig.from_cli_args(parser.parse_args(["--kv-manager", "orca-pow2", "--batching", "static",
-                                                        "--orca-granularity", "32"]))
+                                                        "--orca-granularity", "32", "--orca-allocator", "first-fit"]))
     assert (cfg.kv_manager, cfg.batching, cfg.orca_granularity) == ("orca-pow2", "static", 32)
+    assert cfg.orca_allocator == "first-fit" and EngineConfig().orca_allocator is None
     assert cfg.enable_prefix_caching is False                    # no sharing under Orca: off by default
     assert EngineConfig().enable_prefix_caching is True and EngineConfig().kv_manager == "paged"
     with pytest.raises(SystemExit):
@@ -40,6 +42,8 @@ def test_config_options_and_their_flags():
     ({"orca_granularity": 1}, "orca-\\* KV managers only"),
     ({"kv_manager": "orca-max", "orca_granularity": 0}, "at least 1 token"),
     ({"kv_manager": "buddy"}, "kv_manager must be one of paged, orca-max"),
+    ({"orca_allocator": "buddy"}, "orca_allocator applies to the orca-\\* KV managers only"),
+    ({"kv_manager": "orca-max", "orca_allocator": "slab"}, "orca_allocator must be one of buddy, first-fit"),
     ({"batching": "dynamic"}, "batching must be continuous or static"),
 ])
 def test_combinations_that_make_no_sense_are_one_line_errors(kwargs, match):
@@ -53,8 +57,10 @@ def test_the_factory_builds_each_manager():
     assert isinstance(paged, BlockSpaceManager) and paged.enable_prefix_caching and paged.num_cpu_blocks == 8
     for name, policy in zip(ORCA, ("max", "pow2", "oracle")):
         bm = make_kv_manager(EngineConfig(kv_manager=name), 64, 8, 512)
-        assert isinstance(bm, OrcaManager) and bm.policy == policy
+        assert isinstance(bm, OrcaManager) and bm.policy == policy and bm.allocator == "buddy"   # the paper's
         assert (bm.block_size, bm.num_device_blocks, bm.num_cpu_blocks) == (16, 64, 0)
+    ff = make_kv_manager(EngineConfig(kv_manager="orca-oracle", orca_allocator="first-fit"), 64, 8, 512)
+    assert ff.allocator == "first-fit" and ff.alloc.free_runs() == [Run(0, 64)]
     coarse = make_kv_manager(EngineConfig(kv_manager="orca-max", orca_granularity=48), 64, 0, 512)
     assert (coarse.block_size, coarse.num_device_blocks) == (16, 63)              # 21 units of 3 blocks
     with pytest.raises(RawpagedError, match="not a multiple of block_size=16"):
@@ -154,10 +160,16 @@ def make_llm(kv_manager="paged", batching="continuous", blocks=64, **kw):
 def assert_every_slot_free(llm):
     bm = llm.engine.block_manager
     acct = bm.slot_accounting()
-    assert acct.free == acct.total == bm.num_device_blocks * bm.block_size
-    assert bm.get_num_free_device_blocks() == bm.num_device_blocks and bm.usage() == 0.0
+    assert acct.total == bm.num_device_blocks * bm.block_size and bm.usage() == 0.0
+    assert acct.free + acct.external_fragmentation == acct.total and acct.allocated == 0
     if isinstance(bm, OrcaManager):
         assert not bm.seqs and not bm.reservations
+        # NOTE: a buddy pool whose size is no power of two is its top blocks (96 blocks: 64 + 32); no one
+        # range spans two, so the smaller ones count as external fragmentation even when all is free.
+        assert bm.alloc.free_runs() == bm.alloc.top_blocks()
+        assert acct.free == bm.alloc.top_blocks()[0].length * bm.granularity
+    else:
+        assert acct.free == acct.total and bm.get_num_free_device_blocks() == bm.num_device_blocks
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import test_block_manager as tbm
+from rawpaged.core.contiguous import Run
 from rawpaged.core.interface import AllocStatus, KVCacheManager, SlotAccounting
 from rawpaged.core.orca import OrcaManager
 from rawpaged.errors import RawpagedError
@@ -44,11 +45,12 @@ def test_orca_implements_the_interface():
     assert (bm.num_cpu_blocks, bm.get_num_free_cpu_blocks(), bm.prefix_cache_queries, bm.prefix_cache_hits) == (0,) * 4
 
 
-def scenario(policy, granularity=None):
+def scenario(policy, granularity=None, allocator="first-fit"):
     """A: prompt 5 + 6 outputs (final length 11), B: 3 + 2 (5), C: 9 + 10 (19), in a 64-slot pool of
     blocks of 4 (max_model_len 32). A computes its prompt and samples one token (6 tokens), B computes
     its prompt (3), C has computed nothing yet (9 prompt tokens, all covered by its range)."""
-    bm = OrcaManager(policy, block_size=4, num_device_blocks=16, max_model_len=32, granularity=granularity)
+    bm = OrcaManager(policy, block_size=4, num_device_blocks=16, max_model_len=32, granularity=granularity,
+                     allocator=allocator)
     a, b, c = request(5, 6), request(3, 2), request(9, 10)
     admitted = []
     for g in (a, b, c):
@@ -73,21 +75,32 @@ def test_orca_max_accounting():
     assert bm.can_allocate(c) == AllocStatus.OK and bm.get_num_free_device_blocks() == 8
 
 
+def test_policies_reserve_as_the_paper_defines_them():
+    """Section 6.1: Max reserves 2048 (max_model_len) in all; Pow2 over-reserves the OUTPUT by at most 2x
+    ("if the true output length is 25, it reserves 32 positions for outputs"); Oracle the exact output."""
+    def reserved(policy, prompt, output):
+        return OrcaManager(policy, 4, 64, 64).reserved_len(request(prompt, output))
+    assert [reserved("pow2", 7, 25), reserved("oracle", 7, 25), reserved("max", 7, 25)] == [7 + 32, 7 + 25, 64]
+    assert [reserved("pow2", 5, 6), reserved("pow2", 3, 2), reserved("pow2", 9, 10)] == [13, 5, 25]
+    assert reserved("pow2", 40, 20) == 64 and reserved("pow2", 9, 16) == 25     # capped; a power of two stays
+
+
 def test_orca_pow2_accounting():
     bm, a, b, c, admitted = scenario("pow2")
-    # A: 16 slots [0, 16), B: 8 [16, 24), C: 32 [24, 56); 8 slots left at the end.
+    # Reservations 13, 5, 25 -> whole blocks: A 16 slots [0, 16), B 8 [16, 24), C 28 [24, 52); 12 left.
     assert admitted == [a, b, c]
-    assert bm.get_block_table(c.seqs[0]) == [6, 7, 8]          # 9 tokens reach 3 of its 8 blocks
-    # A: 6 / 5 / 5, B: 3 / 2 / 3, C: 9 / 10 / 13.
-    assert acct(bm) == (18, 17, 21, 0, 8)
+    assert bm.get_block_table(c.seqs[0]) == [6, 7, 8]          # 9 tokens reach 3 of its 7 blocks
+    # real / reserved / internal: A 6 / 5 / 5, B 3 / 2 / 3, C 9 / 10 / 9.
+    assert acct(bm) == (18, 17, 17, 0, 12)
     bm.free(b.seqs[0])
-    # Two gaps of 8 slots: one is free, the other external fragmentation.
-    assert acct(bm) == (15, 15, 18, 8, 8)
-    d = request(2, 10)                                          # final 12 -> 16 slots: 16 free, no gap fits
+    # Two gaps, of 8 and 12 slots: the larger is free, the other external fragmentation.
+    assert acct(bm) == (15, 15, 14, 8, 12)
+    d = request(2, 10)                                          # 2 + 16 -> 20 slots: no gap fits
     assert bm.can_allocate(d) == AllocStatus.LATER
-    e = request(2, 6)                                           # final 8 -> 8 slots: B's gap (first fit)
+    e = request(2, 4)                                           # 2 + 4 -> 8 slots: B's gap (first fit)
     admit(bm, e)
-    assert bm.get_block_table(e.seqs[0]) == [4] and acct(bm) == (17, 21, 18, 0, 8)
+    assert bm.get_block_table(e.seqs[0]) == [4] and acct(bm) == (17, 19, 16, 0, 12)
+    assert bm.allocator_rounding() == 0
 
 
 def test_orca_oracle_accounting():
@@ -103,6 +116,30 @@ def test_orca_oracle_accounting():
     assert acct(bm) == (17, 25, 2, 8, 12)
 
 
+def test_orca_oracle_buddy_accounting():
+    """The paper's allocator: 16 units of 4 slots, ranges rounded up to a power of two of units."""
+    bm, a, b, c, admitted = scenario("oracle", allocator="buddy")
+    # A 11 -> 3 units -> a block of 4: [0, 4); B 5 -> 2 units: [4, 6) split from [4, 8); C 19 -> 5 -> 8: [8, 16).
+    assert admitted == [a, b, c]
+    assert [bm.get_block_table(g.seqs[0]) for g in (a, b, c)] == [[0, 1], [4], [8, 9, 10]]
+    # internal: A 16 - 11 (1 slot of unit rounding, 4 of buddy rounding), B 8 - 5, C 32 - 19 (1 + 12).
+    assert acct(bm) == (18, 17, 5 + 3 + 13, 0, 8)
+    assert bm.allocator_rounding() == 4 + 0 + 12
+    bm.free(b.seqs[0])                                          # [4, 6) merges with its buddy [6, 8)
+    assert bm.alloc.free_runs() == [Run(4, 4)] and acct(bm) == (15, 15, 18, 0, 16)
+    d = request(2, 10)                                          # 12 -> 3 units -> the block [4, 8)
+    admit(bm, d)
+    assert bm.get_block_table(d.seqs[0]) == [4] and acct(bm) == (17, 25, 22, 0, 0)
+    assert bm.allocator_rounding() == 4 + 12 + 4
+    bm.free(a.seqs[0])
+    bm.free(c.seqs[0])
+    # Free: [0, 4) and [8, 16), not buddies of each other: 16 slots stranded beside the free 32.
+    assert acct(bm) == (2, 10, 4, 16, 32) and bm.allocator_rounding() == 4
+    assert bm.can_allocate(request(20, 12)) == AllocStatus.OK                # 32 -> 8 units: [8, 16)
+    two = request(10, 10, n=2, temperature=1.0)                 # 2 x (20 -> 5 units -> 8): 16 of 12 free
+    assert bm.can_allocate(two) == AllocStatus.LATER
+
+
 def test_orca_oracle_token_granularity():
     """Granularity 1 (Orca's own, the simulator's): exact ranges, tables in 1-token units."""
     bm, a, b, c, admitted = scenario("oracle", granularity=1)
@@ -114,7 +151,8 @@ def test_orca_oracle_token_granularity():
 
 
 def test_orca_granularity_rounds_and_refuses_what_never_fits():
-    bm = OrcaManager("oracle", block_size=4, num_device_blocks=16, max_model_len=64, granularity=16)
+    bm = OrcaManager("oracle", block_size=4, num_device_blocks=16, max_model_len=64, granularity=16,
+                     allocator="first-fit")
     g = request(3, 3)                                           # final 6 -> one unit of 16 slots
     admit(bm, g)
     assert bm.get_block_table(g.seqs[0]) == [0] and acct(bm) == (3, 3, 10, 0, 48)
@@ -125,10 +163,14 @@ def test_orca_granularity_rounds_and_refuses_what_never_fits():
         OrcaManager("max", block_size=4, num_device_blocks=4, max_model_len=32)
     with pytest.raises(RawpagedError, match="policy"):
         OrcaManager("best", block_size=4, num_device_blocks=4, max_model_len=8)
+    with pytest.raises(RawpagedError, match="orca_allocator must be one of buddy, first-fit"):
+        OrcaManager("max", block_size=4, num_device_blocks=4, max_model_len=8, allocator="slab")
+    with pytest.raises(RawpagedError, match="does not fit"):           # 6 units: top blocks of 4 and 2
+        OrcaManager("max", block_size=4, num_device_blocks=6, max_model_len=20)
 
 
 def test_parallel_samples_reserve_at_admission_and_copy_on_first_append():
-    bm = OrcaManager("oracle", block_size=4, num_device_blocks=16, max_model_len=32)
+    bm = OrcaManager("oracle", block_size=4, num_device_blocks=16, max_model_len=32, allocator="first-fit")
     g = request(6, 3, n=3, temperature=1.0)                     # final 9 -> 3 blocks each, 3 samples
     assert bm.can_allocate(g) == AllocStatus.OK
     admit(bm, g)
@@ -192,7 +234,7 @@ def test_orca_never_swaps():
     assert not bm.can_swap_out(g) and not bm.can_swap_in(g)
     with pytest.raises(RuntimeError, match="do not swap"):
         bm.swap_out(g)
-    with pytest.raises(RuntimeError, match="past its range"):
+    with pytest.raises(RuntimeError, match="past its reservation"):
         bm.append_slots(g.seqs[0], 9)
 
 
@@ -206,11 +248,14 @@ class OrcaMachine(RuleBasedStateMachine):
 
     @initialize(policy=st.sampled_from(["max", "pow2", "oracle"]), block_size=st.integers(1, 4),
                 units=st.sampled_from([1, 1, 2, 3]), token_units=st.booleans(),
-                num_device=st.integers(12, 48), max_model_len=st.integers(4, 16))
-    def setup(self, policy, block_size, units, token_units, num_device, max_model_len):
+                num_device=st.integers(12, 48), max_model_len=st.integers(4, 16),
+                allocator=st.sampled_from(["buddy", "first-fit"]))
+    def setup(self, policy, block_size, units, token_units, num_device, max_model_len, allocator):
         g = units if token_units else units * block_size
-        max_model_len = min(max_model_len, num_device * block_size // g * g)
-        self.bm = OrcaManager(policy, block_size, num_device, max_model_len, granularity=g)
+        num_units = num_device * block_size // g
+        largest = 1 << (num_units.bit_length() - 1) if allocator == "buddy" else num_units
+        max_model_len = min(max_model_len, largest * g)
+        self.bm = OrcaManager(policy, block_size, num_device, max_model_len, granularity=g, allocator=allocator)
         self.groups: list[SequenceGroup] = []
         self.kv: dict[int, list] = {}                      # block -> slot contents
 
@@ -229,8 +274,13 @@ class OrcaMachine(RuleBasedStateMachine):
         g = request(prompt, max_tokens, **params)
         status = self.bm.can_allocate(g)
         event(f"admit {kind} {status.name}")
-        units = -(-self.bm.reserved_len(self.bm.final_len(g)) // self.bm.granularity)
-        assert (status == AllocStatus.NEVER) == (width * units > self.bm.alloc.num_units)
+        units = -(-self.bm.reserved_len(g) // self.bm.granularity)
+        if self.bm.allocator == "buddy":                   # blocks of 2^k units fit in the top blocks
+            block = 1 << (units - 1).bit_length()
+            never = sum(t.length // block for t in self.bm.alloc.top_blocks()) < width
+        else:
+            never = width * units > self.bm.alloc.num_units
+        assert (status == AllocStatus.NEVER) == never
         if status == AllocStatus.OK:
             admit(self.bm, g)
             self.groups.append(g)
@@ -371,6 +421,17 @@ class OrcaMachine(RuleBasedStateMachine):
         assert bm.get_num_free_device_blocks() * bm.block_size == largest
         held = bm.slot_accounting().allocated
         assert bm.usage() == pytest.approx(held / (bm.alloc.num_units * g))
+        # Every range is what its request's reservation asked for, in whole units, then (buddy) the next
+        # power of two: the difference is the allocator's rounding.
+        group_of = {s.seq_id: grp for grp in self.groups for s in grp.seqs}
+        rounding = 0
+        for res in bm.reservations.values():
+            ids = res.readers or [i for i, o in bm.seqs.items() if any(r is res for r in o.group.spares)]
+            want = -(-bm.reserved_len(group_of[ids[0]]) // g)
+            rounded = 1 << (want - 1).bit_length() if bm.allocator == "buddy" else want
+            assert res.run.length == rounded
+            rounding += (rounded - want) * g
+        assert bm.allocator_rounding() == rounding
 
     @invariant()
     def sequences_read_back_their_tokens(self):
@@ -387,8 +448,9 @@ class OrcaMachine(RuleBasedStateMachine):
             for s in g.get_unfinished_seqs():
                 s.status = SequenceStatus.FINISHED_ABORTED
                 self.bm.free(s)
-        assert not self.bm.seqs and not self.bm.reservations
-        assert self.bm.alloc.num_free() == self.bm.alloc.largest_free_run() == self.bm.alloc.num_units
+        assert not self.bm.seqs and not self.bm.reservations and self.bm.allocator_rounding() == 0
+        whole = self.bm.alloc.top_blocks() if self.bm.allocator == "buddy" else [Run(0, self.bm.alloc.num_units)]
+        assert self.bm.alloc.num_free() == self.bm.alloc.num_units and self.bm.alloc.free_runs() == whole
         assert self.bm.usage() == 0.0
 
 

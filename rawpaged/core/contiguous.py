@@ -4,10 +4,9 @@ The Orca baselines (orca.py) reserve one contiguous range of KV slots per sequen
 hands out those ranges, so external fragmentation happens for real: free units can lie in gaps
 between reservations that no new reservation fits into.
 
-NOTE: first-fit with coalescing, not a buddy allocator. A buddy allocator rounds every request up to
-a power of two: Orca-Oracle would reserve what Orca-Pow2 reserves, and the allocator's own rounding
-would blur the policies' internal fragmentation with its own. First-fit gives a run exactly the size
-asked for; placement alone decides the gaps (the external fragmentation the paper charges to Orca).
+NOTE: first-fit gives a run exactly the size asked for; placement alone decides the gaps. The
+paper's Orca baselines used a buddy allocator instead (buddy.py, the Orca managers' default), which
+also rounds every request up to a power of two; first-fit stays selectable (orca_allocator).
 
 Free runs are kept sorted by start in two parallel lists (bisect): allocate is O(free runs), free is
 O(log runs) plus the list insert; a pool holds at most (live runs + 1) free runs.
@@ -89,6 +88,15 @@ class ContiguousAllocator:
         else:
             self._starts.insert(i, start)
             self._lengths.insert(i, length)
+
+    @staticmethod
+    def rounded(length: int) -> int:
+        """Units a request of `length` units holds: exactly `length`."""
+        return length
+
+    def fits_in_empty(self, lengths: list[int]) -> bool:
+        """Whether the lengths would all fit in this pool with nothing allocated."""
+        return sum(lengths) <= self.num_units
 
     def can_allocate_all(self, lengths: list[int]) -> bool:
         """Whether allocating every length, in order, would succeed now (the pool is left as it was).

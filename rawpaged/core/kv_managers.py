@@ -2,8 +2,10 @@
 
     paged        BlockSpaceManager (block_manager.py): PagedAttention, the default
     orca-max     OrcaManager (orca.py): a contiguous range of max_model_len tokens per sequence
-    orca-pow2    ... of the next power of two of prompt + max_tokens
+    orca-pow2    ... of prompt + the next power of two of max_tokens
     orca-oracle  ... of exactly prompt + max_tokens
+Each orca-* range is placed by a buddy allocator, as the paper's Orca (orca_allocator="buddy", the
+default), or first-fit at the reservation's exact size (orca_allocator="first-fit").
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ from typing import TYPE_CHECKING
 
 from rawpaged.core.block_manager import BlockSpaceManager
 from rawpaged.core.interface import KVCacheManager
-from rawpaged.core.orca import OrcaManager
+from rawpaged.core.orca import ALLOCATORS, OrcaManager
 from rawpaged.errors import RawpagedError
 
 if TYPE_CHECKING:
     from rawpaged.engine.config import EngineConfig
 
 KV_MANAGERS = ("paged", "orca-max", "orca-pow2", "orca-oracle")
+ORCA_ALLOCATORS = tuple(ALLOCATORS)
 
 
 def make_kv_manager(config: EngineConfig, num_device_blocks: int, num_cpu_blocks: int, max_model_len: int,
@@ -37,4 +40,4 @@ def make_kv_manager(config: EngineConfig, num_device_blocks: int, num_cpu_blocks
         raise RawpagedError(f"orca_granularity={g} is not a multiple of block_size={config.block_size}: the "
                             f"kernels read ranges as whole blocks (token granularity is for the simulator)")
     return OrcaManager(config.kv_manager.removeprefix("orca-"), config.block_size, num_device_blocks,
-                       max_model_len, granularity=g)
+                       max_model_len, granularity=g, allocator=config.orca_allocator or "buddy")

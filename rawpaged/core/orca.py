@@ -2,11 +2,24 @@
 
 Orca (Yu et al., OSDI 2022) as the PagedAttention paper (section 6.1) models it: each sequence
 reserves, when its request is admitted, one contiguous range of KV slots for its prompt and every
-token it may generate. The policies differ in how much they reserve:
-  - max:    the model's maximum length (max_model_len: 2048 for OPT), whatever the request;
-  - pow2:   the next power of two of the sequence's real total (at most max_model_len): <= 2x over;
-  - oracle: exactly its real total.
-The real total is prompt + max_tokens, capped by max_model_len (max_tokens None: max_model_len).
+token it may generate, placed by a buddy allocator ("We assume Orca uses the buddy allocation
+algorithm to determine the memory address to store KV cache"). The policies differ in how much they
+reserve for the output (the paper's three versions "based on how much it over-reserves the space for
+request outputs"):
+  - max:    "always reserves the space up to the maximum sequence length of the model, i.e., 2048
+            tokens": max_model_len in all, whatever the request;
+  - pow2:   "over-reserves the space for outputs by at most 2x. For example, if the true output
+            length is 25, it reserves 32 positions for outputs": prompt + the next power of two of
+            the output (at most max_model_len in all);
+  - oracle: "has the knowledge of the lengths of the outputs that will be actually generated":
+            prompt + exactly the output.
+The real output is max_tokens, capped so that prompt + output <= max_model_len (max_tokens None:
+up to max_model_len). The allocator then places the reservation: `buddy` (the default, the paper's)
+rounds it up to a power of two of allocation units, `first-fit` (contiguous.py) takes exactly it.
+The buddy's rounding is allocated memory no token fills: SlotAccounting counts it as internal
+fragmentation (the interface's definition), and allocator_rounding() reports it on its own (the
+paper's Fig. 2 draws it with external fragmentation: "external fragmentation from the memory
+allocator like the buddy allocator", its section 3).
 NOTE: the reproduction runs requests with ignore_eos=True and max_tokens = the workload's output
 length, so that is exact there. A request that may stop earlier (EOS, a stop string) cannot be known
 in advance: "oracle" then reserves its longest possible length, an upper bound, and the accounting
@@ -26,7 +39,7 @@ beams nobody continues, and a dropped beam's range is what the next fork takes. 
 copying from is released only after that step ran (mark_computed), so no step both reads and writes it.
 
 Units: the pool is num_device_blocks * block_size slots cut into allocation units of `granularity`
-tokens (contiguous.py allocates units). A unit that is a multiple of block_size keeps ranges aligned
+tokens (the allocator hands out units). A unit that is a multiple of block_size keeps ranges aligned
 to the cache's blocks, so a range is a run of consecutive blocks: the engine's kernels read it through
 an ordinary block table (the rounding to whole units is internal fragmentation). Any other unit
 (1 = Orca's own token granularity) gives tables whose "blocks" are units: only for an executor that
@@ -36,12 +49,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rawpaged.core.buddy import BuddyAllocator
 from rawpaged.core.contiguous import ContiguousAllocator, Run
 from rawpaged.core.interface import AllocStatus, SlotAccounting
 from rawpaged.errors import RawpagedError
 from rawpaged.sequence import Sequence, SequenceGroup, SequenceStatus
 
 POLICIES = ("max", "pow2", "oracle")
+ALLOCATORS = {"buddy": BuddyAllocator, "first-fit": ContiguousAllocator}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -79,9 +94,11 @@ class OrcaManager:
     """A KVCacheManager (interface.py) with Orca's contiguous reservations; see the module docstring."""
 
     def __init__(self, policy: str, block_size: int, num_device_blocks: int, max_model_len: int,
-                 granularity: int | None = None):
+                 granularity: int | None = None, allocator: str = "buddy"):
         if policy not in POLICIES:
             raise RawpagedError(f"Orca policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if allocator not in ALLOCATORS:
+            raise RawpagedError(f"orca_allocator must be one of {', '.join(ALLOCATORS)}, got {allocator!r}")
         if block_size < 1 or num_device_blocks < 1:
             raise RawpagedError(f"the KV cache holds no slot (block_size={block_size}, "
                                 f"num_device_blocks={num_device_blocks})")
@@ -94,11 +111,14 @@ class OrcaManager:
         self.block_size = block_size if g % block_size == 0 else g
         self.blocks_per_unit = g // self.block_size
         self.max_model_len = max_model_len
+        self.allocator = allocator
         num_units = num_device_blocks * block_size // g
-        if _cdiv(max_model_len, g) > num_units:
+        self.alloc = ALLOCATORS[allocator](num_units) if num_units >= 1 else None
+        if self.alloc is None or not self.alloc.fits_in_empty([_cdiv(max_model_len, g)]):
             raise RawpagedError(f"one sequence of max_model_len={max_model_len} tokens does not fit in "
-                                f"{num_units} units of {g} tokens: lower max_model_len or orca_granularity")
-        self.alloc = ContiguousAllocator(num_units)
+                                f"{num_units} units of {g} tokens ({allocator} allocator): lower "
+                                f"max_model_len or orca_granularity")
+        self._rounding = 0            # units the allocator added to the live ranges (buddy: to a power of two)
         self.watermark_blocks = 0     # NOTE: nothing to protect: a reservation covers the whole output
         self.seqs: dict[int, OrcaSeq] = {}
         self.reservations: dict[int, Reservation] = {}     # run start -> every live range
@@ -142,12 +162,18 @@ class OrcaManager:
         n = min(_cdiv(seq.num_tokens, self.block_size), res.run.length * self.blocks_per_unit)
         return list(range(first, first + n))
 
+    def allocator_rounding(self) -> int:
+        """Slots of the live ranges beyond what their reservations asked for (whole units): the buddy
+        allocator's rounding to a power of two (first-fit: 0). SlotAccounting counts them as
+        internal fragmentation; the paper's Fig. 2 draws them with external fragmentation."""
+        return self._rounding * self.granularity
+
     def slot_accounting(self) -> SlotAccounting:
         """The pool's slots (interface.SlotAccounting). O(sequences + ranges + gaps).
 
         A range holds real tokens up to the longest sequence it serves (an owner and the forks still
         reading it share them), is reserved up to the final length, and is internal fragmentation
-        beyond it (the policy's over-reservation and the rounding to whole units). A spare range is
+        beyond it (the policy's over-reservation, the rounding to whole units and the allocator's rounding). A spare range is
         reserved up to the final length of the fork it waits for; a range only a pending copy still
         reads is all internal. External fragmentation: the free slots outside the largest free range.
         """
@@ -178,26 +204,30 @@ class OrcaManager:
             return self.max_model_len
         return min(self.max_model_len, group.seqs[0].num_prompt_tokens + max_tokens)
 
-    def reserved_len(self, final_len: int) -> int:
-        """Tokens the policy reserves for a sequence that reaches final_len (before unit rounding)."""
+    def reserved_len(self, group: SequenceGroup) -> int:
+        """Tokens the policy reserves for each sequence of the group (before the allocator's rounding):
+        the prompt and the output, the output over-reserved as the module docstring says."""
+        final = self.final_len(group)
         if self.policy == "max":
             return self.max_model_len
         if self.policy == "pow2":
-            return min(self.max_model_len, 1 << (final_len - 1).bit_length())
-        return final_len
+            prompt = group.seqs[0].num_prompt_tokens
+            output = final - prompt
+            return min(self.max_model_len, prompt + (1 << (output - 1).bit_length())) if output > 0 else final
+        return final
 
     def _width(self, group: SequenceGroup) -> int:
         return max(group.num_seqs(SequenceStatus.WAITING), group.max_num_running_seqs())
 
     def _units(self, group: SequenceGroup) -> int:
-        return _cdiv(self.reserved_len(self.final_len(group)), self.granularity)
+        return _cdiv(self.reserved_len(group), self.granularity)
 
     # -- admission ------------------------------------------------------------------------------
     def can_allocate(self, group: SequenceGroup) -> AllocStatus:
         """Whether one range per sequence the group will run at once fits: NEVER if not in an empty
         pool, LATER if no gaps take them now."""
         width, units = self._width(group), self._units(group)
-        if width * units > self.alloc.num_units:
+        if not self.alloc.fits_in_empty([units] * width):
             return AllocStatus.NEVER
         return AllocStatus.OK if self.alloc.can_allocate_all([units] * width) else AllocStatus.LATER
 
@@ -229,6 +259,7 @@ class OrcaManager:
             raise RuntimeError(f"Orca manager bug: no gap of {og.units} units for a reserved range")
         res = Reservation(run, og.final_len)
         self.reservations[run.start] = res
+        self._rounding += run.length - og.units
         return res
 
     # -- decoding -------------------------------------------------------------------------------
@@ -249,9 +280,9 @@ class OrcaManager:
         s = self.seqs[seq.seq_id]
         copies = self._take_own_range(s) if s.res is None else []
         end = seq.num_computed_tokens + num_new_tokens
-        if end > s.res.run.length * self.granularity:
+        if end > s.group.units * self.granularity:
             raise RuntimeError(f"Orca manager bug: seq {seq.seq_id} writes token {end - 1} past its "
-                               f"range of {s.res.run.length * self.granularity} slots")
+                               f"reservation of {s.group.units * self.granularity} slots")
         return copies
 
     def _take_own_range(self, s: OrcaSeq) -> list[tuple[int, int]]:
@@ -296,7 +327,7 @@ class OrcaManager:
                 self._unread(res, s)
         if og.live == 0:
             for res in og.spares:
-                self._release(res)
+                self._release(res, og.units)
             og.spares.clear()
 
     def _unread(self, res: Reservation, s: OrcaSeq) -> None:
@@ -308,10 +339,11 @@ class OrcaManager:
             res.spare = True
             og.spares.append(res)
         else:
-            self._release(res)
+            self._release(res, og.units)
 
-    def _release(self, res: Reservation) -> None:
+    def _release(self, res: Reservation, units: int) -> None:
         del self.reservations[res.run.start]
+        self._rounding -= res.run.length - units
         self.alloc.free(res.run)
 
     # -- swapping: unsupported (Orca never preempts) ----------------------------------------------

@@ -11,7 +11,7 @@ import re
 import typing
 from dataclasses import dataclass, field, fields
 
-from rawpaged.core.kv_managers import KV_MANAGERS
+from rawpaged.core.kv_managers import KV_MANAGERS, ORCA_ALLOCATORS
 from rawpaged.errors import RawpagedError
 
 BLOCK_SIZES = (8, 16, 32)
@@ -65,12 +65,15 @@ class EngineConfig:
     seed: int = _opt(0, "random seed (generate: also the requests' sampling seed)")
     kv_manager: str = _opt("paged", "KV cache manager: paged (PagedAttention), or a baseline of the paper: "
                                     "Orca's one contiguous range per sequence of max_model_len tokens "
-                                    "(orca-max), of the next power of two of prompt + max_tokens "
+                                    "(orca-max), of prompt + the next power of two of max_tokens "
                                     "(orca-pow2), of exactly prompt + max_tokens (orca-oracle)",
                            choices=KV_MANAGERS)
     orca_granularity: int | None = _opt(None, "tokens per allocation unit of the orca-* managers "
                                               "(default: block_size; 1, Orca's own, only for an executor "
                                               "that reads no KV cache, the simulator)")
+    orca_allocator: str | None = _opt(None, "how the orca-* managers place their ranges (default: buddy, "
+                                            "the paper's: power-of-two blocks; first-fit: exact ranges)",
+                                      choices=ORCA_ALLOCATORS)
     batching: str = _opt("continuous", "continuous (iteration-level) or static (request-level, "
                                        "FasterTransformer's: a batch starts when the last one has "
                                        "finished)", choices=BATCHING)
@@ -121,7 +124,11 @@ class EngineConfig:
         if self.kv_manager == "paged":
             if self.orca_granularity is not None:
                 bad("orca_granularity applies to the orca-* KV managers only (kv_manager is paged)")
+            if self.orca_allocator is not None:
+                bad("orca_allocator applies to the orca-* KV managers only (kv_manager is paged)")
         else:
+            if self.orca_allocator is not None and self.orca_allocator not in ORCA_ALLOCATORS:
+                bad(f"orca_allocator must be one of {', '.join(ORCA_ALLOCATORS)}, got {self.orca_allocator!r}")
             if self.orca_granularity is not None and self.orca_granularity < 1:
                 bad(f"orca_granularity must be at least 1 token, got {self.orca_granularity}")
             if self.enable_prefix_caching:

@@ -10,13 +10,18 @@ The REAL scheduler, KV manager and output processor run unchanged; only the exec
   - it returns seeded random logits over a tiny fake vocabulary (SIM_VOCAB ids), so sampling,
     parallel-sampling forks and beam search run as on a real model. Requests run with
     `ignore_eos=True, max_tokens=<output length>`, so each produces exactly its workload length;
-  - the tokenizer is SimTokenizer: one letter per id, nothing to detokenize.
+  - the tokenizer is SimTokenizer: one letter per id, nothing to detokenize (build_sim_engine takes
+    another, e.g. a real one when the engine's host time is measured: rawpaged/repro/hostcost.py).
+With `prepare_inputs=True` it also builds the batch's input arrays as the real executor does
+(worker/model_runner.prepare_inputs: ids, positions, slot mapping, block tables) and times that in
+`last_prepare_cpu`: the host work of a real step that the simulator otherwise skips.
 The KV pool holds the setup's slots (e.g. the paper's 15.7K for OPT-13B on one A100-40GB).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,7 @@ from rawpaged.errors import RawpagedError
 from rawpaged.executor import CacheSize, ModelOutput
 from rawpaged.repro.costmodel import CostModel, StepCost, StepShape
 from rawpaged.repro.specs import GiB, SimSetup
+from rawpaged.worker.model_runner import prepare_inputs
 
 SIM_VOCAB = 32      # fake vocabulary: prompts use ids below it; beam search needs 2 * width <= SIM_VOCAB
 
@@ -63,8 +69,11 @@ class SimulatedExecutor:
     dtype = np.float16
     reads_block_tables = False      # no kernel reads the cache: Orca managers may use 1-token units
 
-    def __init__(self, config, model_config: ModelConfig, *, setup: SimSetup, cost_model: CostModel | None = None):
+    def __init__(self, config, model_config: ModelConfig, *, setup: SimSetup, cost_model: CostModel | None = None,
+                 prepare_inputs: bool = False):
         self.config = config
+        self.measure_inputs = prepare_inputs
+        self.last_prepare_cpu = 0.0
         self.model_config = model_config
         self.setup = setup
         self.cost_model = cost_model or CostModel(setup, config.block_size)
@@ -90,7 +99,7 @@ class SimulatedExecutor:
         self.num_device_blocks = num_device_blocks      # nothing to allocate: no arrays
 
     def execute_model(self, out) -> ModelOutput | None:
-        self.last_shape = StepShape.of(out)
+        self.last_shape = StepShape.of(out, self.config.block_size)
         self.last_cost = self.cost_model.step(self.last_shape)
         self.last_step_time = self.last_cost.total
         self.clock += self.last_step_time
@@ -98,6 +107,10 @@ class SimulatedExecutor:
             return None
         if any(s.prompt_logits for s in out.batch):
             raise RawpagedError("the simulator returns no prompt logprobs")
+        if self.measure_inputs:
+            start = time.thread_time()
+            prepare_inputs(out.batch, self.config.block_size)
+            self.last_prepare_cpu = time.thread_time() - start
         rows = self.last_shape.num_sampled
         logits = self.rng.standard_normal((rows, SIM_VOCAB), dtype=np.float32)
         return ModelOutput(sample_logits=logits, prompt_logits=[None] * len(out.batch))
@@ -120,10 +133,12 @@ class SimEngineConfig(EngineConfig):
             self.block_size = size
 
 
-def build_sim_engine(setup: SimSetup, config, cost_model: CostModel | None = None, block_size: int | None = None):
+def build_sim_engine(setup: SimSetup, config, cost_model: CostModel | None = None, block_size: int | None = None,
+                     tokenizer=None, prepare_inputs: bool = False):
     """An LLMEngine whose executor is the simulator (the engine seam: model_config + tokenizer).
 
-    `block_size` overrides config.block_size with any size >= 1 (SimEngineConfig).
+    `block_size` overrides config.block_size with any size >= 1 (SimEngineConfig); `tokenizer`
+    replaces SimTokenizer; `prepare_inputs` makes the executor build (and time) the real inputs.
     """
     from rawpaged.engine.llm_engine import LLMEngine
 
@@ -131,5 +146,5 @@ def build_sim_engine(setup: SimSetup, config, cost_model: CostModel | None = Non
     if block_size is not None:
         values["block_size"] = block_size
     config = SimEngineConfig(**values)
-    executor = functools.partial(SimulatedExecutor, setup=setup, cost_model=cost_model)
-    return LLMEngine(config, executor, model_config=sim_model_config(setup), tokenizer=SimTokenizer())
+    executor = functools.partial(SimulatedExecutor, setup=setup, cost_model=cost_model, prepare_inputs=prepare_inputs)
+    return LLMEngine(config, executor, model_config=sim_model_config(setup), tokenizer=tokenizer or SimTokenizer())

@@ -92,14 +92,16 @@ class Progress:
         self.tty = stream.isatty()
         self.start = time.perf_counter()
         self.last = ""
+        self.last_line = 0.0
 
     def __call__(self, what: str, done: int, total: int, point=None) -> None:
         el = time.perf_counter() - self.start
         line = f"[{int(el // 60)}:{int(el % 60):02d}] {what}: {done}/{total}" + (f"  {point.label()}" if point else "")
         if self.tty:
             self.stream.write("\r" + line[:120].ljust(120))
-        elif done == total or what != self.last:
+        elif done == total or what != self.last or el - self.last_line >= 15:
             self.stream.write(line + "\n")
+            self.last_line = el
         self.last = what
         self.stream.flush()
 
@@ -130,31 +132,31 @@ def run(a: argparse.Namespace) -> int:
     info["workloads"] = _workload_lines(ctx)
     started = time.perf_counter()
     profile = None
-    steps = {"fig2": ex.fig2, "fig12": ex.fig12, "fig13": ex.fig13, "fig14": ex.fig14_15, "fig15": ex.fig14_15,
-             "fig16": ex.fig16, "fig17": ex.fig17, "fig18": ex.fig18, "fig19": ex.fig19,
-             "real": lambda c: real.real_fig13(c) + [real.real_fig15(c)]}
-    done_fns = set()
-    for name in ("fig13", "fig2") + tuple(e for e in selected if e not in ("fig13", "fig2")):
-        if name not in selected or name == "report":
-            continue
-        if name == "calibrate":
-            t0 = time.perf_counter()
-            fig, profile = real.calibrate(ctx, a.device)
-            fig.wall_s = time.perf_counter() - t0
-            figs = [fig]
-        elif name == "validate":
-            figs = ex.timed(lambda c: real.validate(c, profile), ctx)
-        else:
-            fn = steps[name]
-            if fn in done_fns:
-                continue
-            done_fns.add(fn)
-            figs = ex.timed(fn, ctx)
+
+    def save(figs) -> None:
         for f in figs:
             save_figure(f, out)
             progress.say(f"wrote {f.key}: {', '.join(f.files)}")
         info["wall_s"] = time.perf_counter() - started
         write_report(out, info)
+
+    # NOTE: every simulated figure at once, over one pool (search.drive), then the real-engine runs,
+    # which measure CPU time and so should not share the cores with the simulator.
+    save(ex.run_figures(ctx, selected))
+    for name in REAL_EXPERIMENTS:
+        if name not in selected:
+            continue
+        t0 = time.perf_counter()
+        if name == "calibrate":
+            fig, profile = real.calibrate(ctx, a.device)
+            figs = [fig]
+        elif name == "validate":
+            figs = [real.validate(ctx, profile)]
+        else:
+            figs = real.real_fig13(ctx) + [real.real_fig15(ctx)]
+        for f in figs:
+            f.wall_s = time.perf_counter() - t0
+        save(figs)
     info["wall_s"] = time.perf_counter() - started
     run_file = out / "run.json"
     if set(selected) != set(EXPERIMENTS) and run_file.is_file():

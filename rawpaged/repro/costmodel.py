@@ -13,6 +13,9 @@ of the KV heads, and they run in lockstep), as a sum of parts:
             rank: sum(context) * kv_bytes_per_token / p / (hbm_bw * attn_eff)
             prefill rows: 4 * hidden * layers * (query, key) pairs under the causal mask / p
             / (flops * attn_flop_eff)
+            blocks (profiles with block_latency > 0): + 2 * heads * layers * sum(blocks of the decode
+            rows' contexts) * block_latency / p / (sms * warps_per_sm): see "Small blocks" below
+
   kv write  T * kv_bytes_per_token / p / hbm_bw
   comm      p > 1: two all-reduces of T x hidden activations per layer, ring: 2 (p-1)/p of the
             bytes over the link, plus a latency each
@@ -20,6 +23,19 @@ of the KV heads, and they run in lockstep), as a sum of parts:
             block-major: one contiguous copy per block; each rank moves its heads)
   copy      per copy-on-write block: transfer_latency + 2 * block bytes / p / hbm_bw
   overhead  step_overhead + seq_overhead * S  (CPU: schedule, prepare inputs, sample, outputs)
+
+Small blocks. The paper's decode kernel (vLLM 0.1's paged attention) gives each warp one KV block
+per loop iteration, for K and again for V: it loads the block's number from the block table, then
+the block's rows (a load that depends on the first), so each iteration waits about one memory
+latency whatever the block holds. With few tokens a block, each warp has few bytes in flight and
+the kernel becomes latency-bound: the paper's "small block size may not fully utilize the GPU's
+parallelism for reading and processing KV cache" (section 7.2). The term above charges that wait:
+the warp-iterations (2 x heads x layers x blocks per rank) times block_latency, spread over the
+warps the GPU keeps resident (sms x warps_per_sm), ADDED to the bandwidth term (the wait is not
+hidden behind the streaming: the load of a block's rows cannot start before its number is known).
+Its constants are stated assumptions in specs.py, not fits. NOTE: rawpaged's own CUDA decode kernel
+reads tokens in waves across blocks (kernels_cuda/paged_attention.cu), so the profiles of rawpaged
+on H100/H200 carry no block term.
 
 A profile with `prefill_alone` (the paper's vLLM 0.1 and Orca: a step computes prompts or decodes,
 never both) prices a step that mixes prompt rows and one-token rows as two steps, the prompts'
@@ -44,25 +60,28 @@ class StepShape:
     copy_blocks: int = 0         # copy-on-write block copies
     prefill_seqs: int = 0        # rows computing more than one token (prompts, recomputations)
     prefill_tokens: int = 0      # their tokens
+    decode_blocks: int = 0       # KV blocks the one-token rows' contexts span (for a block size given to of())
 
     @classmethod
-    def of(cls, out) -> "StepShape":
+    def of(cls, out, block_size: int = 0) -> "StepShape":
         """The shape of a SchedulerOutput, read before the step runs (num_computed_tokens is
-        still the count before this step's tokens)."""
-        tokens = sampled = decode_ctx = pairs = pre_seqs = pre_tokens = 0
+        still the count before this step's tokens); decode_blocks counts blocks of `block_size`."""
+        tokens = sampled = decode_ctx = pairs = pre_seqs = pre_tokens = blocks = 0
         for s in out.batch:
             q, c0 = s.num_new_tokens, s.seq.num_computed_tokens
             tokens += q
             sampled += s.sample
             if q == 1:
                 decode_ctx += c0 + 1
+                if block_size:
+                    blocks += -(-(c0 + 1) // block_size)
             else:
                 pairs += q * c0 + q * (q + 1) // 2     # query at position p sees keys 0..p
                 pre_seqs += 1
                 pre_tokens += q
         return cls(len(out.batch), tokens, sampled, decode_ctx, pairs,
                    len(out.blocks_to_swap_in) + len(out.blocks_to_swap_out), len(out.blocks_to_copy),
-                   pre_seqs, pre_tokens)
+                   pre_seqs, pre_tokens, blocks)
 
     def split(self) -> tuple["StepShape", "StepShape"]:
         """(the prompt rows alone, the one-token rows with the swaps and copies)."""
@@ -72,7 +91,7 @@ class StepShape:
                         prefill_tokens=self.prefill_tokens)
         dec = StepShape(num_seqs=self.num_seqs - self.prefill_seqs, num_tokens=self.num_tokens - self.prefill_tokens,
                         num_sampled=self.num_sampled - pre_sampled, decode_context=self.decode_context,
-                        swap_blocks=self.swap_blocks, copy_blocks=self.copy_blocks)
+                        decode_blocks=self.decode_blocks, swap_blocks=self.swap_blocks, copy_blocks=self.copy_blocks)
         return pre, dec
 
     def as_dict(self) -> dict:
@@ -107,6 +126,9 @@ class CostModel:
         kv_rank = m.kv_bytes_per_token / p
         self._kv_read_per_token = kv_rank / (hw.hbm_bw * hw.attn_eff)
         self._pair_time = 4 * m.hidden * m.layers / p / (hw.flops * hw.attn_flop_eff)
+        self._block_time = 0.0
+        if hw.block_latency > 0:
+            self._block_time = 2 * m.heads * m.layers * hw.block_latency / p / (hw.sms * hw.warps_per_sm)
         self._kv_write_per_token = kv_rank / hw.hbm_bw
         self._allreduce_per_token = 2 * (p - 1) / p * m.hidden * m.dtype_bytes / hw.link_bw
         block_rank = kv_rank * block_size
@@ -125,7 +147,8 @@ class CostModel:
         hw, m = self.setup.hardware, self.setup.model
         compute = s.num_tokens * self._flop_time_per_token + s.num_sampled * self._flop_time_per_sample
         gemm = max(self._weight_time, compute) if s.num_tokens else 0.0
-        attention = s.decode_context * self._kv_read_per_token + s.prefill_pairs * self._pair_time
+        attention = (s.decode_context * self._kv_read_per_token + s.decode_blocks * self._block_time
+                     + s.prefill_pairs * self._pair_time)
         comm = 0.0
         if self.p > 1 and s.num_tokens:
             comm = 2 * m.layers * (hw.allreduce_latency + s.num_tokens * self._allreduce_per_token)

@@ -8,7 +8,8 @@ A point runs on the simulator (`mode="sim"`: a paper-scale SimSetup, the cost mo
 the real engine (`mode="real"`: the CPU backend and a small random model, every length and the KV
 budget divided by `scale`, measured step times). Systems are the engine's KV managers and batching:
   rawpaged      the paged manager, continuous batching (vLLM in the paper's figures)
-  orca-max / orca-pow2 / orca-oracle   Orca's contiguous reservations, continuous batching
+  orca-max / orca-pow2 / orca-oracle   Orca's contiguous reservations placed by a buddy allocator
+                (the paper's), continuous batching; orca-*-ff: the same placed first-fit
   static        orca-max reservations with request-level batching (FasterTransformer)
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ SYSTEMS = {
     "orca-pow2": dict(kv_manager="orca-pow2"),
     "orca-max": dict(kv_manager="orca-max"),
     "static": dict(kv_manager="orca-max", batching="static"),
+    "orca-oracle-ff": dict(kv_manager="orca-oracle", orca_allocator="first-fit"),
+    "orca-pow2-ff": dict(kv_manager="orca-pow2", orca_allocator="first-fit"),
 }
 # The paper's vLLM: blocks of 16, at most 256 sequences and 2560 tokens a step, no chunked prefill,
 # no prefix caching (but in the shared-prefix experiment), 4 GiB of swap per GPU.
@@ -58,6 +61,7 @@ class Point:
     mode: str = "sim"            # sim | real
     scale: int = 1               # real mode: lengths, max_len and KV slots / scale
     stop_overloaded: bool = False    # stop when a quarter of the requests wait (rate past capacity)
+    stop_above: float | None = None  # stop once the mean normalized latency must exceed this (driver.py)
     measure_sharing: bool = False
     device: str = "cpu"          # real mode: the backend
 
@@ -157,8 +161,9 @@ def summarize(p: Point, r: RunResult, **extra) -> dict:
         batched_requests=r.mean_batched_requests, mean_step_time=r.mean_step_time, steps=len(r.steps["dt"]),
         preemptions=r.num_preemptions, sharing_saving=r.sharing_saving() if p.measure_sharing else float("nan"),
         mem_real=mem["real_tokens"], mem_reserved=mem["reserved"], mem_internal=mem["internal"],
-        mem_external=mem["external"], sim_seconds=r.duration, wall_s=r.wall_s, overloaded=r.overloaded,
-        completed=int(r.done.sum()), **extra)
+        mem_external=mem["external"], **{f"pool_{k}": v for k, v in r.memory_fractions(whole_pool=True).items()},
+        sim_seconds=r.duration, wall_s=r.wall_s, overloaded=r.overloaded,
+        latency_lower_bound=r.latency_lower_bound, completed=int(r.done.sum()), **extra)
     return row
 
 
@@ -203,7 +208,7 @@ def run_point(p: Point, data_dir: str | Path, hardware: str | None = None,
                          real_kv_slots=real_kv_slots)
     wl = workload_for(p, Path(data_dir), engine.max_model_len)
     r = run_workload(engine, wl, clock=clock_of(p), vocab=SIM_VOCAB,
-                     measure_sharing=p.measure_sharing,
+                     measure_sharing=p.measure_sharing, stop_above=p.stop_above,
                      max_waiting=max(20, p.num_requests // 4) if p.stop_overloaded else None)
     return summarize(p, r)
 

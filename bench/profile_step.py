@@ -118,9 +118,9 @@ def instrument(engine, prof: Profiler) -> None:
     orig_call = type(sampler).__call__
 
     class TimedSampler(type(sampler)):
-        def __call__(self, logits, rows):
+        def __call__(self, logits, rows, *rest):
             with prof.phase("sampling"):
-                return orig_call(self, logits, rows)
+                return orig_call(self, logits, rows, *rest)
     sampler.__class__ = TimedSampler
     if not hasattr(IncrementalDetokenizer.step, "__wrapped__"):
         prof.wrap(IncrementalDetokenizer, "step", "detokenize")

@@ -192,6 +192,28 @@ def test_rowwise_kernels_match_numpy(rows):
     np.testing.assert_allclose(cpu.silu_and_mul(gu), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 48])             # 48 x 32000: the parallel compilation
+def test_argmax_logsumexp_matches_numpy(rows):
+    """The sampler's greedy token and log-normaliser against float64 NumPy: wide logits, ties at
+    the maximum (the first index wins), masked (-inf) entries, a row masked entirely."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 32000), dtype=np.float32) * 8
+    x[0, 100] = x[0, 31000] = x[0].max() + 1                  # a tie: argmax is 100
+    x[:, rng.integers(0, 32000, 500)] = -np.inf
+    if rows > 1:
+        x[1] = -np.inf
+    amax, lse = elementwise.argmax_logsumexp(x)
+    np.testing.assert_array_equal(amax, np.argmax(x, axis=1))
+    assert amax[0] == 100
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = x64.max(axis=1, keepdims=True)
+        ref = (m + np.log(np.exp(x64 - np.where(np.isinf(m), 0, m)).sum(axis=1, keepdims=True)))[:, 0]
+    np.testing.assert_allclose(lse, ref, rtol=1e-6, atol=1e-5)
+    if rows > 1:
+        assert lse[1] == -np.inf
+
+
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("rows", [2, 700])
 def test_rotary_kernel_matches_the_numpy_path(is_neox, rows):

@@ -6,7 +6,7 @@ import pytest
 from numba import njit
 
 from rawpaged.backend import cpu
-from rawpaged.backend.cpu import elementwise, gemm, lowp
+from rawpaged.backend.cpu import elementwise, gemm, lowp, simd
 from rawpaged.errors import RawpagedError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -139,6 +139,38 @@ def test_paged_attention_tiles_match_naive(dtype, window, block_size, heads_dim)
         v = np.stack([wide[tables[s, j // block_size], 1, 1, :, j % block_size] for j in range(c)])
         ref = naive_attention(q[qsl[s]:qsl[s + 1]], k, v, D ** -0.5, np.arange(c - n, c), window)
         np.testing.assert_allclose(out[qsl[s]:qsl[s + 1]], ref, rtol=2e-5, atol=2e-5)
+
+
+@njit
+def _call_scores16(q, keys, out, kind):
+    """Every (g, r, o) the kernels use: out[r, o:o+16] = q[g] . keys[j] for g < G (r = g, o = 16 g)."""
+    for g in range(q.shape[0]):
+        if kind == lowp.BF16:
+            simd.SCORES16_BF16(q, g, keys, out, g, 16 * g + 3)
+        elif kind == lowp.F16:
+            simd.SCORES16_F16(q, g, keys, out, g, 16 * g + 3)
+        else:
+            simd.SCORES16_F32(q, g, keys, out, g, 16 * g + 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_scores16_matches_numpy_and_writes_only_its_16(dtype, head_dim):
+    """simd.py's 16 dot products per block against float64 NumPy on the widened keys; the output
+    is poisoned (NaN) and every element outside the 16 written ones must stay so."""
+    rng = np.random.default_rng(head_dim)
+    G = 3
+    q = rng.standard_normal((G, head_dim), dtype=np.float32)
+    keys = rng.standard_normal((2, 16, head_dim), dtype=np.float32).astype(dtype)[1]   # a strided-free view
+    out = np.full((G + 1, 16 * G + 3 + 20), np.nan, np.float32)
+    _call_scores16(q, lowp.bits(keys), out, lowp.kind_of(dtype))
+    ref = q.astype(np.float64) @ keys.astype(np.float64).T                  # [G, 16]
+    for g in range(G):
+        np.testing.assert_allclose(out[g, 16 * g + 3:16 * g + 19], ref[g], rtol=1e-5, atol=1e-5)
+        written = np.zeros(out.shape[1], bool)
+        written[16 * g + 3:16 * g + 19] = True
+        assert np.isnan(out[g, ~written]).all()
+    assert np.isnan(out[G]).all()
 
 
 def test_paged_attention_parallel_equals_serial(monkeypatch):

@@ -28,6 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp
+from rawpaged.backend.cpu.simd import SCORES16_BF16, SCORES16_F16, SCORES16_F32
 from rawpaged.backend.cpu.elementwise import exp_nonpos as _exp
 
 Q_TILE = 16                      # query tokens per task (prefill); decode tasks have one
@@ -68,6 +69,18 @@ def _prefetch_block(kv, kind, phys, layer, kvh):
             lowp.prefetch(rows, e // D, e % D)
 
 
+@njit(inline="always", error_model="numpy")
+def _scores16(qs, g, keys, sc, r, o, kind):
+    """sc[r, o:o+16] = qs[g] . widen(keys[j]) for the 16 keys of a block (simd.py; unchecked
+    indices: the callers below stay inside sc)."""
+    if kind == lowp.BF16:
+        SCORES16_BF16(qs, g, keys, sc, r, o)
+    elif kind == lowp.F16:
+        SCORES16_F16(qs, g, keys, sc, r, o)
+    else:
+        SCORES16_F32(qs, g, keys, sc, r, o)
+
+
 @njit(fastmath=_FAST, inline="always", error_model="numpy")
 def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_pos, scale, window, out):
     """The attention of query tokens row0..row0+n_tok-1 of sequence s (positions first_pos..) for the
@@ -84,7 +97,9 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
     m = np.full(R, -np.inf, np.float32)
     l = np.zeros(R, np.float32)
     acc = np.zeros((R, head_dim), np.float32)
-    sc = np.empty(block_size, np.float32)          # one row's scores in the block, then exp(score - m)
+    sc2 = np.empty((1, block_size), np.float32)    # one row's scores in the block, then exp(score - m)
+    sc = sc2[0]
+    whole_blocks = block_size == 16 and head_dim % 16 == 0
 
     last_pos = first_pos + n_tok - 1
     lo = max(0, first_pos - window + 1) if window > 0 else 0   # the first key any row sees
@@ -101,12 +116,17 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
             if j_hi <= j_lo:
                 continue                           # nothing of this block is visible to row r
             m_blk = np.float32(-np.inf)
-            for j in range(j_lo, j_hi):            # sc[j] = q_r . k_j (the block is in L1 after row 0)
-                a = np.float32(0.0)
-                for d in range(head_dim):
-                    a += qs[r, d] * lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
-                sc[j] = a
-                m_blk = max(m_blk, a)
+            if whole_blocks and j_lo == 0 and j_hi == 16:    # the whole block: simd.py's 16 dots
+                _scores16(qs, r, kv[phys, layer, 0, kvh], sc2, 0, 0, kind)
+                for j in range(16):
+                    m_blk = max(m_blk, sc[j])
+            else:
+                for j in range(j_lo, j_hi):        # sc[j] = q_r . k_j (the block is in L1 after row 0)
+                    a = np.float32(0.0)
+                    for d in range(head_dim):
+                        a += qs[r, d] * lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
+                    sc[j] = a
+                    m_blk = max(m_blk, a)
             m_new = max(m[r], m_blk)
             c = _exp(m[r] - m_new)
             l_r = np.float32(0.0)
@@ -152,12 +172,19 @@ def _attend_one(q, kv, kind, layer, block_tables, s, kvh, row, pos, scale, windo
             qs[g, d] = q[row, h0 + g, d] * scale
     sc = np.empty((G, n), np.float32)              # [G, n] scores, then exp(score - max)
     last = pos // block_size
+    whole_blocks = block_size == 16 and D % 16 == 0
     for blk in range(lo // block_size, last + 1):                  # pass 1: scores
         phys = block_tables[s, blk]
         if blk < last:                             # the next block's K and V (V: for pass 2)
             _prefetch_block(kv, kind, block_tables[s, blk + 1], layer, kvh)
         j0 = blk * block_size
-        for j in range(max(lo, j0) - j0, min(block_size, pos + 1 - j0)):
+        ja, jb = max(lo, j0) - j0, min(block_size, pos + 1 - j0)     # the block's visible keys
+        if whole_blocks and ja == 0 and jb == 16:  # all 16 keys: simd.py's 16 dots at once
+            keys = kv[phys, layer, 0, kvh]         # [16, D]
+            for g in range(G):
+                _scores16(qs, g, keys, sc, g, j0 - lo, kind)
+            continue
+        for j in range(ja, jb):
             for g in range(G):
                 a = np.float32(0.0)
                 for d in range(D):                 # vectorised; the row stays in L1 after g = 0

@@ -173,6 +173,34 @@ def test_scores16_matches_numpy_and_writes_only_its_16(dtype, head_dim):
     assert np.isnan(out[G]).all()
 
 
+@njit
+def _call_values16(p, vals, acc, kind):
+    for g in range(p.shape[0]):
+        if kind == lowp.BF16:
+            simd.VALUES16_BF16(p, g, 5, vals, acc)
+        elif kind == lowp.F16:
+            simd.VALUES16_F16(p, g, 5, vals, acc)
+        else:
+            simd.VALUES16_F32(p, g, 5, vals, acc)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_values16_matches_numpy(dtype, head_dim):
+    """acc[g] += p[g, 5:21] @ widen(values) against float64 NumPy, accumulating onto random acc;
+    a poisoned row past the G rows stays untouched."""
+    rng = np.random.default_rng(head_dim + 1)
+    G = 3
+    p = rng.random((G, 30), dtype=np.float32)
+    vals = rng.standard_normal((16, head_dim), dtype=np.float32).astype(dtype)
+    acc = np.concatenate([rng.standard_normal((G, head_dim), dtype=np.float32),
+                          np.full((1, head_dim), np.nan, np.float32)])
+    ref = acc[:G].astype(np.float64) + p[:, 5:21].astype(np.float64) @ vals.astype(np.float64)
+    _call_values16(p, lowp.bits(vals), acc, lowp.kind_of(dtype))
+    np.testing.assert_allclose(acc[:G], ref, rtol=1e-5, atol=1e-5)
+    assert np.isnan(acc[G]).all()
+
+
 def test_paged_attention_parallel_equals_serial(monkeypatch):
     rng = np.random.default_rng(5)
     kv = rng.standard_normal((20, 1, 2, 2, 16, 32), dtype=np.float32).astype(BF16)

@@ -17,7 +17,10 @@ that any of its rows can see, one block (block_size keys) at a time:
     p[r, j]  = exp(S[r, j] - m_new);  l_r = l_r * c + sum_j p[r, j]
     acc_r    = acc_r * c + sum_j p[r, j] * v_j
 
-A decode token is a tile of one token: its `group` heads share every K/V read. A prefill tile of
+A decode token (a tile of one token) takes _attend_one instead: two passes over its context (all
+scores, one softmax, all values), its `group` heads sharing every K/V read. Whole blocks of 16
+keys go through simd.py's intrinsics (16 dot products at once; 16 values into the accumulator at
+once); partial blocks (the newest, a window's first) through the plain loops. A prefill tile of
 Q_TILE tokens reads each block once for all of its Q_TILE * group rows, instead of once per token
 (the per-token loop this replaces read the whole context again for every token of the prompt).
 """
@@ -28,7 +31,8 @@ import numpy as np
 from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp
-from rawpaged.backend.cpu.simd import SCORES16_BF16, SCORES16_F16, SCORES16_F32
+from rawpaged.backend.cpu.simd import (SCORES16_BF16, SCORES16_F16, SCORES16_F32, VALUES16_BF16, VALUES16_F16,
+                                       VALUES16_F32)
 from rawpaged.backend.cpu.elementwise import exp_nonpos as _exp
 
 Q_TILE = 16                      # query tokens per task (prefill); decode tasks have one
@@ -79,6 +83,17 @@ def _scores16(qs, g, keys, sc, r, o, kind):
         SCORES16_F16(qs, g, keys, sc, r, o)
     else:
         SCORES16_F32(qs, g, keys, sc, r, o)
+
+
+@njit(inline="always", error_model="numpy")
+def _values16(p, g, o, vals, acc, kind):
+    """acc[g] += sum_j p[g, o + j] * widen(vals[j]) over the 16 values of a block (simd.py)."""
+    if kind == lowp.BF16:
+        VALUES16_BF16(p, g, o, vals, acc)
+    elif kind == lowp.F16:
+        VALUES16_F16(p, g, o, vals, acc)
+    else:
+        VALUES16_F32(p, g, o, vals, acc)
 
 
 @njit(fastmath=_FAST, inline="always", error_model="numpy")
@@ -205,7 +220,13 @@ def _attend_one(q, kv, kind, layer, block_tables, s, kvh, row, pos, scale, windo
     for blk in range(lo // block_size, last + 1):                  # pass 2: values
         phys = block_tables[s, blk]
         j0 = blk * block_size
-        for j in range(max(lo, j0) - j0, min(block_size, pos + 1 - j0)):
+        ja, jb = max(lo, j0) - j0, min(block_size, pos + 1 - j0)
+        if whole_blocks and ja == 0 and jb == 16:
+            vals = kv[phys, layer, 1, kvh]         # [16, D]
+            for g in range(G):
+                _values16(sc, g, j0 - lo, vals, acc, kind)
+            continue
+        for j in range(ja, jb):
             for g in range(G):
                 p = sc[g, j0 + j - lo]
                 for d in range(D):

@@ -16,6 +16,8 @@ rate. Here the 16 keys of a block keep 16 vector accumulators over head_dim (one
 16 elements), and the 16 horizontal sums are done together by a transpose-reduce tree: 15 vector
 adds and 30 shuffles per block, ~3 instructions per key.
 
+`values16(kind)` makes its twin for the values (acc[g] += p[g, o:o+16] @ widen(v), below).
+
 The tree: level 1 pairs accumulators (a, b) -> one vector whose low half holds a's lanes summed
 in pairs and whose high half holds b's; each level halves the lanes per key and doubles the keys
 per vector, so after 4 levels lane j holds key j's full sum, in order.
@@ -116,6 +118,61 @@ def scores16(kind: int):
     return scores
 
 
+def values16(kind: int):
+    """The intrinsic  values16(p, g, o, v, acc)  for values stored as `kind`:
+
+        acc[g, :] += sum_{j < 16} p[g, o + j] * widen(v[j, :])      v [16, D] one block's values,
+                                                                    p [G, n], acc [G, D] float32
+    NOTE: written in Numba, the loop over keys reads and writes acc[g] once per key; here each
+    16-wide chunk of acc[g] is loaded once per block, takes the 16 keys' products in a register
+    and is stored once (the 16 weights p are broadcast once per block)."""
+
+    @intrinsic
+    def values(typingctx, p, g, o, v, acc):
+        def codegen(context, builder, sig, args):
+            pty, _, _, vty, accty = sig.args
+            pa = context.make_array(pty)(context, builder, args[0])
+            va = context.make_array(vty)(context, builder, args[3])
+            aa = context.make_array(accty)(context, builder, args[4])
+            g_, o_ = args[1], args[2]
+            zero = ir.Constant(_I64, 0)
+            D = cgutils.unpack_tuple(builder, aa.shape, 2)[1]
+            chunks = builder.sdiv(D, ir.Constant(_I64, 16))
+            prow = cgutils.get_item_pointer(context, builder, pty, pa, [g_, o_], wraparound=False)
+            arow = cgutils.get_item_pointer(context, builder, accty, aa, [g_, zero], wraparound=False)
+            vrows = [cgutils.get_item_pointer(context, builder, vty, va, [ir.Constant(_I64, j), zero],
+                                              wraparound=False) for j in range(16)]
+            splats = []                                 # p[g, o + j] in every lane
+            for j in range(16):
+                pj = builder.load(builder.gep(prow, [ir.Constant(_I64, j)]))
+                splats.append(builder.insert_element(ir.Constant(_V16F, None), pj, ir.Constant(_I32, 0)))
+            zeros16 = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
+            splats = [builder.shuffle_vector(s, s, zeros16) for s in splats]
+            pre = builder.block
+            loop = builder.append_basic_block("v16.loop")
+            done = builder.append_basic_block("v16.done")
+            builder.cbranch(builder.icmp_signed(">", chunks, zero), loop, done)
+            builder.position_at_end(loop)
+            c = builder.phi(_I64)
+            c.add_incoming(zero, pre)
+            off = builder.mul(c, ir.Constant(_I64, 16))
+            aptr = builder.bitcast(builder.gep(arow, [off]), _V16F.as_pointer())
+            a = builder.load(aptr, align=4)
+            for j in range(16):
+                vv = _load_wide(builder, builder.gep(vrows[j], [off]), kind)
+                a = builder.fadd(a, builder.fmul(splats[j], vv, flags=("contract",)), flags=("contract",))
+            builder.store(a, aptr, align=4)
+            c_next = builder.add(c, ir.Constant(_I64, 1))
+            c.add_incoming(c_next, builder.block)
+            builder.cbranch(builder.icmp_signed("<", c_next, chunks), loop, done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+        return types.void(p, g, o, v, acc), codegen
+
+    return values
+
+
 # NOTE: module-level names (not a dict): Numba kernels call them as globals, and the on-disk cache
 # finds a kernel again only if what it refers to is importable by name.
 SCORES16_F32, SCORES16_BF16, SCORES16_F16 = scores16(lowp.F32), scores16(lowp.BF16), scores16(lowp.F16)
+VALUES16_F32, VALUES16_BF16, VALUES16_F16 = values16(lowp.F32), values16(lowp.BF16), values16(lowp.F16)

@@ -15,6 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp
+from rawpaged.backend.cpu.gemm import dynamic_schedule
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 # NOTE: no "nnan"/"ninf": exp_nonpos takes -inf (a score against an empty running max)
@@ -122,8 +123,11 @@ _KERNELS = {f.__name__: _pair(f) for f in (_rms_norm, _add_rms_norm, _silu_and_m
 
 
 def kernel(name: str, elements: int):
+    """The serial or the parallel compilation of kernel `name` for `elements` elements.
+    NOTE: serial whenever Numba has one thread: a parallel launch on one thread only adds the
+    thread pool's cost (its first launch in a process took ~3 ms of a 16-row sampling step)."""
     serial, parallel = _KERNELS[name]
-    return parallel if elements >= PARALLEL_MIN_ELEMENTS else serial
+    return parallel if elements >= PARALLEL_MIN_ELEMENTS and dynamic_schedule() > 1 else serial
 
 
 def argmax_logsumexp(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,10 @@ adds and 30 shuffles per block, ~3 instructions per key.
 The tree: level 1 pairs accumulators (a, b) -> one vector whose low half holds a's lanes summed
 in pairs and whose high half holds b's; each level halves the lanes per key and doubles the keys
 per vector, so after 4 levels lane j holds key j's full sum, in order.
+
+NOTE: Numba's on-disk cache keys a kernel by ITS source file (attention.py, gemm.py), not by the
+files of the intrinsics it inlines: after editing this file (or bf16dot.py, lowp.py), touch the
+kernels' files or clear NUMBA_CACHE_DIR, or the old code keeps running from the cache.
 """
 from __future__ import annotations
 

@@ -104,6 +104,15 @@ def _logsumexp(xp, x):
     return (m + xp.log(xp.exp(x - m).sum(axis=-1, keepdims=True)))[:, 0]
 
 
+def _argmax_logsumexp(xp, x):
+    """x[B, V] -> (argmax [B] or None, logsumexp [B]): one Numba kernel on the host (two passes
+    over each row instead of NumPy's ~8), the generic _logsumexp on a device."""
+    if xp is np:
+        from rawpaged.backend.cpu.elementwise import argmax_logsumexp
+        return argmax_logsumexp(np.ascontiguousarray(x, dtype=np.float32))
+    return None, _logsumexp(xp, x)
+
+
 def _column(xp, rows, name, dtype):
     """One SamplingParams field of every row -> [S, 1] on the device."""
     return xp.asarray([getattr(r.params, name) for r in rows], dtype=dtype)[:, None]
@@ -216,6 +225,11 @@ def _apply_penalties(xp, logits, rows):
 
 # -- 4-6: temperature, filtering, sampling -------------------------------------------------------
 
+def _changes_logits(p: SamplingParams) -> bool:
+    """Whether process_logits changes this row (logit_bias or a penalty)."""
+    return bool(p.logit_bias) or _has_penalty(p)
+
+
 def _is_greedy(p: SamplingParams) -> bool:
     return p.temperature < _SAMPLING_EPS
 
@@ -265,8 +279,13 @@ class Sampler:
         if not rows:
             return []
         raw = logits.astype(xp.float32, copy=False)                             # [B, V]
-        processed = process_logits(xp, raw, rows)                               # [B, V]
-        lse = _logsumexp(xp, raw)                           # [B] NOTE: the whole vocabulary's
+        # NOTE: rows without bias, penalties or a mask sample from the raw logits themselves (never
+        # written): no [B, V] copy, and a greedy row's token is the argmax found with the lse.
+        plain = mask is None and not any(_changes_logits(r.params) for r in rows)
+        processed = raw if plain else process_logits(xp, raw, rows)             # [B, V]
+        amax, lse = _argmax_logsumexp(xp, raw)              # [B] NOTE: the whole vocabulary's
+        if not plain:
+            amax = None
         if mask is not None:
             apply_mask(xp, processed, mask)
             if any(rows[i].num_logprobs is not None for i in mask.rows):       # top-N: allowed only
@@ -282,7 +301,10 @@ class Sampler:
         for pick, idx in paths:
             if idx:
                 at = xp.asarray(idx)
-                token_ids[at] = pick(processed[at], [rows[i] for i in idx])
+                if pick == self._greedy and amax is not None:
+                    token_ids[at] = amax[at]                # argmax of the raw (= processed) rows
+                else:
+                    token_ids[at] = pick(processed[at], [rows[i] for i in idx])
         if mask is not None:
             self._only_allowed(token_ids, processed, mask)
         chosen_lp = xp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse

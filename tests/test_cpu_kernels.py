@@ -6,7 +6,7 @@ import pytest
 from numba import njit
 
 from rawpaged.backend import cpu
-from rawpaged.backend.cpu import elementwise, gemm, lowp
+from rawpaged.backend.cpu import elementwise, gemm, lowp, simd
 from rawpaged.errors import RawpagedError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -141,6 +141,66 @@ def test_paged_attention_tiles_match_naive(dtype, window, block_size, heads_dim)
         np.testing.assert_allclose(out[qsl[s]:qsl[s + 1]], ref, rtol=2e-5, atol=2e-5)
 
 
+@njit
+def _call_scores16(q, keys, out, kind):
+    """Every (g, r, o) the kernels use: out[r, o:o+16] = q[g] . keys[j] for g < G (r = g, o = 16 g)."""
+    for g in range(q.shape[0]):
+        if kind == lowp.BF16:
+            simd.SCORES16_BF16(q, g, keys, out, g, 16 * g + 3)
+        elif kind == lowp.F16:
+            simd.SCORES16_F16(q, g, keys, out, g, 16 * g + 3)
+        else:
+            simd.SCORES16_F32(q, g, keys, out, g, 16 * g + 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_scores16_matches_numpy_and_writes_only_its_16(dtype, head_dim):
+    """simd.py's 16 dot products per block against float64 NumPy on the widened keys; the output
+    is poisoned (NaN) and every element outside the 16 written ones must stay so."""
+    rng = np.random.default_rng(head_dim)
+    G = 3
+    q = rng.standard_normal((G, head_dim), dtype=np.float32)
+    keys = rng.standard_normal((2, 16, head_dim), dtype=np.float32).astype(dtype)[1]   # a strided-free view
+    out = np.full((G + 1, 16 * G + 3 + 20), np.nan, np.float32)
+    _call_scores16(q, lowp.bits(keys), out, lowp.kind_of(dtype))
+    ref = q.astype(np.float64) @ keys.astype(np.float64).T                  # [G, 16]
+    for g in range(G):
+        np.testing.assert_allclose(out[g, 16 * g + 3:16 * g + 19], ref[g], rtol=1e-5, atol=1e-5)
+        written = np.zeros(out.shape[1], bool)
+        written[16 * g + 3:16 * g + 19] = True
+        assert np.isnan(out[g, ~written]).all()
+    assert np.isnan(out[G]).all()
+
+
+@njit
+def _call_values16(p, vals, acc, kind):
+    for g in range(p.shape[0]):
+        if kind == lowp.BF16:
+            simd.VALUES16_BF16(p, g, 5, vals, acc)
+        elif kind == lowp.F16:
+            simd.VALUES16_F16(p, g, 5, vals, acc)
+        else:
+            simd.VALUES16_F32(p, g, 5, vals, acc)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_values16_matches_numpy(dtype, head_dim):
+    """acc[g] += p[g, 5:21] @ widen(values) against float64 NumPy, accumulating onto random acc;
+    a poisoned row past the G rows stays untouched."""
+    rng = np.random.default_rng(head_dim + 1)
+    G = 3
+    p = rng.random((G, 30), dtype=np.float32)
+    vals = rng.standard_normal((16, head_dim), dtype=np.float32).astype(dtype)
+    acc = np.concatenate([rng.standard_normal((G, head_dim), dtype=np.float32),
+                          np.full((1, head_dim), np.nan, np.float32)])
+    ref = acc[:G].astype(np.float64) + p[:, 5:21].astype(np.float64) @ vals.astype(np.float64)
+    _call_values16(p, lowp.bits(vals), acc, lowp.kind_of(dtype))
+    np.testing.assert_allclose(acc[:G], ref, rtol=1e-5, atol=1e-5)
+    assert np.isnan(acc[G]).all()
+
+
 def test_paged_attention_parallel_equals_serial(monkeypatch):
     rng = np.random.default_rng(5)
     kv = rng.standard_normal((20, 1, 2, 2, 16, 32), dtype=np.float32).astype(BF16)
@@ -190,6 +250,28 @@ def test_rowwise_kernels_match_numpy(rows):
     gu = rng.standard_normal((rows, 2 * 300), dtype=np.float32) * 6
     g, u = gu[:, :300].astype(np.float64), gu[:, 300:].astype(np.float64)
     np.testing.assert_allclose(cpu.silu_and_mul(gu), g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 48])             # 48 x 32000: the parallel compilation
+def test_argmax_logsumexp_matches_numpy(rows):
+    """The sampler's greedy token and log-normaliser against float64 NumPy: wide logits, ties at
+    the maximum (the first index wins), masked (-inf) entries, a row masked entirely."""
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 32000), dtype=np.float32) * 8
+    x[0, 100] = x[0, 31000] = x[0].max() + 1                  # a tie: argmax is 100
+    x[:, rng.integers(0, 32000, 500)] = -np.inf
+    if rows > 1:
+        x[1] = -np.inf
+    amax, lse = elementwise.argmax_logsumexp(x)
+    np.testing.assert_array_equal(amax, np.argmax(x, axis=1))
+    assert amax[0] == 100
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m = x64.max(axis=1, keepdims=True)
+        ref = (m + np.log(np.exp(x64 - np.where(np.isinf(m), 0, m)).sum(axis=1, keepdims=True)))[:, 0]
+    np.testing.assert_allclose(lse, ref, rtol=1e-6, atol=1e-5)
+    if rows > 1:
+        assert lse[1] == -np.inf
 
 
 @pytest.mark.parametrize("is_neox", [True, False])

@@ -2,7 +2,8 @@
 OpenBLAS for the GEMMs of many rows) for the rest.
 
   cpu/gemm.py       linear(): the small-row kernel, sgemm for many rows
-  cpu/attention.py  paged attention (query tiles x KV blocks) and the cache write
+  cpu/attention.py  paged attention (query tiles x KV blocks; decode: two passes) and the cache write
+  cpu/simd.py       LLVM-IR intrinsics of the attention: 16 key scores / 16 values of a block at once
   cpu/lowp.py       bfloat16 / float16 storage: widened to float32 in registers, narrowed on write
 
 Dtypes: `resolve_dtype` takes float32, bfloat16 or float16 ("auto": float32). The dtype is the

@@ -17,7 +17,10 @@ that any of its rows can see, one block (block_size keys) at a time:
     p[r, j]  = exp(S[r, j] - m_new);  l_r = l_r * c + sum_j p[r, j]
     acc_r    = acc_r * c + sum_j p[r, j] * v_j
 
-A decode token is a tile of one token: its `group` heads share every K/V read. A prefill tile of
+A decode token (a tile of one token) takes _attend_one instead: two passes over its context (all
+scores, one softmax, all values), its `group` heads sharing every K/V read. Whole blocks of 16
+keys go through simd.py's intrinsics (16 dot products at once; 16 values into the accumulator at
+once); partial blocks (the newest, a window's first) through the plain loops. A prefill tile of
 Q_TILE tokens reads each block once for all of its Q_TILE * group rows, instead of once per token
 (the per-token loop this replaces read the whole context again for every token of the prompt).
 """
@@ -28,6 +31,8 @@ import numpy as np
 from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp
+from rawpaged.backend.cpu.simd import (SCORES16_BF16, SCORES16_F16, SCORES16_F32, VALUES16_BF16, VALUES16_F16,
+                                       VALUES16_F32)
 from rawpaged.backend.cpu.elementwise import exp_nonpos as _exp
 
 Q_TILE = 16                      # query tokens per task (prefill); decode tasks have one
@@ -54,6 +59,43 @@ def _tasks(seq_lens, query_start_loc, q_tile):
     return seq, row0, rows
 
 
+@njit(inline="always", error_model="numpy")
+def _prefetch_block(kv, kind, phys, layer, kvh):
+    """Ask for the K and V rows of one block (2 x block_size x head_dim elements, each contiguous)
+    ahead of their use. NOTE: a sequence's blocks are scattered over the pool, and a block of one
+    head is 2 KB (bfloat16, head_dim 64): too short a run for the hardware prefetcher, which left
+    the decode attention waiting on memory at a fifth of the copy rate."""
+    step = 16 if kind == lowp.F32 else 32          # elements per 64-byte line
+    for c in range(2):
+        rows = kv[phys, layer, c, kvh]             # [block_size, head_dim]
+        D = rows.shape[1]
+        for e in range(0, rows.shape[0] * D, step):
+            lowp.prefetch(rows, e // D, e % D)
+
+
+@njit(inline="always", error_model="numpy")
+def _scores16(qs, g, keys, sc, r, o, kind):
+    """sc[r, o:o+16] = qs[g] . widen(keys[j]) for the 16 keys of a block (simd.py; unchecked
+    indices: the callers below stay inside sc)."""
+    if kind == lowp.BF16:
+        SCORES16_BF16(qs, g, keys, sc, r, o)
+    elif kind == lowp.F16:
+        SCORES16_F16(qs, g, keys, sc, r, o)
+    else:
+        SCORES16_F32(qs, g, keys, sc, r, o)
+
+
+@njit(inline="always", error_model="numpy")
+def _values16(p, g, o, vals, acc, kind):
+    """acc[g] += sum_j p[g, o + j] * widen(vals[j]) over the 16 values of a block (simd.py)."""
+    if kind == lowp.BF16:
+        VALUES16_BF16(p, g, o, vals, acc)
+    elif kind == lowp.F16:
+        VALUES16_F16(p, g, o, vals, acc)
+    else:
+        VALUES16_F32(p, g, o, vals, acc)
+
+
 @njit(fastmath=_FAST, inline="always", error_model="numpy")
 def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_pos, scale, window, out):
     """The attention of query tokens row0..row0+n_tok-1 of sequence s (positions first_pos..) for the
@@ -70,12 +112,16 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
     m = np.full(R, -np.inf, np.float32)
     l = np.zeros(R, np.float32)
     acc = np.zeros((R, head_dim), np.float32)
-    sc = np.empty(block_size, np.float32)          # one row's scores in the block, then exp(score - m)
+    sc2 = np.empty((1, block_size), np.float32)    # one row's scores in the block, then exp(score - m)
+    sc = sc2[0]
+    whole_blocks = block_size == 16 and head_dim % 16 == 0
 
     last_pos = first_pos + n_tok - 1
     lo = max(0, first_pos - window + 1) if window > 0 else 0   # the first key any row sees
     for blk in range(lo // block_size, last_pos // block_size + 1):
         phys = block_tables[s, blk]                # logical block -> physical block
+        if blk < last_pos // block_size:
+            _prefetch_block(kv, kind, block_tables[s, blk + 1], layer, kvh)
         j0 = blk * block_size                      # position of the block's first key
         nk = min(block_size, last_pos + 1 - j0)    # keys of this block that exist yet
         for r in range(R):
@@ -84,13 +130,18 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
             j_lo = max(0, pos - window + 1 - j0) if window > 0 else 0
             if j_hi <= j_lo:
                 continue                           # nothing of this block is visible to row r
-            m_blk = -np.inf
-            for j in range(j_lo, j_hi):            # sc[j] = q_r . k_j (the block is in L1 after row 0)
-                a = np.float32(0.0)
-                for d in range(head_dim):
-                    a += qs[r, d] * lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
-                sc[j] = a
-                m_blk = max(m_blk, a)
+            m_blk = np.float32(-np.inf)
+            if whole_blocks and j_lo == 0 and j_hi == 16:    # the whole block: simd.py's 16 dots
+                _scores16(qs, r, kv[phys, layer, 0, kvh], sc2, 0, 0, kind)
+                for j in range(16):
+                    m_blk = max(m_blk, sc[j])
+            else:
+                for j in range(j_lo, j_hi):        # sc[j] = q_r . k_j (the block is in L1 after row 0)
+                    a = np.float32(0.0)
+                    for d in range(head_dim):
+                        a += qs[r, d] * lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
+                    sc[j] = a
+                    m_blk = max(m_blk, a)
             m_new = max(m[r], m_blk)
             c = _exp(m[r] - m_new)
             l_r = np.float32(0.0)
@@ -113,6 +164,79 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
             out[row0 + i, kvh * group + g, d] = acc[r, d] * inv
 
 
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def _attend_one(q, kv, kind, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    """The decode case of _attend_tile (one query token, at position pos): two passes over the
+    context instead of the online softmax, so that nothing is rescaled per block and the exp runs
+    over the whole row of scores at once.
+
+        sc[g, j] = scale * q_g . k_j          pass 1: each key row is read once (from memory) for
+                                              the `group` heads that share it (then from L1)
+        p[g, j]  = exp(sc[g, j] - max_j sc[g]) , l_g = sum_j p[g, j]
+        out_g    = sum_j p[g, j] v_j / l_g    pass 2: each value row likewise
+    """
+    num_heads, D = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = kv.shape[3], kv.shape[4]
+    G = num_heads // num_kv_heads
+    h0 = kvh * G                                   # the group's first query head
+    lo = max(0, pos - window + 1) if window > 0 else 0   # first visible key
+    n = pos + 1 - lo
+    qs = np.empty((G, D), np.float32)              # [G, D] scaled queries
+    for g in range(G):
+        for d in range(D):
+            qs[g, d] = q[row, h0 + g, d] * scale
+    sc = np.empty((G, n), np.float32)              # [G, n] scores, then exp(score - max)
+    last = pos // block_size
+    whole_blocks = block_size == 16 and D % 16 == 0
+    for blk in range(lo // block_size, last + 1):                  # pass 1: scores
+        phys = block_tables[s, blk]
+        if blk < last:                             # the next block's K and V (V: for pass 2)
+            _prefetch_block(kv, kind, block_tables[s, blk + 1], layer, kvh)
+        j0 = blk * block_size
+        ja, jb = max(lo, j0) - j0, min(block_size, pos + 1 - j0)     # the block's visible keys
+        if whole_blocks and ja == 0 and jb == 16:  # all 16 keys: simd.py's 16 dots at once
+            keys = kv[phys, layer, 0, kvh]         # [16, D]
+            for g in range(G):
+                _scores16(qs, g, keys, sc, g, j0 - lo, kind)
+            continue
+        for j in range(ja, jb):
+            for g in range(G):
+                a = np.float32(0.0)
+                for d in range(D):                 # vectorised; the row stays in L1 after g = 0
+                    a += qs[g, d] * lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
+                sc[g, j0 + j - lo] = a
+    l = np.empty(G, np.float32)
+    for g in range(G):                             # softmax numerators, vectorised over the row
+        m = np.float32(-np.inf)
+        for i in range(n):
+            m = max(m, sc[g, i])
+        t = np.float32(0.0)
+        for i in range(n):
+            e = _exp(sc[g, i] - m)
+            sc[g, i] = e
+            t += e
+        l[g] = t
+    acc = np.zeros((G, D), np.float32)             # [G, D] sum_j p[g, j] v_j
+    for blk in range(lo // block_size, last + 1):                  # pass 2: values
+        phys = block_tables[s, blk]
+        j0 = blk * block_size
+        ja, jb = max(lo, j0) - j0, min(block_size, pos + 1 - j0)
+        if whole_blocks and ja == 0 and jb == 16:
+            vals = kv[phys, layer, 1, kvh]         # [16, D]
+            for g in range(G):
+                _values16(sc, g, j0 - lo, vals, acc, kind)
+            continue
+        for j in range(ja, jb):
+            for g in range(G):
+                p = sc[g, j0 + j - lo]
+                for d in range(D):
+                    acc[g, d] += p * lowp.widen(kv[phys, layer, 1, kvh, j, d], kind)
+    for g in range(G):
+        inv = np.float32(1.0) / l[g]
+        for d in range(D):
+            out[row, h0 + g, d] = acc[g, d] * inv
+
+
 def _build(kind: int):
     """(serial, parallel) attention and the cache write for one KV storage kind.
     NOTE: the kind is a closure constant (as in gemm.py): each compilation holds one widening, and
@@ -127,6 +251,10 @@ def _build(kind: int):
             q_len = query_start_loc[s + 1] - query_start_loc[s]
             # the new tokens are the last q_len of the context: row qsl[s] + i is at seq_lens[s] - q_len + i
             first_pos = seq_lens[s] - q_len + (row0[tile] - query_start_loc[s])
+            if rows[tile] == 1:                    # a decode token (or a 1-token chunk)
+                _attend_one(q, kv, kind, layer, block_tables, s, kvh, row0[tile], first_pos, scale,
+                            window, out)
+                continue
             _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0[tile], rows[tile], first_pos,
                          scale, window, out)
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 DIR = Path(__file__).resolve().parent
-SOURCES = ("paged_attention.cu", "cache_ops.cu", "norms.cu", "rotary.cu", "activations.cu")
+SOURCES = ("paged_attention.cu", "cache_ops.cu", "norms.cu", "rotary.cu", "activations.cu", "fused_ops.cu")
 HEADERS = ("common.cuh",)
 
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)

@@ -10,29 +10,7 @@
 // Both read q / k / v through token strides, so they take views of the fused qkv projection
 // (no q/k/v copies). Math in fp32, storage T.
 #include "common.cuh"
-
-// 16-byte aligned (a pointer's low 4 bits are zero): the vector paths need it.
-__device__ __forceinline__ bool aligned16(const void* p) {
-    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
-}
-
-// A Pack read with plain (coherent) loads: for rows this kernel also writes, where __ldg (the
-// non-coherent path load_pack uses) is not allowed.
-template <typename T> __device__ __forceinline__ void read_pack(Pack<T>& p, const T* src) {
-    p.v = *reinterpret_cast<const uint4*>(src);
-}
-template <> __device__ __forceinline__ void read_pack<float>(Pack<float>& p, const float* src) {
-    p.v0 = reinterpret_cast<const uint4*>(src)[0];
-    p.v1 = reinterpret_cast<const uint4*>(src)[1];
-}
-// out[0..7] = src[0..7] in fp32 (one or two 16-byte loads)
-template <typename T> __device__ __forceinline__ void load8(float* out, const T* src) {
-    Pack<T> p;
-    read_pack(p, src);
-    unpack(p, out);
-}
-// f rounded to T and widened back: what a later read of the stored value sees.
-template <typename T> __device__ __forceinline__ float round_to(float f) { return to_float(from_float<T>(f)); }
+#include "vec.cuh"
 
 // ------------------------------------------------------------------------------------------
 // rotary_cache

@@ -174,3 +174,47 @@ def test_cuda_fused_ops_refuse_bad_arguments(emu):
     kv = _dev(np.ones((3, 1, 8), np.float16))
     with pytest.raises(ValueError, match="slot_mapping must be"):
         emu.rotary_and_cache(np.zeros(3, np.int64), q, kv, kv, cache, 0, np.zeros(2, np.int64), _dev(_table(8)), True)
+
+
+# --------------------------------------------------------------------------------------------
+# Vector loads in the norms and activations (vec.cuh): both paths against the CPU twins
+# --------------------------------------------------------------------------------------------
+def _rows_view(rng, dt, rows, width, misalign):
+    """[rows, width] random data, C-contiguous; misaligned by one element when asked (the element path)."""
+    a = (rng.standard_normal((rows * width + 1)) * 2 + 0.3).astype(dt)
+    return _dev(a)[1:].reshape(rows, width) if misalign else _dev(a[:-1].copy()).reshape(rows, width)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("width,misalign", [(96, False), (1024, False), (100, False), (96, True)])
+def test_norms_vector_and_element_paths_match_cpu(emu, dtype, width, misalign):
+    dt = _dt(dtype)
+    rng = np.random.default_rng(width + misalign)
+    f = lambda a: np.asarray(a).astype(np.float32)  # noqa: E731
+    x = _rows_view(rng, dt, 5, width, misalign)
+    w, b = _dev((rng.standard_normal(width) + 1).astype(dt)), _dev(rng.standard_normal(width).astype(dt))
+    tol = TOL[dtype]
+    np.testing.assert_allclose(f(emu.rms_norm(x, w, 1e-5)), cpu.rms_norm(f(x), f(w), 1e-5), **tol)
+    np.testing.assert_allclose(f(emu.layer_norm(x, w, b, 1e-5)), cpu.layer_norm(f(x), f(w), f(b), 1e-5), **tol)
+    res = _rows_view(rng, dt, 5, width, misalign)
+    rsum = (f(res) + f(x)).astype(dt)
+    xg = x.copy() if not misalign else x                       # in place: keep the (mis)alignment
+    emu.fused_add_rms_norm(xg, res, w, 1e-5)
+    np.testing.assert_array_equal(np.asarray(res), rsum)
+    np.testing.assert_allclose(f(xg), cpu.rms_norm(f(rsum), f(w), 1e-5), **tol)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("inner,misalign", [(48, False), (44, False), (48, True)])
+def test_activations_vector_and_element_paths_match_cpu(emu, dtype, inner, misalign):
+    dt = _dt(dtype)
+    rng = np.random.default_rng(inner + misalign)
+    f = lambda a: np.asarray(a).astype(np.float32)  # noqa: E731
+    x = _rows_view(rng, dt, 7, 2 * inner, misalign)
+    tol = {k: 2 * v for k, v in TOL[dtype].items()}
+    np.testing.assert_allclose(f(emu.silu_and_mul(x)), cpu.silu_and_mul(f(x)), **tol)
+    np.testing.assert_allclose(f(emu.gelu_tanh_and_mul(x)), cpu.gelu_tanh_and_mul(f(x)), **tol)
+    for op in ("gelu", "gelu_tanh", "relu"):
+        np.testing.assert_allclose(f(getattr(emu, op)(x)), getattr(cpu, op)(f(x)), **tol)

@@ -71,8 +71,9 @@ class DecodeBuffers:
     (M = largest bucket, B = blocks of a max_model_len sequence). A bucket's views are prefixes of
     each part, so its addresses never change. Each step writes a host staging copy (page-locked on
     the GPU) and uploads it with two copies.
-    NOTE: the staging copy is rewritten only after the previous step's sampled ids came back to the
-    host (a synchronisation), so an asynchronous upload never reads a half-written buffer.
+    NOTE: an upload from page-locked memory is asynchronous: before the staging copy is rewritten,
+    `write` waits for the event recorded after the previous upload (in practice long done: the
+    previous step's sampled ids came back to the host after it).
     """
 
     def __init__(self, backend, max_batch: int, max_blocks: int):
@@ -82,6 +83,8 @@ class DecodeBuffers:
         self.dev64 = xp.zeros((3, max_batch), dtype=np.int64)
         self.dev32 = xp.zeros((n32,), dtype=np.int32)
         self.on_host = xp is np                 # CPU: the buffers ARE host memory, nothing to upload
+        self.xp = xp
+        self.uploaded = None                    # event after the last upload (GPU)
         if self.on_host:
             self.host64, self.host32 = self.dev64, self.dev32
         else:
@@ -108,6 +111,8 @@ class DecodeBuffers:
     # -- writing a step ---------------------------------------------------------------------------
     def write(self, inputs: BatchInputs | None, B: int) -> None:
         """Stage the n <= B decode rows of `inputs` (None: none) and pad rows n..B-1, then upload."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()         # the previous upload has read the staging copy
         h64 = self.host64
         seq_lens, qsl, tables = self._parts(self.host32, B)
         n = 0 if inputs is None else len(inputs.meta.seq_lens)
@@ -135,8 +140,10 @@ class DecodeBuffers:
         if self.on_host:
             return
         used = 2 * self.max_batch + 1 + B * self.max_blocks
-        self.dev64.set(self.host64)
-        self.dev32[:used].set(self.host32[:used])
+        stream = self.xp.cuda.get_current_stream()
+        self.dev64.set(self.host64, stream=stream)
+        self.dev32[:used].set(self.host32[:used], stream=stream)
+        self.uploaded = stream.record()
 
 
 class DecodeGraphs:
@@ -198,6 +205,8 @@ class DecodeGraphs:
         start = time.perf_counter()
         for B in reversed(self.buckets):
             self.buffers.write(None, B)
+            # NOTE: the upload ran on the current stream; a non-blocking stream does not wait for it
+            self.backend.synchronize()
             with cp.cuda.using_allocator(self.pool.malloc), stream:
                 self.step(B, kv_cache)
                 stream.synchronize()

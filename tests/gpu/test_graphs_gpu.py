@@ -10,6 +10,7 @@ The eager-vs-graphs decode timing is bench/decode_step.py (step 6 of tools/gpu_c
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,8 @@ def test_graphs_and_enforce_eager_agree_end_to_end(name):
         np.testing.assert_allclose(a.outputs[0].cumulative_logprob, b.outputs[0].cumulative_logprob, atol=5e-2)
 
 
+@pytest.mark.skipif(os.environ.get("RAWPAGED_EMULATE_CUDA") == "1",
+                    reason="the emulator keeps every buffer a graph recorded: its graph pool over-counts")
 def test_graph_pool_fits_its_reserve():
     llm = LLM(model=str(FIXTURES / "llama-gqa"), device="cuda", dtype="float16", max_num_seqs=64,
               gpu_memory_utilization=0.3)

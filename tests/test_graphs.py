@@ -191,6 +191,13 @@ def test_enforce_eager_captures_nothing(emu):
 
 
 @needs_cxx
+def test_no_graphs_when_every_launch_synchronises(emu, monkeypatch):
+    """RAWPAGED_CUDA_SYNC=1 synchronises after each launch, which a capturing stream cannot do."""
+    monkeypatch.setattr(emu.launch, "SYNC", True)
+    assert _worker(_cuda_llm("llama-gqa")).graphs is None
+
+
+@needs_cxx
 def test_the_emulated_capture_refuses_what_a_device_refuses(emu):
     """A step that read a device value on the host, or uploaded host data, could not be captured on a
     GPU: the emulator raises in both cases (so the replay tests above are meaningful)."""

@@ -88,8 +88,12 @@ class Worker:
     def wants_graphs(self) -> bool:
         """CUDA graphs for decode steps: on the GPU, unless enforce_eager.
         NOTE: not under tensor parallelism yet: its all-reduces (NCCL) would be captured too, which
-        nobody has run on a device; TP ranks keep the eager path."""
-        return self.device == "cuda" and not getattr(self.config, "enforce_eager", False) and not self.tp.enabled
+        nobody has run on a device; TP ranks keep the eager path. Nor with RAWPAGED_CUDA_SYNC=1
+        (a synchronize after every launch, to name a faulting kernel): a capturing stream cannot
+        synchronize."""
+        if self.device != "cuda" or getattr(self.config, "enforce_eager", False) or self.tp.enabled:
+            return False
+        return not self.backend.launch.SYNC
 
     def info(self) -> dict:
         return {"device": self.device, "dtype": np.dtype(self.dtype), "weight_bytes": self.weight_bytes,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import cuda_emulator
 from cuda_emulator import EmuArray, fake_cupy, install, uninstall_caches
 from rawpaged.sampler import Sampler, SamplingRow
 from rawpaged.sampling_params import SamplingParams
@@ -15,7 +14,7 @@ from rawpaged.sampling_params import SamplingParams
 
 @pytest.fixture()
 def emu(monkeypatch):
-    cuda = install(monkeypatch)
+    install(monkeypatch)
     counts = {"up": 0, "down": 0}
     real_get, real_asarray = EmuArray.get, fake_cupy.asarray
 

@@ -15,6 +15,10 @@ batch, upload its metadata, 32 layers, lm_head) plus a greedy argmax, for `batch
     and, where torch's profiler works (CUPTI sees every kernel in the process, CuPy's own included),
     all kernels of one step with their summed GPU time by kind;
   - floor: the bytes a step must read (weights once + the batch's KV) over the memcpy bandwidth.
+Each batch size runs twice: eagerly (`eager`: every op launched from Python, as --enforce-eager),
+and replayed from a CUDA graph (`graph`: rawpaged/worker/graph_runner.py, one graph per batch
+bucket captured after the eager runs, the batch padded to its bucket); "eager / graph" is the
+ratio of their wall times, measured side by side in one process.
 torch is imported here only for its profiler, never by rawpaged.
 """
 from __future__ import annotations
@@ -140,6 +144,17 @@ def measure(cp, cuda, runner, cache, batch, reps=10, warmup=3) -> dict:
                 kernels=counts.kernels, gemms=counts.gemms)
 
 
+def capture_graphs(cp, model, runner, cache, block_size: int, max_batch: int, context: int):
+    """The engine's decode graphs over this cache (buckets up to max_batch), installed in the runner:
+    its pure decode batches replay them from now on."""
+    from rawpaged.backend import cuda
+    from rawpaged.worker.graph_runner import DecodeGraphs
+    graphs = DecodeGraphs(model, cuda, block_size, max_batch, context)
+    graphs.capture(cache.device_cache)
+    runner.graphs = graphs
+    return graphs
+
+
 def kind(name: str, table: set) -> str:
     if name in table:
         return name.split("_f16")[0].split("_bf16")[0].split("_f32")[0]
@@ -202,15 +217,28 @@ def main(argv=None) -> int:
        f"{built:.1f} s; context {context} tokens per sequence; memcpy {bw:,.0f} GB/s", "")
     rows, table = [], set(kernels.KERNELS)
     profiles = []
+    eager = {}
+    for b in batches:
+        batch = decode_batch(b, context, block_size, cfg.vocab_size)
+        m = measure(cp, cuda, runner, cache, batch)
+        eager[b] = m
+        floor = (weight_bytes + b * context * kv_token) / (bw * 1e9) * 1e3
+        rows.append([b, "eager", f"{m['host']:.2f}", f"{m['gpu']:.2f}", f"{m['wall']:.2f}", f"{floor:.2f}",
+                     f"{floor / m['wall']:.0%}", m["kernels"], m["gemms"], f"{b / m['wall'] * 1e3:,.0f}", ""])
+        profiles.append((b, *profile(cp, runner, cache, batch, table)))
+    graphs = capture_graphs(cp, model, runner, cache, block_size, max(batches), context)
+    md(f"CUDA graphs: buckets {', '.join(map(str, graphs.buckets))} captured in {graphs.capture_seconds:.2f} s, "
+       f"their pool {graphs.pool_bytes() / 2**20:.1f} MiB (graph rows: every kernel runs inside the one graph "
+       f"launch, so Python counts none)", "")
     for b in batches:
         batch = decode_batch(b, context, block_size, cfg.vocab_size)
         m = measure(cp, cuda, runner, cache, batch)
         floor = (weight_bytes + b * context * kv_token) / (bw * 1e9) * 1e3
-        rows.append([b, f"{m['host']:.2f}", f"{m['gpu']:.2f}", f"{m['wall']:.2f}", f"{floor:.2f}",
-                     f"{floor / m['wall']:.0%}", m["kernels"], m["gemms"], f"{b / m['wall'] * 1e3:,.0f}"])
-        profiles.append((b, *profile(cp, runner, cache, batch, table)))
-    md.table(["batch", "host ms", "GPU ms (events)", "wall ms", "floor ms (bytes / memcpy)", "floor / wall",
-              "rawpaged kernels", "GEMMs", "tokens/s"], rows)
+        rows.append([b, "graph", f"{m['host']:.2f}", f"{m['gpu']:.2f}", f"{m['wall']:.2f}", f"{floor:.2f}",
+                     f"{floor / m['wall']:.0%}", m["kernels"], m["gemms"], f"{b / m['wall'] * 1e3:,.0f}",
+                     f"{eager[b]['wall'] / m['wall']:.2f}x"])
+    md.table(["batch", "mode", "host ms", "GPU ms (events)", "wall ms", "floor ms (bytes / memcpy)", "floor / wall",
+              "rawpaged kernels", "GEMMs", "tokens/s", "eager / graph (wall)"], rows)
     md("")
     for b, by_kind, why in profiles:
         if by_kind is None:

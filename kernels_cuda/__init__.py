@@ -1,7 +1,7 @@
 """CUDA C sources of rawpaged's GPU kernels, shipped as package data.
 
-One `.cu` file per op family (paged_attention, cache_ops, norms, rotary, activations) plus the shared
-header `common.cuh`. The files hold templates only: `rawpaged/backend/cuda/kernels.py` (the table of
+One `.cu` file per op family (paged_attention, cache_ops, norms, rotary, activations, fused_ops) plus the
+shared headers `common.cuh` and `vec.cuh`. The files hold templates only: `rawpaged/backend/cuda/kernels.py` (the table of
 every kernel) reads them with `read_source`, which pastes the header in place of its #include line
 (so the text CuPy hashes for its kernel cache is the whole program), appends the generated extern "C"
 entry points and hands the text to NVRTC through `cupy.RawModule`.
@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 
 DIR = Path(__file__).resolve().parent
-SOURCES = ("paged_attention.cu", "cache_ops.cu", "norms.cu", "rotary.cu", "activations.cu")
-HEADERS = ("common.cuh",)
+SOURCES = ("paged_attention.cu", "cache_ops.cu", "norms.cu", "rotary.cu", "activations.cu", "fused_ops.cu")
+HEADERS = ("common.cuh", "vec.cuh")
 
 _INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.MULTILINE)
 

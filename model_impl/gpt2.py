@@ -100,19 +100,29 @@ class GPT2LMHeadModel:
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata):
-        """input_ids, positions [T] -> final hidden states [T, H] (after ln_f)."""
+        """input_ids, positions [T] -> final hidden states [T, H] (after ln_f).
+
+        NOTE: the residual stream is carried as (delta, residual): each block's output is added to the
+        residual by the next LayerNorm itself (fused_add_layer_norm), one launch instead of two."""
         b, c, tp = self.backend, self.cfg, self.tp
         nq = self.heads.num_q                                         # this rank's heads
-        h = tp.embed(b, input_ids, self.wte, c.vocab_size) + b.embedding(positions, self.wpe)   # [T, H]
+        residual = tp.embed(b, input_ids, self.wte, c.vocab_size) + b.embedding(positions, self.wpe)   # [T, H]
+        delta = None
         for i, L in enumerate(self.layers):
-            # h = h + c_proj(attn(ln_1(h)))
-            x = b.layer_norm(h, *L["ln_1"], self.eps)
-            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), nq, nq, c.head_dim)
-            h = h + tp.all_reduce(b.linear(attention(b, q, k, v, kv_cache, i, meta, self.scales[i]), L["o"], L["o_b"]))
-            # h = h + c_proj(act(c_fc(ln_2(h))))
-            x = b.layer_norm(h, *L["ln_2"], self.eps)
-            h = h + tp.all_reduce(b.linear(self.act(b.linear(x, L["fc"], L["fc_b"])), L["proj"], L["proj_b"]))
-        return b.layer_norm(h, *self.ln_f, self.eps)
+            # residual += delta; x = ln_1(residual); delta = c_proj(attn(x))
+            if delta is None:
+                x = b.layer_norm(residual, *L["ln_1"], self.eps)
+            else:
+                x, residual = b.fused_add_layer_norm(delta, residual, *L["ln_1"], self.eps)
+            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), nq, nq, c.head_dim)   # views
+            delta = tp.all_reduce(b.linear(attention(b, q, k, v, kv_cache, i, meta, self.scales[i]), L["o"], L["o_b"]))
+            # residual += delta; x = ln_2(residual); delta = c_proj(act(c_fc(x)))
+            x, residual = b.fused_add_layer_norm(delta, residual, *L["ln_2"], self.eps)
+            delta = tp.all_reduce(b.linear(self.act(b.linear(x, L["fc"], L["fc_b"])), L["proj"], L["proj_b"]))
+        if delta is None:
+            return b.layer_norm(residual, *self.ln_f, self.eps)
+        x, _ = b.fused_add_layer_norm(delta, residual, *self.ln_f, self.eps)
+        return x
 
     def compute_logits(self, hidden):
         """hidden [N, H] -> logits [N, vocab] in float32 (tensor-parallel: on rank 0, None elsewhere)."""

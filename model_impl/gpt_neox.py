@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_impl.layers import WeightSet, attention, split_heads
+from model_impl.layers import WeightSet, rope_attention, split_heads
 from model_impl.parallel import SINGLE, TensorParallel, cols, rank0_only, rows, vocab_table
 from model_impl.rope import cos_sin_cache
 from rawpaged.config import ModelConfig
@@ -110,21 +110,33 @@ class GPTNeoXForCausalLM:
         return self.tp.all_reduce(b.linear(self.act(b.linear(x, L["fc"], L["fc_b"])), L["proj"], L["proj_b"]))
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata):
-        """input_ids, positions [T] -> final hidden states [T, H] (after final_layer_norm)."""
+        """input_ids, positions [T] -> final hidden states [T, H] (after final_layer_norm).
+
+        NOTE: the residual stream is carried as (delta, residual): the next LayerNorm adds delta to
+        the residual itself (fused_add_layer_norm). Parallel residual: delta = attn + mlp, summed in
+        transformers' order ((mlp + attn) + h; the adds commute)."""
         b, c, tp = self.backend, self.cfg, self.tp
         nq = self.heads.num_q                                         # this rank's heads
-        h = tp.embed(b, input_ids, self.embed, c.vocab_size)          # [T, H]
+        residual = tp.embed(b, input_ids, self.embed, c.vocab_size)   # [T, H]
+        delta = None
         for i, L in enumerate(self.layers):
-            x = b.layer_norm(h, *L["ln_1"], self.eps)
-            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), nq, nq, c.head_dim)
-            b.rotary_embedding(positions, q, k, self.cos_sin, True)  # the first rot_dim dims, rotate_half
-            attn = tp.all_reduce(b.linear(attention(b, q, k, v, kv_cache, i, meta, self.scale), L["o"], L["o_b"]))
-            if self.parallel:
-                h = h + attn + self._mlp(b.layer_norm(h, *L["ln_2"], self.eps), L)
+            if delta is None:
+                x = b.layer_norm(residual, *L["ln_1"], self.eps)
             else:
-                h = h + attn
-                h = h + self._mlp(b.layer_norm(h, *L["ln_2"], self.eps), L)
-        return b.layer_norm(h, *self.final_ln, self.eps)
+                x, residual = b.fused_add_layer_norm(delta, residual, *L["ln_1"], self.eps)
+            q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), nq, nq, c.head_dim)   # views
+            # the first rot_dim dims, rotate_half: q in place, k into the cache with v
+            o = rope_attention(b, positions, q, k, v, self.cos_sin, True, kv_cache, i, meta, self.scale)
+            attn = tp.all_reduce(b.linear(o, L["o"], L["o_b"]))
+            if self.parallel:
+                delta = attn + self._mlp(b.layer_norm(residual, *L["ln_2"], self.eps), L)
+            else:
+                x, residual = b.fused_add_layer_norm(attn, residual, *L["ln_2"], self.eps)
+                delta = self._mlp(x, L)
+        if delta is None:
+            return b.layer_norm(residual, *self.final_ln, self.eps)
+        x, _ = b.fused_add_layer_norm(delta, residual, *self.final_ln, self.eps)
+        return x
 
     def compute_logits(self, hidden):
         """hidden [N, H] -> logits [N, vocab] in float32 (tensor-parallel: on rank 0, None elsewhere)."""

@@ -22,13 +22,29 @@ def attention(backend, q, k, v, kv_cache, layer, meta: AttentionMetadata, scale,
     return out.reshape(out.shape[0], -1)
 
 
+def rope_attention(backend, positions, q, k, v, cos_sin, is_neox, kv_cache, layer, meta: AttentionMetadata, scale,
+                   sliding_window=None):
+    """`attention` for the rotary families: q rotated in place and k rotated into the paged cache with v
+    in ONE launch (backend.rotary_and_cache), then paged attention. q, k, v may be views of the fused
+    qkv projection (split_heads): no copies. -> [T, Hq * D]."""
+    backend.rotary_and_cache(positions, q, k, v, kv_cache, layer, meta.slot_mapping, cos_sin, is_neox)
+    out = backend.paged_attention(q, kv_cache, layer, meta.block_tables, meta.seq_lens,
+                                  meta.query_start_loc, scale,
+                                  max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+                                  sliding_window=sliding_window or None)
+    return out.reshape(out.shape[0], -1)
+
+
 def split_heads(xp, qkv, num_heads: int, num_kv_heads: int, head_dim: int):
-    """[T, (Hq + 2 Hkv) D] fused projection -> contiguous q [T, Hq, D], k, v [T, Hkv, D]."""
+    """[T, (Hq + 2 Hkv) D] fused projection -> q [T, Hq, D], k, v [T, Hkv, D] as VIEWS of it (token
+    stride (Hq + 2 Hkv) D). NOTE: the kernels take token strides, so the three copies per layer this
+    used to make (issue 13: 96 launches of a 32-layer step) are gone; an op that needs contiguous rows
+    copies for itself."""
     T, nq, nkv = qkv.shape[0], num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :nq].reshape(T, num_heads, head_dim)
     k = qkv[:, nq:nq + nkv].reshape(T, num_kv_heads, head_dim)
     v = qkv[:, nq + nkv:].reshape(T, num_kv_heads, head_dim)
-    return tuple(xp.ascontiguousarray(t) for t in (q, k, v))
+    return q, k, v
 
 
 def rope_cos_sin_cache(rot_dim: int, max_pos: int, theta: float) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_impl.layers import WeightSet, attention, split_heads
+from model_impl.layers import WeightSet, rope_attention, split_heads
 from model_impl.parallel import SINGLE, TensorParallel, cols, rank0_only, rows, vocab_table
 from model_impl.rope import cos_sin_cache
 from rawpaged.config import ModelConfig
@@ -45,6 +45,7 @@ class LlamaForCausalLM:
         # this rank's heads and slice of the MLP (all of them without tensor parallelism)
         self.heads = tp.heads(config.num_heads, config.num_kv_heads)
         self.mlp_part = tp.part(self.intermediate)
+        self._embed_scale = None         # Gemma's embedding factor as a device scalar (forward)
         self.layers: list[dict] = []
 
     # -- the hooks the families built on LLaMA change -------------------------------------------
@@ -168,7 +169,11 @@ class LlamaForCausalLM:
         h = tp.embed(b, input_ids, self.embed, c.vocab_size)          # [T, H]
         scale = self.embed_scale()
         if scale is not None:
-            h = h * b.xp.asarray(scale, dtype=h.dtype)                # Gemma: embedding * sqrt(H)
+            # Gemma: embedding * sqrt(H), the factor rounded to the model dtype as transformers does
+            # NOTE: held on the device: an upload per step cannot be captured in a CUDA graph.
+            if self._embed_scale is None:
+                self._embed_scale = b.xp.asarray(scale, dtype=h.dtype)
+            h = h * self._embed_scale
         residual = None
         for i, L in enumerate(self.layers):
             # Attention block: x = RMSNorm(h + residual); h = o(attn(rope(q), rope(k), v))
@@ -181,8 +186,9 @@ class LlamaForCausalLM:
             if L["q_norm"] is not None:                               # Qwen3: RMSNorm per head, before RoPE
                 q = b.rms_norm(q.reshape(-1, c.head_dim), L["q_norm"], self.eps).reshape(q.shape)
                 k = b.rms_norm(k.reshape(-1, c.head_dim), L["k_norm"], self.eps).reshape(k.shape)
-            b.rotary_embedding(positions, q, k, self.cos_sin, True)  # rotate_half, in place
-            o = attention(b, q, k, v, kv_cache, i, meta, self.scale, self.windows[i])   # [T, nq D]
+            # rotate_half: q in place, k into the cache with v (one launch)
+            o = rope_attention(b, positions, q, k, v, self.cos_sin, True, kv_cache, i, meta, self.scale,
+                               self.windows[i])                          # [T, nq D]
             h = tp.all_reduce(b.linear(o, L["o"], L["o_b"]))          # [T, H]: summed over ranks
             # MLP block: x = RMSNorm(h + residual); h = down(act(gate(x)) * up(x))
             x, residual = b.fused_add_rms_norm(h, residual, L["post_norm"], self.eps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model_impl.layers import WeightSet, attention
+from model_impl.layers import WeightSet, attention, split_heads
 from model_impl.parallel import SINGLE, TensorParallel, cols, rank0_only, rows, vocab_table
 from rawpaged.worker.model_runner import AttentionMetadata
 from rawpaged.config import ModelConfig
@@ -108,33 +108,54 @@ class OPTForCausalLM:
     def _ln(self, x, wb):
         return self.backend.layer_norm(x, wb[0], wb[1], self.eps)
 
+    def _add_ln(self, delta, residual, wb):
+        """residual += delta; delta = LN(residual) (in place) -> (normalised, residual)."""
+        return self.backend.fused_add_layer_norm(delta, residual, wb[0], wb[1], self.eps)
+
+    def _attention(self, x, L, kv_cache, i, meta, nq, D):
+        """out_proj(attn(q, k, v)) of this rank's heads, summed over ranks; q/k/v views of the fused qkv."""
+        b = self.backend
+        q, k, v = split_heads(b.xp, b.linear(x, L["qkv"], L["qkv_b"]), nq, nq, D)     # [T, 3 nq D] -> views
+        return self.tp.all_reduce(b.linear(attention(b, q, k, v, kv_cache, i, meta, self.scale), L["o"], L["o_b"]))
+
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata):
-        """input_ids, positions [T] -> final hidden states [T, word_embed_proj_dim]."""
+        """input_ids, positions [T] -> final hidden states [T, word_embed_proj_dim].
+
+        NOTE: each block's output (delta) is added to the residual by the LayerNorm after it
+        (fused_add_layer_norm: one launch for the add and the norm). Pre-LN: that norm is the next
+        block's input norm; post-LN: the block's own, whose output is the next residual."""
         b, c, tp = self.backend, self.cfg, self.tp
         nq, D = self.heads.num_q, c.head_dim                          # this rank's heads
         x = tp.embed(b, input_ids, self.embed, c.vocab_size)          # [T, P]
         if self.project_in is not None:
             x = b.linear(x, self.project_in)                          # [T, H]
-        h = x + b.embedding(positions + POSITION_OFFSET, self.pos_embed)
+        residual = x + b.embedding(positions + POSITION_OFFSET, self.pos_embed)
+        delta = None
         for i, L in enumerate(self.layers):
-            # Attention block (LayerNorm before it for pre-LN models, after the residual for post-LN).
-            residual = h
-            x = self._ln(h, L["attn_ln"]) if self.pre_ln else h
-            qkv = b.linear(x, L["qkv"], L["qkv_b"])                   # [T, 3 nq D]
-            T, n = qkv.shape[0], nq * D
-            q, k, v = (b.xp.ascontiguousarray(qkv[:, j * n:(j + 1) * n].reshape(T, nq, D)) for j in range(3))
-            o = attention(b, q, k, v, kv_cache, i, meta, self.scale)
-            h = residual + tp.all_reduce(b.linear(o, L["o"], L["o_b"]))
+            # Attention block
             if not self.pre_ln:
-                h = self._ln(h, L["attn_ln"])
-            # Feed-forward block: fc2(act(fc1(x))).
-            residual = h
-            x = self._ln(h, L["ffn_ln"]) if self.pre_ln else h
-            h = residual + tp.all_reduce(b.linear(self.act(b.linear(x, L["fc1"], L["fc1_b"])), L["fc2"], L["fc2_b"]))
+                x = residual
+            elif delta is None:
+                x = self._ln(residual, L["attn_ln"])
+            else:
+                x, residual = self._add_ln(delta, residual, L["attn_ln"])     # residual += ffn of layer i-1
+            delta = self._attention(x, L, kv_cache, i, meta, nq, D)
+            if self.pre_ln:
+                x, residual = self._add_ln(delta, residual, L["ffn_ln"])
+            else:
+                residual, _ = self._add_ln(delta, residual, L["attn_ln"])   # h = LN(h + attn)
+                x = residual
+            # Feed-forward block: fc2(act(fc1(x)))
+            delta = tp.all_reduce(b.linear(self.act(b.linear(x, L["fc1"], L["fc1_b"])), L["fc2"], L["fc2_b"]))
             if not self.pre_ln:
-                h = self._ln(h, L["ffn_ln"])
-        if self.final_ln:
-            h = self._ln(h, self.final_norm)
+                residual, _ = self._add_ln(delta, residual, L["ffn_ln"])   # h = LN(h + ffn)
+                delta = None
+        if delta is None:
+            h = self._ln(residual, self.final_norm) if self.final_ln else residual
+        elif self.final_ln:
+            h, _ = self._add_ln(delta, residual, self.final_norm)
+        else:
+            h = residual + delta
         if self.project_out is not None:
             h = b.linear(h, self.project_out)                         # [T, P]
         return h

@@ -45,9 +45,14 @@ log_softmax, not renormalized).
 
 NOTE: seeded requests are batch-invariant: every step works on its own row only (per-row sort,
 cumsum and reductions), the path a row takes depends on its own params only, and its uniform comes
-from its own generator; a seeded row consumes one draw per sampled (non-greedy) step. On the GPU
-host->device traffic is B uniforms plus small index arrays (bias, penalty token ids); device->host
-is the chosen ids, their logprobs and the top-N asked for.
+from its own generator; a seeded row consumes one draw per sampled (non-greedy) step.
+
+Host round trips (issue 13): greedy, temperature and top-k / top-p / min-p all run on the device;
+the host waits once per step, for ONE device->host copy of the chosen ids and their logprobs
+(stacked), plus the top-N where asked for. Host->device: nothing for an all-greedy batch without
+bias or penalties (a batch whose rows all take one path is never gathered or scattered by row
+index); otherwise the rows' sampling params and uniforms in one upload ([5, S]: temperature, top_k,
+top_p, min_p, uniform), plus small index arrays for bias, penalties and mixed paths.
 """
 from __future__ import annotations
 
@@ -114,8 +119,32 @@ def _argmax_logsumexp(xp, x):
 
 
 def _column(xp, rows, name, dtype):
-    """One SamplingParams field of every row -> [S, 1] on the device."""
+    """One SamplingParams field of every row -> [S, 1] on the device (from the rows' packed upload
+    when `rows` is a RowParams, else its own upload)."""
+    if isinstance(rows, RowParams):
+        return rows.column(name, dtype)
     return xp.asarray([getattr(r.params, name) for r in rows], dtype=dtype)[:, None]
+
+
+_PACKED = ("temperature", "top_k", "top_p", "min_p", "uniform")
+
+
+class RowParams(list):
+    """The SamplingRows of one path, with their sampling params and uniforms uploaded in ONE copy:
+    device float64 [5, S] (temperature, top_k, top_p, min_p, uniform), read by _column / _uniforms.
+    NOTE: one upload instead of five: each upload from pageable memory is a host stall."""
+
+    def __init__(self, xp, rows, uniforms):
+        super().__init__(rows)
+        host = np.empty((len(_PACKED), len(rows)), np.float64)
+        for j, r in enumerate(rows):
+            p = r.params
+            host[:4, j] = (p.temperature, p.top_k, p.top_p, p.min_p)
+        host[4] = uniforms
+        self.packed = xp.asarray(host)
+
+    def column(self, name, dtype):
+        return self.packed[_PACKED.index(name)].astype(dtype)[:, None]
 
 
 def _argsort_desc(xp, x):
@@ -257,7 +286,8 @@ def _kept_prefix_len(xp, s, p, rows):
     """
     S, V = s.shape
     pos = xp.arange(V)[None, :]                                                 # [1, V]
-    k = xp.asarray([min(r.params.top_k, V) if r.params.top_k > 0 else V for r in rows])  # [S]
+    tk = _column(xp, rows, "top_k", xp.int64)[:, 0]                            # [S] (<= 0: off)
+    k = xp.where(tk > 0, xp.minimum(tk, V), V)                                  # [S]
     kth = xp.take_along_axis(s, (k - 1)[:, None], axis=-1)                      # [S, 1] k-th logit
     k_len = (s >= kth).sum(axis=-1)                                             # ties kept
     pk = xp.where(pos < k_len[:, None], p, 0)                                   # [S, V] top-k mass
@@ -297,20 +327,38 @@ class Sampler:
                                        if not _is_greedy(r.params) and not _is_filtered(r.params)]),
                  (self._sample_sorted, [i for i, r in enumerate(rows)
                                         if not _is_greedy(r.params) and _is_filtered(r.params)]))
-        token_ids = xp.zeros(len(rows), dtype=xp.int64)                         # [B]
+        token_ids = None
         for pick, idx in paths:
+            if len(idx) == len(rows):                   # every row takes this path: no gather / scatter
+                if pick == self._greedy and amax is not None:
+                    token_ids = amax.astype(xp.int64, copy=False)    # argmax of the raw (= processed) rows
+                else:
+                    token_ids = pick(processed, self._row_params(pick, rows)).astype(xp.int64, copy=False)
+                break
             if idx:
+                if token_ids is None:
+                    token_ids = xp.zeros(len(rows), dtype=xp.int64)              # [B]
                 at = xp.asarray(idx)
                 if pick == self._greedy and amax is not None:
                     token_ids[at] = amax[at]                # argmax of the raw (= processed) rows
                 else:
-                    token_ids[at] = pick(processed[at], [rows[i] for i in idx])
+                    token_ids[at] = pick(processed[at], self._row_params(pick, [rows[i] for i in idx]))
         if mask is not None:
             self._only_allowed(token_ids, processed, mask)
         chosen_lp = xp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
-        ids_h, lp_h = _to_host(token_ids), _to_host(chosen_lp)
+        # NOTE: ONE device->host copy (the step's only wait for the device): ids (exact in float64)
+        # and their logprobs stacked.
+        both = _to_host(xp.stack([token_ids.astype(xp.float64), chosen_lp.astype(xp.float64)]))
+        ids_h, lp_h = both[0].astype(np.int64), both[1]
         tops = self._top_logprobs(raw, lse, rows, ids_h, lp_h)
         return [SampleResult(int(ids_h[i]), float(lp_h[i]), tops[i]) for i in range(len(rows))]
+
+    def _row_params(self, pick, rows):
+        """The rows as the path reads them: sampling paths get their params and uniforms in one upload
+        (drawing each row's uniform here, in row order, as before); greedy reads none."""
+        if pick == self._greedy:
+            return rows
+        return RowParams(self.xp, rows, np.array([self._generator(r).random() for r in rows]))
 
     def _only_allowed(self, token_ids, processed, mask: TokenMask) -> None:
         """Constrained rows whose token is forbidden get their best allowed token instead (in place).
@@ -331,7 +379,10 @@ class Sampler:
         return self.xp.argmax(logits, axis=-1)                                  # ties: lowest id
 
     def _uniforms(self, rows):
-        """One uniform in [0, 1) per row from its own generator or the sampler's -> [S] float64."""
+        """One uniform in [0, 1) per row from its own generator or the sampler's -> [S] float64
+        (drawn when the rows were packed, for a RowParams)."""
+        if isinstance(rows, RowParams):
+            return rows.packed[_PACKED.index("uniform")]
         return self.xp.asarray(np.array([self._generator(r).random() for r in rows]))
 
     def _sample_plain(self, logits, rows):

@@ -26,6 +26,20 @@ gives rawpaged/backend/cuda/ (and, through `install`, the whole engine) what it 
 Device buffers from `empty` start as NaN (poisoned), so a kernel or an engine step that reads a
 value nobody wrote shows it.
 
+CUDA graphs (`Stream.begin_capture` / `end_capture` -> `Graph.launch`, issue 13): while a stream
+captures, device work is RECORDED, not run: a kernel launch, a cuBLAS call or an in-place array
+operation (`out=`, `a[i] = b`) is kept as a thunk over the same buffers; an array operation that
+makes a new array runs once (for its shape) and its result is poisoned (NaN: on a device it holds
+nothing until the graph runs), the thunk recomputing it into that same buffer. `Graph.launch`
+runs the thunks in order, reading whatever the buffers hold then: host values (scalars, shapes,
+grids) are frozen at capture, as on a device. What a device refuses during capture raises here:
+host<->device copies from pageable memory (`cupy.asarray(host)`, `.get()`, `.set()`), and reading a
+device value on the host (`int(a)`, `float(a)`, `bool(a)`). `Graph.ops` is what was recorded.
+NOTE: a recorded buffer is kept alive by its graph here, so memory a real capture would hand back
+to the graphs' pool for the next capture stays counted: the emulated graph pool over-counts.
+`LAUNCHES.launches` counts the device operations run outside capture (kernels, GEMMs, array
+operations, uploads: what a profiler would list; a graph launch is one), for the launch-count tests.
+
 What this cannot show: timing, concurrency between blocks or streams, NVRTC specifics, cuBLAS
 rounding (matmul is NumPy's), parallel-scan rounding of cumsum, `np.asarray(device_array)` (CuPy
 refuses it; an ndarray subclass cannot), and anything the emulation itself gets wrong.
@@ -67,6 +81,78 @@ def _reject_host_arrays(where: str, obj) -> None:
             _reject_host_arrays(where, o)
 
 
+class _CaptureState:
+    """The stream capture in progress (None: none) and the counters the tests read."""
+    ops: list | None = None
+    launches: int = 0                       # device operations run outside capture
+
+
+LAUNCHES = _CaptureState                    # LAUNCHES.launches: read and reset by tests
+
+
+def capturing() -> bool:
+    return _CaptureState.ops is not None
+
+
+def _device_work(thunk) -> None:
+    """Device work with side effects only (a kernel, an in-place op): recorded while capturing, else run."""
+    if _CaptureState.ops is not None:
+        _CaptureState.ops.append(thunk)
+    else:
+        _CaptureState.launches += 1
+        thunk()
+
+
+def _refuse_in_capture(what: str) -> None:
+    if _CaptureState.ops is not None:
+        raise RuntimeError(f"emulated CUDA: {what} during stream capture (cudaErrorStreamCaptureUnsupported: "
+                           f"a graph cannot hold a synchronous host<->device transfer)")
+
+
+def _new_result(result, compute) -> None:
+    """A freshly made result array: while capturing, poison it and record `compute` (which returns the
+    new value) as writing into this same buffer; outside capture it only counts as one operation."""
+    if _CaptureState.ops is None:
+        _CaptureState.launches += 1
+        return
+    arrays = [r for r in (result if isinstance(result, tuple) else (result,)) if isinstance(r, np.ndarray)]
+    hosts = [a.view(np.ndarray) for a in arrays]
+
+    def replay():
+        value = compute()
+        values = value if isinstance(value, tuple) else (value,)
+        for h, v in zip(hosts, [v for v in values if isinstance(v, np.ndarray) or np.isscalar(v)]):
+            np.copyto(h, v, casting="unsafe")
+    _CaptureState.ops.append(replay)
+    for h in hosts:
+        if h.dtype.kind == "f" or h.dtype.name == "bfloat16":
+            h[...] = np.nan
+
+
+def _as_array(result):
+    """A NumPy scalar result (a full reduction) as the 0-d array CuPy would return."""
+    return np.asarray(result) if isinstance(result, np.generic) else result
+
+
+def _is_new(result, *sources) -> bool:
+    """result is new memory (a copy), not a view of any source array."""
+    if not isinstance(result, np.ndarray):
+        return isinstance(result, tuple)
+    r = result.view(np.ndarray)
+    return not any(isinstance(src, np.ndarray) and np.may_share_memory(r, src.view(np.ndarray))
+                   for src in _flat(sources))
+
+
+def _flat(objs):
+    for o in objs:
+        if isinstance(o, (list, tuple)):
+            yield from _flat(o)
+        elif isinstance(o, dict):
+            yield from _flat(tuple(o.values()))
+        else:
+            yield o
+
+
 def _host(obj):
     """EmuArrays (also inside lists/tuples/dicts) -> plain NumPy views, for calling NumPy."""
     if isinstance(obj, EmuArray):
@@ -84,7 +170,7 @@ def _wrap(obj):
     """NumPy results -> device arrays; NumPy scalars -> 0-d device arrays (what CuPy returns).
     New memory is counted in the default pool (a view of a device array is not)."""
     if isinstance(obj, np.ndarray):
-        POOL.track(obj)
+        _track(obj)
         return obj.view(EmuArray)
     if isinstance(obj, np.generic):
         return _wrap(np.asarray(obj))
@@ -104,27 +190,90 @@ class EmuArray(np.ndarray):
 
     def get(self, stream=None, order="C", out=None):
         """Device -> host copy (cupy.ndarray.get)."""
+        _refuse_in_capture("ndarray.get() (a device->host copy)")
         return np.array(self.view(np.ndarray), copy=True, order=order)
+
+    def set(self, arr, stream=None):
+        """Host -> device copy into this array (cupy.ndarray.set): same shape, converted to its dtype."""
+        _refuse_in_capture("ndarray.set() (a host->device copy)")
+        if isinstance(arr, EmuArray) or tuple(np.shape(arr)) != tuple(self.shape):
+            raise ValueError("emulated cupy: ndarray.set takes a host array of the same shape")
+        _CaptureState.launches += 1
+        self.view(np.ndarray)[...] = arr
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _reject_host_arrays(ufunc.__name__, inputs)
+        hin = _host(inputs)
         if out is not None:
             _reject_host_arrays(ufunc.__name__, out)
             kwargs["out"] = _host(out)
-        result = getattr(ufunc, method)(*_host(inputs), **kwargs)
-        if out is not None:
+            _device_work(lambda: getattr(ufunc, method)(*hin, **kwargs))
             return out[0] if len(out) == 1 else out
+        result = _as_array(getattr(ufunc, method)(*hin, **kwargs))
+        _new_result(result, lambda: getattr(ufunc, method)(*hin, **kwargs))
         return _wrap(result)
 
     def __array_function__(self, func, types_, args, kwargs):
         _reject_host_arrays(func.__name__, (args, kwargs))
-        return _wrap(func(*_host(args), **_host(kwargs)))
+        ha, hk = _host(args), _host(kwargs)
+        result = _as_array(func(*ha, **hk))
+        if result is None or _is_new(result, ha, hk):
+            _new_result(result, lambda: func(*ha, **hk))
+        return _wrap(result)
 
     def __getitem__(self, key):
-        return _wrap(super().__getitem__(_host(key)))
+        hk = _host(key)
+        result = super().__getitem__(hk)
+        if isinstance(result, np.ndarray) and _is_new(result, self.view(np.ndarray)):   # fancy indexing: a gather
+            base = self.view(np.ndarray)
+            _new_result(result, lambda: base[hk])
+        return _wrap(result)
 
     def __setitem__(self, key, value):
-        super().__setitem__(_host(key), _host(value))
+        hk, hv, base = _host(key), _host(value), self.view(np.ndarray)
+        _device_work(lambda: base.__setitem__(hk, hv))
+
+    def astype(self, dtype, order="K", casting="unsafe", subok=True, copy=True):
+        base = self.view(np.ndarray)
+        result = base.astype(dtype, order=order, casting=casting, copy=copy)
+        if result is base:
+            return self
+        _new_result(result, lambda: base.astype(dtype, order=order, casting=casting))
+        return _wrap(result)
+
+    def copy(self, order="C"):
+        base = self.view(np.ndarray)
+        result = base.copy(order=order)
+        _new_result(result, lambda: base)
+        return _wrap(result)
+
+    def reshape(self, *shape, order="C"):
+        base = self.view(np.ndarray)
+        result = base.reshape(*shape, order=order)
+        if _is_new(result, base):                      # a non-contiguous array reshaped: a copy
+            _new_result(result, lambda: base.reshape(*shape, order=order))
+        return _wrap(result)
+
+    # Reading a device value on the host synchronises: a device refuses it while capturing.
+    def __int__(self):
+        _refuse_in_capture("int(device array)")
+        return int(self.view(np.ndarray))
+
+    def __float__(self):
+        _refuse_in_capture("float(device array)")
+        return float(self.view(np.ndarray))
+
+    def __bool__(self):
+        _refuse_in_capture("bool(device array)")
+        return bool(self.view(np.ndarray))
+
+    def item(self, *args):
+        _refuse_in_capture("ndarray.item()")
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        _refuse_in_capture("ndarray.tolist()")
+        return self.view(np.ndarray).tolist()
 
     def argsort(self, axis=-1, kind=None, order=None):
         return _argsort(self, axis, kind)
@@ -132,13 +281,20 @@ class EmuArray(np.ndarray):
     def sort(self, axis=-1, kind=None, order=None):
         if kind not in (None, "stable") or order is not None:
             raise ValueError("emulated cupy: sort accepts kind=None or 'stable' only, and no order")
-        self.view(np.ndarray).sort(axis=axis, kind="stable")
+        base = self.view(np.ndarray)
+        _device_work(lambda: base.sort(axis=axis, kind="stable"))
 
     def argmax(self, axis=None, out=None, keepdims=False):
-        return _wrap(self.view(np.ndarray).argmax(axis=axis, keepdims=keepdims))
+        base = self.view(np.ndarray)
+        result = np.asarray(base.argmax(axis=axis, keepdims=keepdims))
+        _new_result(result, lambda: base.argmax(axis=axis, keepdims=keepdims))
+        return _wrap(result)
 
     def argmin(self, axis=None, out=None, keepdims=False):
-        return _wrap(self.view(np.ndarray).argmin(axis=axis, keepdims=keepdims))
+        base = self.view(np.ndarray)
+        result = np.asarray(base.argmin(axis=axis, keepdims=keepdims))
+        _new_result(result, lambda: base.argmin(axis=axis, keepdims=keepdims))
+        return _wrap(result)
 
     def __iter__(self):                       # CuPy yields 0-d arrays, not NumPy scalars
         for i in range(len(self)):
@@ -147,7 +303,7 @@ class EmuArray(np.ndarray):
 
 def _dev(a) -> EmuArray:
     a = np.asarray(a)
-    POOL.track(a)
+    _track(a)
     return a.view(EmuArray)
 
 
@@ -163,14 +319,30 @@ def _argsort(a, axis=-1, kind=None):
     if kind not in (None, "stable"):
         raise ValueError(f"emulated cupy: argsort accepts kind=None or 'stable' only, got {kind!r}")
     _reject_host_arrays("argsort", a)
-    return _wrap(np.argsort(_host(a), axis=axis, kind="stable"))
+    h = _host(a)
+    result = np.argsort(h, axis=axis, kind="stable")
+    _new_result(result, lambda: np.argsort(h, axis=axis, kind="stable"))
+    return _wrap(result)
 
 
 def _asarray(a, dtype=None, order=None):
     """Host data or a device array -> a device array (a device array of the same dtype is not copied)."""
     if isinstance(a, EmuArray):
         return a if dtype is None or a.dtype == np.dtype(dtype) else a.astype(dtype)
+    _refuse_in_capture("cupy.asarray(host data) (a host->device copy)")
+    _CaptureState.launches += 1
     return _dev(np.array(a, dtype=dtype, copy=True, order=order or "K"))
+
+
+def _ascontiguousarray(a, dtype=None):
+    if isinstance(a, EmuArray) and a.flags.c_contiguous:
+        return _asarray(a, dtype)
+    if not isinstance(a, EmuArray):
+        _refuse_in_capture("cupy.ascontiguousarray(host data) (a host->device copy)")
+    h = _host(a)
+    result = np.ascontiguousarray(h, dtype=dtype)
+    _new_result(result, lambda: h)
+    return _dev(result)
 
 
 def _asnumpy(a, stream=None, order="C"):
@@ -197,6 +369,17 @@ inf nan pi e integer floating
 """.split())
 
 
+def _gemm_like(func):
+    """cupy.dot / matmul of 16-bit matrices: cuBLAS multiplies them with fp32 accumulation
+    (CUBLAS_COMPUTE_32F) and rounds the result once; so does this (NumPy's own float16 dot has no
+    BLAS and is ~100x slower)."""
+    def gemm(a, b, *rest, **kw):
+        if not rest and not kw and a.dtype == b.dtype and (a.dtype == np.float16 or a.dtype.name == "bfloat16"):
+            return func(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype)
+        return func(a, b, *rest, **kw)
+    return gemm
+
+
 class FakeCupyModule(types.ModuleType):
     """`import cupy` inside the tests: explicit functions below, NumPy's for CUPY_NAMES."""
 
@@ -206,9 +389,23 @@ class FakeCupyModule(types.ModuleType):
         if name in CUPY_NAMES:
             func = getattr(np, name)
 
+            if name in ("dot", "matmul"):
+                func = _gemm_like(func)
+
             def device_func(*args, **kwargs):
                 _reject_host_arrays(name, (args, kwargs))
-                return _wrap(func(*_host(args), **_host(kwargs)))
+                ha, hk = _host(args), _host(kwargs)
+                if (name in ("dot", "matmul") and _CaptureState.ops is not None and not hk and len(ha) == 2
+                        and ha[0].ndim == ha[1].ndim == 2):
+                    # NOTE: recorded, not computed: the shape is all a capture needs (and the GEMMs are
+                    # most of an emulated step's time)
+                    result = np.empty((ha[0].shape[0], ha[1].shape[1]), dtype=np.result_type(ha[0], ha[1]))
+                    _new_result(result, lambda: func(*ha))
+                    return _wrap(result)
+                result = _as_array(func(*ha, **hk))
+                if result is None or _is_new(result, ha, hk):
+                    _new_result(result, lambda: func(*ha, **hk))
+                return _wrap(result)
             device_func.__name__ = name
             return device_func
         raise AttributeError(f"emulated cupy has no {name!r}: check that CuPy provides it, then add "
@@ -288,8 +485,13 @@ class EmuKernel:
     def __call__(self, grid, block, args, shared_mem=0):
         assert block[1] == block[2] == 1 and block[0] % 32 == 0 and block[0] <= 1024, block
         ints, floats = _split_args(args)
-        rc = self.lib.rp_emu_launch(self.ptr, grid[0], grid[1], grid[2], block[0], shared_mem, ints, floats)
-        assert rc == 0, f"{self.name}: a block deadlocked (threads waiting on barriers no one else reaches)"
+        keep = tuple(a for a in args if isinstance(a, EmuArray))     # a recorded launch keeps its buffers alive
+
+        def run():
+            assert keep is not None
+            rc = self.lib.rp_emu_launch(self.ptr, grid[0], grid[1], grid[2], block[0], shared_mem, ints, floats)
+            assert rc == 0, f"{self.name}: a block deadlocked (threads waiting on barriers no one else reaches)"
+        _device_work(run)
 
 
 # How the emulated cp.async lands (kernels_cuda/host_emulation.h): "deferred" (at the issuing thread's
@@ -335,6 +537,54 @@ class _Stream:
         assert isinstance(event, _Event) and event.recorded, "wait_event on an event never recorded"
         self.waited += 1
 
+    # CUDA graphs: see the module docstring.
+    def begin_capture(self, mode=None):
+        if self.ptr == 0:
+            raise RuntimeError("emulated CUDA: the legacy default stream cannot be captured (use a non-blocking stream)")
+        if _CaptureState.ops is not None:
+            raise RuntimeError("emulated CUDA: a stream capture is already in progress")
+        _CaptureState.ops = []
+        self.capturing = True
+
+    def is_capturing(self):
+        return bool(getattr(self, "capturing", False))
+
+    def end_capture(self):
+        if not self.is_capturing():
+            raise RuntimeError("emulated CUDA: end_capture without begin_capture")
+        ops, _CaptureState.ops = _CaptureState.ops, None
+        self.capturing = False
+        return _Graph(ops)
+
+    def __enter__(self):
+        self._prev = _CURRENT_STREAM[0]
+        _CURRENT_STREAM[0] = self
+        return self
+
+    def __exit__(self, *exc):
+        _CURRENT_STREAM[0] = self._prev
+        if exc[0] is not None and self.is_capturing():        # a failed capture leaves no capture behind
+            _CaptureState.ops = None
+            self.capturing = False
+
+
+class _Graph:
+    """cupy.cuda.Graph: the recorded device work of one capture, run in order by launch()."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.launches = 0
+
+    def upload(self, stream=None):
+        pass
+
+    def launch(self, stream=None):
+        _refuse_in_capture("Graph.launch inside another capture")
+        self.launches += 1
+        _CaptureState.launches += 1                           # one launch for the whole graph
+        for op in self.ops:
+            op()
+
 
 class _Event:
     """Recording takes the host clock: the work before it has run (everything runs in order)."""
@@ -363,10 +613,11 @@ def _elapsed_ms(start: _Event, end: _Event) -> float:
 
 
 _NULL_STREAM = _Stream(null=True)
+_CURRENT_STREAM = [_NULL_STREAM]
 
 
 def _memcpy(dst, src, nbytes, kind, stream):
-    ctypes.memmove(dst, src, nbytes)
+    _device_work(lambda: ctypes.memmove(dst, src, nbytes))
 
 
 class MemInfo:
@@ -409,6 +660,10 @@ class FakeMemoryPool:
     def free_all_blocks(self, stream=None) -> None:
         self.held = self.used
 
+    def malloc(self, nbytes):
+        """cupy.cuda.MemoryPool.malloc: only passed to using_allocator here (arrays are counted by track)."""
+        raise NotImplementedError("emulated cupy: allocate through cupy.empty under using_allocator(pool.malloc)")
+
     def track(self, arr: np.ndarray) -> None:
         root = arr
         while isinstance(root.base, np.ndarray):
@@ -417,7 +672,7 @@ class FakeMemoryPool:
         if ref is not None and ref() is root:
             return                                    # memory of a live device array: a view
         nbytes = -(-max(root.nbytes, 1) // self.UNIT) * self.UNIT
-        limit = MemInfo.total - MemInfo.outside
+        limit = MemInfo.total - MemInfo.outside - sum(p.held for p in _POOLS if p is not self)
         if self.used + nbytes > limit:
             self.held = self.used                     # CuPy frees its cached blocks before giving up
             raise OutOfMemoryError(f"emulated cupy: out of memory allocating {nbytes:,} bytes "
@@ -433,19 +688,51 @@ class FakeMemoryPool:
         self._live.pop(key, None)
 
 
+_POOLS: "weakref.WeakSet[FakeMemoryPool]" = weakref.WeakSet()
+_orig_pool_init = FakeMemoryPool.__init__
+
+
+def _pool_init(self, *args, **kwargs):
+    _orig_pool_init(self)
+    _POOLS.add(self)
+
+
+FakeMemoryPool.__init__ = _pool_init
 POOL = FakeMemoryPool()
+_ALLOCATOR = [POOL]          # the pool new device arrays come from (cupy.cuda.using_allocator)
+
+
+class _UsingAllocator:
+    """cupy.cuda.using_allocator(pool.malloc): arrays made inside come from that pool (a graph's own)."""
+
+    def __init__(self, allocator=None):
+        self.pool = getattr(allocator, "__self__", None) if allocator is not None else POOL
+        if not isinstance(self.pool, FakeMemoryPool):
+            raise TypeError("emulated cupy: using_allocator takes a MemoryPool's malloc")
+
+    def __enter__(self):
+        _ALLOCATOR.append(self.pool)
+        return self
+
+    def __exit__(self, *exc):
+        _ALLOCATOR.pop()
+
+
+def _track(arr):
+    _ALLOCATOR[-1].track(arr)
 
 
 def _mem_get_info():
-    """(free, total) as the driver reports them: the pool's blocks count as used."""
-    return MemInfo.total - MemInfo.outside - POOL.held, MemInfo.total
+    """(free, total) as the driver reports them: every pool's blocks count as used."""
+    return MemInfo.total - MemInfo.outside - sum(p.held for p in _POOLS), MemInfo.total
 
 
 def _memset(ptr, value, nbytes, stream=None):
-    ctypes.memset(ptr, value, nbytes)
+    _device_work(lambda: ctypes.memset(ptr, value, nbytes))
 
 
 def _memcpy_sync(dst, src, nbytes, kind):
+    _refuse_in_capture("a synchronous cudaMemcpy")
     ctypes.memmove(dst, src, nbytes)
 
 
@@ -479,16 +766,21 @@ def _column_major(ptr: int, dtype: np.dtype, rows: int, cols: int, ld: int) -> n
 
 def _gemm_ex(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C, Ctype, ldc,
              computeType, algo):
-    """C = alpha op(A) op(B) + beta C, fp32 accumulation (computeType CUBLAS_COMPUTE_32F = 68 only)."""
+    """C = alpha op(A) op(B) + beta C, fp32 accumulation (computeType CUBLAS_COMPUTE_32F = 68 only).
+    NOTE: alpha / beta are host pointers (CUBLAS_POINTER_MODE_HOST): read when called, as on a device."""
     assert computeType == 68, f"emulated gemmEx: compute type {computeType} not modelled"
+    al = ctypes.c_float.from_address(alpha).value
+    be = ctypes.c_float.from_address(beta).value
+    _device_work(lambda: _gemm_ex_run(transa, transb, m, n, k, al, A, Atype, lda, B, Btype, ldb, be, C, Ctype, ldc))
+
+
+def _gemm_ex_run(transa, transb, m, n, k, al, A, Atype, lda, B, Btype, ldb, be, C, Ctype, ldc):
     a_rows, a_cols = (m, k) if transa == 0 else (k, m)
     b_rows, b_cols = (k, n) if transb == 0 else (n, k)
     a = _column_major(A, _np_cuda_dtype(Atype), a_rows, a_cols, lda).T.astype(np.float32)    # [a_rows, a_cols]
     b = _column_major(B, _np_cuda_dtype(Btype), b_rows, b_cols, ldb).T.astype(np.float32)
     op_a = a if transa == 0 else a.T                                                           # [m, k]
     op_b = b if transb == 0 else b.T                                                           # [k, n]
-    al = ctypes.c_float.from_address(alpha).value
-    be = ctypes.c_float.from_address(beta).value
     c_view = _column_major(C, _np_cuda_dtype(Ctype), m, n, ldc)                                # [n, m] = C^T
     acc = al * (op_a @ op_b)
     if be != 0.0:
@@ -503,6 +795,14 @@ def make_fake_cublas() -> types.ModuleType:
     return mod
 
 
+def _EmuCopy(a, dtype=None):
+    """cupy.array(device array): a device-to-device copy."""
+    h = _host(a)
+    result = np.array(h, dtype=dtype, copy=True)
+    _new_result(result, lambda: h)
+    return _dev(result)
+
+
 def make_fake_cupy() -> types.ModuleType:
     cp = FakeCupyModule("cupy")
     cp.__file__ = __file__
@@ -511,9 +811,9 @@ def make_fake_cupy() -> types.ModuleType:
     cp.empty = _poisoned
     cp.empty_like = lambda a, dtype=None: _poisoned(a.shape, dtype or a.dtype)
     cp.asarray = _asarray
-    cp.array = lambda a, dtype=None, copy=True: _dev(np.array(_host(a), dtype=dtype, copy=True))
-    cp.ascontiguousarray = lambda a, dtype=None: (_asarray(a, dtype) if isinstance(a, EmuArray) and a.flags.c_contiguous
-                                                  else _dev(np.ascontiguousarray(_host(a), dtype=dtype)))
+    cp.array = lambda a, dtype=None, copy=True: (_EmuCopy(a, dtype) if isinstance(a, EmuArray) else
+                                                 _asarray(np.array(a, dtype=dtype, copy=True)))
+    cp.ascontiguousarray = _ascontiguousarray
     cp.asnumpy = _asnumpy
     cp.argsort = _argsort
     cp.RawModule = EmuModule
@@ -538,7 +838,10 @@ def make_fake_cupy() -> types.ModuleType:
         random=lambda size=None, dtype=np.float64: _wrap(rng.random(size).astype(dtype)),
         randint=lambda low, high=None, size=None, dtype=np.int64: _wrap(rng.integers(low, high, size).astype(dtype)))
     cuda_mod = types.ModuleType("cupy.cuda")
-    cuda_mod.get_current_stream = lambda: _NULL_STREAM
+    cuda_mod.get_current_stream = lambda: _CURRENT_STREAM[0]
+    cuda_mod.Graph = _Graph
+    cuda_mod.MemoryPool = FakeMemoryPool
+    cuda_mod.using_allocator = _UsingAllocator
     cuda_mod.Stream = _Stream
     cuda_mod.Event = _Event
     cuda_mod.get_elapsed_time = _elapsed_ms

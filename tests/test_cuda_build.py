@@ -334,8 +334,19 @@ def _layer_samples(k):
     return [kernels.unary_args(k, np.zeros_like(x), x, 1)]
 
 
+def _fused_samples(k):
+    dt = _dt(k.dtypes()["T"])
+    if k.family is kernels.FUSED_ADD_LAYER_NORM:
+        x, w = np.zeros((2, 32), dt), np.zeros(32, dt)
+        return [kernels.fused_add_layer_norm_args(k, x, np.zeros_like(x), w, w, 1e-5),
+                kernels.fused_add_layer_norm_args(k, x, np.zeros_like(x), None, None, 1e-5)]
+    q, key = np.zeros((3, 4, 16), dt), np.zeros((3, 2, 16), dt)
+    return [kernels.rotary_cache_args(k, np.zeros(3, np.int64), q, key, key, np.zeros((4, 2, 2, 2, 8, 16), dt), 1,
+                                      np.zeros(3, np.int64), np.zeros((8, 16), _dt(k.dtypes()["C"])), 64, 32, 32, True)]
+
+
 SAMPLES = {"paged_attention.cu": _attention_samples, "cache_ops.cu": _cache_samples, "norms.cu": _layer_samples,
-           "rotary.cu": _layer_samples, "activations.cu": _layer_samples}
+           "rotary.cu": _layer_samples, "activations.cu": _layer_samples, "fused_ops.cu": _fused_samples}
 
 
 def builder_tuples(k: kernels.Kernel) -> list[tuple]:

@@ -110,7 +110,8 @@ def test_dry_run_on_the_emulator(tmp_path, gpu_data):
     for title in ("### Ceilings", "### Decode attention", "### Prefill attention", "### Memory-bound kernels",
                   "### GEMM"):
         assert title in report
-    assert "| batch | host ms | GPU ms (events)" in report                                 # decode step
+    assert "| batch | mode | host ms | GPU ms (events)" in report                          # decode step (eager, graph)
+    assert "| graph |" in report and "CUDA graphs: buckets" in report
     assert "| rawpaged (continuous batching, paged KV) |" in report                          # throughput
     assert re.search(r"^- commit: [0-9a-f]{40} ", report, flags=re.M), report[:600]
 

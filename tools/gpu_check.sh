@@ -19,7 +19,8 @@
 #   5 kernels      bench/kernel_bench.py: memcpy ceiling, decode at issue 13's shapes (paged and
 #                  contiguous KV), prefill vs torch SDPA,
 #                  memory-bound kernels, GEMM vs torch.matmul (cold L2, event medians)
-#   6 decode step  bench/decode_step.py: host ms / GPU ms / launches of a 32-layer LLaMA-7B step
+#   6 decode step  bench/decode_step.py: host ms / GPU ms / launches of a 32-layer LLaMA-7B step,
+#                  eager and replayed from a CUDA graph
 #   7 throughput   bench/throughput.py --device cuda (LLaMA-7B layer shapes, 2 layers)
 #
 # Environment: OUT (default: a new temporary folder); GPU_CHECK_BUDGET seconds for all steps
@@ -194,12 +195,13 @@ step_ops() {
 }
 
 step_e2e() {
-    begin 3 "end to end: tests/gpu/test_e2e_gpu.py" 120 e2e.log || return
+    begin 3 "end to end: tests/gpu/test_e2e_gpu.py, test_graphs_gpu.py" 120 e2e.log || return
     local sel=()
-    # NOTE: quick: one fixture in fp16 and bf16 (stories260K's default profiling pass takes minutes emulated)
-    [ "$QUICK" = 1 ] && sel=(-k "test_fixture_16bit_gpu_follows_fp32_cpu and llama-gqa")
+    # NOTE: quick: one fixture in fp16 and bf16 (stories260K's default profiling pass takes minutes
+    # emulated), and one graph replay against the eager step
+    [ "$QUICK" = 1 ] && sel=(-k "(test_fixture_16bit_gpu_follows_fp32_cpu or test_replay_equals_eager_on_the_device) and llama-gqa")
     RAWPAGED_TEST_TIMEOUT=90 limited "$LIMIT" "$PY" -m pytest -v -s -rfEs -p no:cacheprovider tests/gpu/test_e2e_gpu.py \
-        tests/gpu/test_tp_gpu.py "${sel[@]}"
+        tests/gpu/test_tp_gpu.py tests/gpu/test_graphs_gpu.py "${sel[@]}"
     local rc=$?
     pytest_lines $rc
     {

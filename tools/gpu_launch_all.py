@@ -153,6 +153,27 @@ class Launcher:
         self.cuda.rotary_embedding(self.cp.asarray(self.rng.integers(0, 64, 9).astype(np.int64)), q, key, cos_sin, True)
         self.finite(k.name, q)
 
+    # -- fused ops (kernels_cuda/fused_ops.cu) ------------------------------------------------
+    def rotary_cache(self, k):
+        cp, tag, ctag = self.cp, k.template_args["T"], k.template_args["C"]
+        inv = 10000.0 ** (-np.arange(0, 128, 2) / 128)
+        ang = np.arange(64)[:, None] * inv[None, :]
+        cos_sin = self.dev(np.concatenate([np.cos(ang), np.sin(ang)], axis=1), ctag)
+        qkv = self.randn((9, 8 * 128), tag)                  # q, k, v as views of a fused projection
+        q, key, v = qkv[:, :512].reshape(9, 4, 128), qkv[:, 512:768].reshape(9, 2, 128), qkv[:, 768:].reshape(9, 2, 128)
+        cache = self.randn((6, 2, 2, 2, 16, 128), tag)
+        slots = self.rng.permutation(6 * 16)[:9].astype(np.int64)
+        slots[::4] = -1
+        self.cuda.rotary_and_cache(cp.asarray(self.rng.integers(0, 64, 9).astype(np.int64)), q, key, v, cache, 1,
+                                   cp.asarray(slots), cos_sin, True)
+        self.finite(k.name, cache)
+
+    def fused_add_layer_norm(self, k):
+        tag = k.template_args["T"]
+        x, res = self.randn((5, 768), tag), self.randn((5, 768), tag)
+        self.cuda.fused_add_layer_norm(x, res, self.randn((768,), tag), self.randn((768,), tag), 1e-5)
+        self.finite(k.name, x)
+
     def silu_and_mul(self, k):
         self.finite(k.name, self.cuda.silu_and_mul(self.randn((7, 2 * 688), k.template_args["T"])))
 

@@ -41,6 +41,11 @@ class Backend(Protocol):
     def reshape_and_cache(self, k, v, kv_cache, layer, slot_mapping):
         """Write k, v [T, Hkv, D] of this step's tokens into their slots of `layer`."""
 
+    def rotary_and_cache(self, positions, q, k, v, kv_cache, layer, slot_mapping, cos_sin_cache, is_neox):
+        """rotary_embedding of q (in place, returned) and of k, whose rotated copy is written with v
+        into `layer`'s slots (reshape_and_cache) in one pass; k itself is left as it was. Padding
+        tokens (slot < 0) store nothing; their positions must still index cos_sin_cache."""
+
     def copy_blocks(self, kv_cache, pairs):
         """Copy-on-write: kv_cache[dst] = kv_cache[src] for each (src, dst), every layer at once."""
 
@@ -66,6 +71,9 @@ class Backend(Protocol):
 
     def fused_add_rms_norm(self, x, residual, weight, eps):
         """residual += x; x = rms_norm(residual): both in place; returns (x, residual)."""
+
+    def fused_add_layer_norm(self, x, residual, weight, bias, eps):
+        """residual += x; x = layer_norm(residual, weight, bias): both in place; returns (x, residual)."""
 
     def layer_norm(self, x, weight, bias, eps):
         """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (weight/bias may be None)."""

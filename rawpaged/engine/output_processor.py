@@ -125,7 +125,9 @@ class OutputProcessor:
             rows = [SamplingRow(g.sampling_params, s.prompt_token_ids, s.output_token_ids, s.generator,
                                 g.sampling_params.logprobs) for g, s in plain_seqs]
             mask = self._token_mask(plain_src)
-            results = self.sampler(logits[xp.asarray(plain_rows)], rows, mask)
+            # NOTE: every row in order (the common case): no index upload, no gather
+            same = len(plain_rows) == logits.shape[0] and plain_rows == list(range(len(plain_rows)))
+            results = self.sampler(logits if same else logits[xp.asarray(plain_rows)], rows, mask)
             self.stats.generation_tokens += len(results)
             for (group, seq), res in zip(plain_seqs, results):
                 seq.append_token(res.token_id, res.logprob, res.top_logprobs)

@@ -25,6 +25,7 @@ from rawpaged.executor import CacheSize, ModelOutput
 from rawpaged.loader import Checkpoint
 from rawpaged.sequence import ScheduledSeq, Sequence
 from rawpaged.worker.cache_engine import CacheEngine, block_bytes, num_blocks_for
+from rawpaged.worker.graph_runner import DecodeGraphs
 from rawpaged.worker.model_runner import BatchInputs, ModelRunner, prepare_inputs
 
 logger = logging.getLogger("rawpaged")
@@ -35,6 +36,9 @@ CPU_DEFAULT_KV_MEMORY = 1 * GiB
 # 2M tokens at block size 16, more than one H200 holds for any real model but the smallest, and
 # ~1 s and ~40 MB of host memory for the block manager's records.
 MAX_KV_BLOCKS = 1 << 17
+# NOTE: the CUDA graphs' pool is estimated from one measured step; CuPy's pool rounds and splits
+# blocks, so a quarter more is left for it (tests/gpu/test_graphs_gpu.py checks it fits).
+GRAPH_POOL_MARGIN = 1.25
 
 
 @dataclass
@@ -78,6 +82,18 @@ class Worker:
         self.cache_config = dataclasses.replace(model_config, num_kv_heads=self.model.heads.num_kv)
         self.runner = ModelRunner(self.model, self.backend, config.block_size)
         self.cache: CacheEngine | None = None
+        self.graphs: DecodeGraphs | None = None      # made by determine_cache_size, captured by init_cache
+        self.graph_reserve = 0                       # bytes the KV sizing left for the graphs
+
+    def wants_graphs(self) -> bool:
+        """CUDA graphs for decode steps: on the GPU, unless enforce_eager.
+        NOTE: not under tensor parallelism yet: its all-reduces (NCCL) would be captured too, which
+        nobody has run on a device; TP ranks keep the eager path. Nor with RAWPAGED_CUDA_SYNC=1
+        (a synchronize after every launch, to name a faulting kernel): a capturing stream cannot
+        synchronize."""
+        if self.device != "cuda" or getattr(self.config, "enforce_eager", False) or self.tp.enabled:
+            return False
+        return not self.backend.launch.SYNC
 
     def info(self) -> dict:
         return {"device": self.device, "dtype": np.dtype(self.dtype), "weight_bytes": self.weight_bytes,
@@ -94,6 +110,9 @@ class Worker:
         """
         c = self.config
         bb = block_bytes(self.cache_config, c.block_size, self.dtype)
+        if self.wants_graphs():
+            # the persistent buffers exist before the profiling pass: they count as arrays in use
+            self.graphs = DecodeGraphs(self.model, self.backend, c.block_size, c.max_num_seqs, max_model_len)
         if c.kv_cache_memory is not None:
             memory, why = c.kv_cache_memory, f"kv_cache_memory={c.kv_cache_memory} bytes"
         elif self.device == "cuda":
@@ -131,6 +150,19 @@ class Worker:
         self.cache = CacheEngine(self.cache_config, self.backend, self.dtype, self.config.block_size,
                                  num_device_blocks, num_cpu_blocks)
         self._warm_up()
+        if self.graphs is not None:
+            self._capture_graphs()
+
+    def _capture_graphs(self) -> None:
+        """One CUDA graph per decode bucket over the device cache; the cost and memory said once."""
+        g = self.graphs
+        g.capture(self.cache.device_cache)
+        self.runner.graphs = g
+        if self.tp.rank == 0:
+            reserved = f", {_size(self.graph_reserve)} reserved for them in the KV sizing" if self.graph_reserve else ""
+            logger.info("CUDA graphs: %d decode batch sizes (%s) captured in %.2f s; their memory pool holds %s%s "
+                        "(--enforce-eager runs without them)", len(g.buckets), ", ".join(map(str, g.buckets)),
+                        g.capture_seconds, _size(g.pool_bytes()), reserved)
 
     def _warm_up(self) -> None:
         """Compile (or load from the on-disk caches) the kernels of a prefill and a decode step now,
@@ -172,6 +204,7 @@ class Worker:
         self.runner.execute([ScheduledSeq(seq, num_tokens, list(range(blocks)), sample=True)], scratch.device_cache)
         b.synchronize()
         after = b.memory_snapshot()                       # the pool held the pass's peak
+        self.graph_reserve = self._graph_memory(scratch.device_cache) if self.graphs is not None else 0
         del scratch
         b.memory_snapshot(release=True)                   # and hands it back
         activations = max(0, after.pool_held - before.pool_used - scratch_bytes)
@@ -179,14 +212,29 @@ class Worker:
         # NOTE: the sampler holds fp32 logits for up to max_num_seqs rows at once.
         logits = 4 * self.model_config.vocab_size * c.max_num_seqs * 4
         allowed = int(after.total * c.gpu_memory_utilization)
-        budget = allowed - in_use - activations - logits
+        budget = allowed - in_use - activations - logits - self.graph_reserve
+        graphs = f", {_size(self.graph_reserve)} for the CUDA graphs" if self.graph_reserve else ""
         what = (f"gpu_memory_utilization={c.gpu_memory_utilization} of {_size(after.total)} = {_size(allowed)}, "
                 f"less {_size(before.pool_used)} of arrays (weights, other engines), {_size(after.outside_pool)} "
                 f"outside CuPy's pool (CUDA context, cuBLAS, other processes), {_size(activations)} activation "
-                f"peak, {_size(logits)} logits")
+                f"peak, {_size(logits)} logits{graphs}")
         if budget <= 0:
             raise RawpagedError(f"no GPU memory left for the KV cache: {what}")
         return budget, what
+
+    def _graph_memory(self, scratch_cache) -> int:
+        """What the graphs' own pool will hold: the largest bucket's decode step measured (its peak of
+        workspaces and outputs; every smaller bucket reuses those blocks) plus the logits each smaller
+        bucket's graph keeps, and GRAPH_POOL_MARGIN for the pool's rounding and fragmentation."""
+        b, g = self.backend, self.graphs
+        B = g.buckets[-1]
+        before = b.memory_snapshot(release=True)
+        g.buffers.write(None, B)                          # all padding: nothing is stored in the cache
+        g.step(B, scratch_cache)
+        b.synchronize()
+        peak = max(0, b.memory_snapshot().pool_held - before.pool_used)
+        need = peak + g.outputs_bytes(self.model_config.vocab_size) - 4 * B * self.model_config.vocab_size
+        return int(need * GRAPH_POOL_MARGIN)
 
     # -- one step --------------------------------------------------------------------------------
     def _move_blocks(self, swap_out, swap_in, copy) -> None:

@@ -73,10 +73,13 @@ def prepare_inputs(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
 
 
 class ModelRunner:
-    def __init__(self, model, backend, block_size: int):
+    def __init__(self, model, backend, block_size: int, graphs=None):
         self.model = model
         self.backend = backend
         self.block_size = block_size
+        # NOTE: a graph_runner.DecodeGraphs once the worker captured (or attached) it: pure decode
+        # batches run there (persistent buffers, bucket padding, CUDA graph replay); the rest here.
+        self.graphs = graphs
 
     def execute(self, batch: list[ScheduledSeq], kv_cache):
         """Run one step. Returns (sample_logits [N, V], prompt_logits list per seq or None)."""
@@ -84,6 +87,8 @@ class ModelRunner:
 
     def run(self, inputs: BatchInputs, kv_cache):
         """Run a flattened batch (a tensor-parallel rank gets it from the driver, already flattened)."""
+        if self.graphs is not None and self.graphs.can_run(inputs, kv_cache):
+            return self.graphs.run(inputs, kv_cache)
         b = self.backend
         meta = inputs.meta
         dev_meta = AttentionMetadata(

@@ -64,7 +64,7 @@ def paged_attention(q, kv_cache, layer, block_tables, seq_lens, query_start_loc,
         out = np.empty_like(q)
     span = max_seq_len or int(seq_lens.max())
     work = q.shape[0] * q.shape[1] * (min(span, window) if window else span)
-    serial, parallel, _ = _attn.kernels(lowp.kind_of(kv_cache.dtype))
+    serial, parallel = _attn.kernels(lowp.kind_of(kv_cache.dtype))[:2]
     kernel = parallel if work >= _attn.PARALLEL_MIN_WORK and _gemm.dynamic_schedule() > 1 else serial
     kernel(q, lowp.bits(kv_cache), int(layer), block_tables, seq_lens, query_start_loc, np.float32(scale),
            window, out)
@@ -93,6 +93,26 @@ def reshape_and_cache(k, v, kv_cache, layer, slot_mapping):
     write = _attn.kernels(lowp.kind_of(kv_cache.dtype))[2]
     write(k.astype(np.float32, copy=False), v.astype(np.float32, copy=False), lowp.bits(kv_cache), int(layer),
           slot_mapping.astype(np.int64, copy=False))
+
+
+def rotary_and_cache(positions, q, k, v, kv_cache, layer, slot_mapping, cos_sin_cache, is_neox):
+    """rotary_embedding of q (in place) and of k, then reshape_and_cache of the rotated k and v, in one
+    pass; k itself is left as it was (only its rotated copy in the cache is read). q, k, v may be
+    strided views of the fused qkv projection. Returns q."""
+    if k.shape != v.shape or k.shape[1:] != (kv_cache.shape[3], kv_cache.shape[5]) or q.ndim != 3 \
+            or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"rotary_and_cache: q {q.shape} / k {k.shape} / v {v.shape} do not fit kv_cache {kv_cache.shape}")
+    if q.dtype != np.float32:                      # activations are float32 here; anything else: two ops
+        k = k.copy()
+        rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+        reshape_and_cache(k, v, kv_cache, layer, slot_mapping)
+        return q
+    fused = _attn.kernels(lowp.kind_of(kv_cache.dtype))[3]
+    fused(np.asarray(positions).astype(np.int64, copy=False), q, k.astype(np.float32, copy=False),
+          v.astype(np.float32, copy=False), lowp.bits(kv_cache), int(layer),
+          np.asarray(slot_mapping).astype(np.int64, copy=False), cos_sin_cache.astype(np.float32, copy=False),
+          bool(is_neox))
+    return q
 
 
 def copy_blocks(kv_cache, pairs):
@@ -165,6 +185,22 @@ def layer_norm(x, weight, bias, eps):
     if bias is not None:
         y = y + bias
     return y.astype(x.dtype, copy=False)
+
+
+def fused_add_layer_norm(x, residual, weight, bias, eps):
+    """residual += x; x = layer_norm(residual) * weight + bias. Both updated in place; returns (x, residual)."""
+    if x.shape != residual.shape:
+        raise ValueError(f"fused_add_layer_norm: x {x.shape} and residual {residual.shape} differ")
+    if x.dtype == residual.dtype == np.float32 and x.flags.c_contiguous and residual.flags.c_contiguous:
+        xr, rr = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+        none = np.empty(0, np.float32)
+        w = none if weight is None else weight.astype(np.float32, copy=False)
+        b = none if bias is None else bias.astype(np.float32, copy=False)
+        _ew.kernel("_add_layer_norm", xr.size)(xr, rr, w, b, np.float32(eps))
+        return x, residual
+    residual += x
+    x[...] = layer_norm(residual, weight, bias, eps)
+    return x, residual
 
 
 def rotary_embedding(positions, q, k, cos_sin_cache, is_neox):

@@ -273,11 +273,46 @@ def _build(kind: int):
                     kv[block, layer, 0, h, off, d] = lowp.narrow(k[t, h, d], kind)
                     kv[block, layer, 1, h, off, d] = lowp.narrow(v[t, h, d], kind)
 
+    def rotary_cache(positions, q, k, v, kv, layer, slot_mapping, table, is_neox):
+        """The twin of fused_ops.cu's rotary_cache: q [T, Hq, D] rotated in place; rotate(k) and v
+        [T, Hkv, D] narrowed into kv[slot // bs, layer, 0/1, :, slot % bs, :] (slot < 0: padding,
+        nothing stored). k is left as it was. q, k, v may be strided views of a fused qkv."""
+        block_size, head_dim = kv.shape[4], kv.shape[5]
+        half = table.shape[1] // 2
+        for t in range(q.shape[0]):
+            p = positions[t]
+            for h in range(q.shape[1]):                # q: pairs rotated in place
+                for i in range(half):
+                    c, s = table[p, i], table[p, half + i]
+                    i1 = i if is_neox else 2 * i
+                    i2 = i + half if is_neox else 2 * i + 1
+                    a, b = q[t, h, i1], q[t, h, i2]
+                    q[t, h, i1] = a * c - b * s
+                    q[t, h, i2] = b * c + a * s
+            slot = slot_mapping[t]
+            if slot < 0:
+                continue
+            block = slot // block_size
+            off = slot % block_size
+            for h in range(k.shape[1]):
+                for i in range(half):                  # k: rotated pairs straight into the cache
+                    c, s = table[p, i], table[p, half + i]
+                    i1 = i if is_neox else 2 * i
+                    i2 = i + half if is_neox else 2 * i + 1
+                    a, b = k[t, h, i1], k[t, h, i2]
+                    kv[block, layer, 0, h, off, i1] = lowp.narrow(a * c - b * s, kind)
+                    kv[block, layer, 0, h, off, i2] = lowp.narrow(b * c + a * s, kind)
+                for d in range(2 * half, head_dim):   # partial rotary: the rest as it is
+                    kv[block, layer, 0, h, off, d] = lowp.narrow(k[t, h, d], kind)
+                for d in range(head_dim):
+                    kv[block, layer, 1, h, off, d] = lowp.narrow(v[t, h, d], kind)
+
     # NOTE: two compilations of the attention. Numba's thread pool costs tens of microseconds per
     # launch (far more when the cores are busy), which dominates small decode batches; the serial
     # one serves those.
     opts = dict(cache=True, fastmath=_FAST, nogil=True, error_model="numpy")
-    return njit(**opts)(attend), njit(parallel=True, **opts)(attend), njit(**opts)(cache_write)
+    return (njit(**opts)(attend), njit(parallel=True, **opts)(attend), njit(**opts)(cache_write),
+            njit(**opts)(rotary_cache))
 
 
 _KERNELS = {kind: _build(kind) for kind in (lowp.F32, lowp.BF16, lowp.F16)}
@@ -285,5 +320,6 @@ PARALLEL_MIN_WORK = 1 << 15      # query-head x key pairs below which one thread
 
 
 def kernels(kind: int):
-    """(serial attention, parallel attention, cache write) for a KV cache of storage `kind`."""
+    """(serial attention, parallel attention, cache write, rotary + cache write) for a KV cache of
+    storage `kind`."""
     return _KERNELS[kind]

@@ -7,6 +7,7 @@ float32 statistics; each loop over a row is vectorised by LLVM (fast-math reasso
   silu_and_mul        y[t, i] = silu(x[t, i]) * x[t, I + i]
   rotary              q, k [T, H, D] rotated in place by the [max_pos, rot] cos|sin table
   logsumexp_rows      lse[t] = log(sum(exp(x[t])))  (with NumPy's argmax: argmax_logsumexp, the sampler's)
+  add_layer_norm      r[t] += x[t]; x[t] = layer_norm(r[t]) * w + b   (both in place; two-pass variance)
 """
 from __future__ import annotations
 
@@ -68,6 +69,29 @@ def _add_rms_norm(x, res, w, eps):
             x[t, i] = res[t, i] * inv * w[i]
 
 
+def _add_layer_norm(x, res, w, b, eps):
+    """w / b: [n] arrays or empty (no gain / no bias)."""
+    n = x.shape[1]
+    for t in prange(x.shape[0]):
+        s = np.float32(0.0)
+        for i in range(n):
+            res[t, i] += x[t, i]
+            s += res[t, i]
+        mean = s / np.float32(n)
+        sq = np.float32(0.0)
+        for i in range(n):
+            d = res[t, i] - mean
+            sq += d * d
+        inv = np.float32(1.0) / np.sqrt(sq / np.float32(n) + eps)
+        for i in range(n):
+            y = (res[t, i] - mean) * inv
+            if w.shape[0]:
+                y *= w[i]
+            if b.shape[0]:
+                y += b[i]
+            x[t, i] = y
+
+
 def _silu_and_mul(x, out):
     n = out.shape[1]
     for t in prange(x.shape[0]):
@@ -118,7 +142,7 @@ def _pair(fn):
             njit(fastmath=_FAST, cache=True, parallel=True, nogil=True, error_model="numpy")(fn))
 
 
-_KERNELS = {f.__name__: _pair(f) for f in (_rms_norm, _add_rms_norm, _silu_and_mul, _rotary,
+_KERNELS = {f.__name__: _pair(f) for f in (_rms_norm, _add_rms_norm, _add_layer_norm, _silu_and_mul, _rotary,
                                                  _logsumexp_rows)}
 
 

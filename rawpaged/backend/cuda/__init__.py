@@ -11,6 +11,7 @@ The package, by what each part knows:
   dispatch.py  which kernel, grid and shared memory a call gets; argument checks; host helpers (pure)
   launch.py    CuPy, NVRTC compilation through cupy.RawModule, kernel lookup, launches, RAWPAGED_CUDA_SYNC
   ops.py       the kernel ops (attention, cache writes/copies, norms, rotary, activations)
+  fused.py     the fused ops: rotary + cache write, residual add + LayerNorm (issue 13)
   dense.py     linear (cuBLAS) and embedding;  memory.py  uploads, the swap pool, streams, dtypes
 
 How an op runs: it checks its arguments (one-line ValueError before anything is launched), a pure
@@ -32,7 +33,7 @@ import types
 
 import numpy as np
 
-from rawpaged.backend.cuda import dense, dispatch, kernels, launch, memory, ops, spec  # noqa: F401
+from rawpaged.backend.cuda import dense, dispatch, fused, kernels, launch, memory, ops, spec  # noqa: F401
 from rawpaged.backend.cuda.dense import embedding, linear
 from rawpaged.backend.cuda.dispatch import (Launch, DeviceLimits, check_attention_args, check_attention_shape,
                                             check_cache_args, check_norm_args, check_rotary_args, copy_runs,
@@ -52,6 +53,7 @@ from rawpaged.backend.cuda.memory import (BFLOAT16, MemorySnapshot, alloc_pinned
 from rawpaged.backend.cuda.ops import (copy_blocks, fused_add_rms_norm, gelu, gelu_tanh, gelu_tanh_and_mul,
                                        layer_norm, paged_attention, paged_attention_planned, relu, reshape_and_cache,
                                        rms_norm, rotary_embedding, silu_and_mul)
+from rawpaged.backend.cuda.fused import fused_add_layer_norm, rotary_and_cache
 
 name = "cuda"
 xp = launch.cupy

@@ -197,8 +197,23 @@ UNARY = Family(
 # The families that read q with 16-byte (or 4-byte fragment) loads: ops.py copies a q whose rows are not aligned.
 VECTOR_Q_FAMILIES = (PAGED_DECODE, PAGED_DECODE_MMA, PAGED_PREFILL)
 
-FAMILIES = (PAGED_DECODE, PAGED_DECODE_MMA, PAGED_DECODE_REDUCE, PAGED_PREFILL, PAGED_VARLEN, RESHAPE_AND_CACHE, COPY_BLOCKS,
-            RMS_NORM, FUSED_ADD_RMS_NORM, LAYER_NORM, ROTARY, SILU_AND_MUL, GELU_TANH_AND_MUL, UNARY)
+# fused_ops.cu (issue 13): rotary + cache write in one launch; residual add + LayerNorm
+ROTARY_CACHE = Family(
+    "rotary_cache", "fused_ops.cu", "rotary_cache_impl", ("T", "C"), "rotary_cache_{T}_{C}",
+    parse_params("const long long* positions, T* q, const T* k, const T* v, T* kv_cache, const long long* slot_mapping, "
+                 "const C* cos_sin, long long q_stride, long long k_stride, long long v_stride, int num_q_heads, "
+                 "int num_kv_heads, int head_dim, int rot, int is_neox, int layer, int num_layers, int block_size"),
+    ROTARY.instances, 256)
+
+FUSED_ADD_LAYER_NORM = Family(
+    "fused_add_layer_norm", "fused_ops.cu", "fused_add_layer_norm_impl", ("T",), "fused_add_layer_norm_{T}",
+    parse_params("T* x, T* residual, const T* weight, const T* bias, float eps, int hidden",
+                 nullable=("weight", "bias")),
+    tuple((t,) for t in TAGS), 1024)
+
+FAMILIES = (PAGED_DECODE, PAGED_DECODE_MMA, PAGED_DECODE_REDUCE, PAGED_PREFILL, PAGED_VARLEN, RESHAPE_AND_CACHE,
+            COPY_BLOCKS, RMS_NORM, FUSED_ADD_RMS_NORM, LAYER_NORM, ROTARY, SILU_AND_MUL, GELU_TANH_AND_MUL, UNARY,
+            ROTARY_CACHE, FUSED_ADD_LAYER_NORM)
 KERNELS: dict[str, Kernel] = {k.name: k for f in FAMILIES for k in f.kernels.values()}
 if len(KERNELS) != sum(len(f.kernels) for f in FAMILIES) or {f.source for f in FAMILIES} != set(SOURCES) or any(
         f.per_dtype != g.per_dtype for f in FAMILIES for g in FAMILIES if f.source == g.source):
@@ -367,3 +382,22 @@ def unary_args(k: Kernel, out, x, op: int) -> tuple:
     """op: 0 gelu, 1 gelu_tanh, 2 relu."""
     _expect(k, UNARY)
     return k.args(out=out, x=x, n=x.size, op=op)
+
+
+def rotary_cache_args(k: Kernel, positions, q, key, value, kv_cache, layer, slot_mapping, cos_sin, q_stride, k_stride,
+                      v_stride, is_neox) -> tuple:
+    """rotary_cache_*: q [T, Hq, D] rotated in place; key/value [T, Hkv, D] (rotated key) into `layer` of the
+    cache at slot_mapping; token strides q_stride / k_stride / v_stride; cos_sin [max_pos, rot]."""
+    _expect(k, ROTARY_CACHE)
+    _, num_layers, _, num_kv_heads, block_size, head_dim = kv_cache.shape
+    return k.args(positions=positions, q=q, k=key, v=value, kv_cache=kv_cache, slot_mapping=slot_mapping,
+                  cos_sin=cos_sin, q_stride=q_stride, k_stride=k_stride, v_stride=v_stride, num_q_heads=q.shape[1],
+                  num_kv_heads=num_kv_heads, head_dim=head_dim, rot=cos_sin.shape[1], is_neox=int(bool(is_neox)),
+                  layer=layer, num_layers=num_layers, block_size=block_size)
+
+
+def fused_add_layer_norm_args(k: Kernel, x, residual, weight, bias, eps) -> tuple:
+    """weight / bias may be None (NULL: the kernel skips them)."""
+    _expect(k, FUSED_ADD_LAYER_NORM)
+    return k.args(x=x, residual=residual, weight=NULL if weight is None else weight,
+                  bias=NULL if bias is None else bias, eps=eps, hidden=x.shape[-1])

@@ -179,7 +179,13 @@ def limit_blas_threads(n: int = 1) -> None:
     NOTE: on this shared 2-core machine a multi-threaded OpenBLAS made the small model's decode step
     20x slower (its threads wait on descheduled threads); one thread measures the engine, not the
     contention. NumPy has loaded OpenBLAS by now, so the limit is set through its own entry point.
+    Numba's threads too (the CPU backend's GEMMs and attention are Numba kernels): a step's CPU time
+    with two threads counted the threads' waits for each other, and repeats of the same schedule
+    spread by a third on an idle machine.
     """
+    if "NUMBA_NUM_THREADS" not in os.environ:
+        import numba
+        numba.set_num_threads(n)        # NOTE: this thread's parallel regions (the engine steps here)
     if "OPENBLAS_NUM_THREADS" in os.environ:
         return
     import ctypes

@@ -137,43 +137,8 @@ __device__ void fused_add_layer_norm_impl(T* __restrict__ x, T* __restrict__ res
             s += r;
         }
     }
-    const float mean = block_sum(s, scratch) / hidden;
-    // pass 2: the squared deviations
-    float sq = 0.0f;
-    for (int i = first; i < hidden; i += step) {
-        if (vec) {
-            float a[8];
-            load8(a, rr + i);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) { const float d = a[e] - mean; sq += d * d; }
-        } else {
-            const float d = to_float(rr[i]) - mean;
-            sq += d * d;
-        }
-    }
-    const float inv_std = rsqrtf(block_sum(sq, scratch) / hidden + eps);
-    // pass 3: x = normalised residual * weight + bias
-    for (int i = first; i < hidden; i += step) {
-        if (vec) {
-            float a[8], w[8], b[8];
-            load8(a, rr + i);
-            if (weight != nullptr) load8(w, weight + i);
-            if (bias != nullptr) load8(b, bias + i);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                float y = (a[e] - mean) * inv_std;
-                if (weight != nullptr) y *= w[e];
-                if (bias != nullptr) y += b[e];
-                a[e] = y;
-            }
-            store_pack<T>(xr + i, a);
-        } else {
-            float y = (to_float(rr[i]) - mean) * inv_std;
-            if (weight != nullptr) y *= to_float(weight[i]);
-            if (bias != nullptr) y += to_float(bias[i]);
-            xr[i] = from_float<T>(y);
-        }
-    }
+    // passes 2 and 3 read the residual just written: plain loads, not the read-only path
+    layer_norm_finish<false>(xr, rr, weight, bias, block_sum(s, scratch), eps, hidden, vec, first, step, scratch);
 }
 
 // Entry points: the extern "C" kernels rotary_cache_<dt>_<cos_sin dt> and fused_add_layer_norm_<dt> are

@@ -118,41 +118,7 @@ __device__ void layer_norm_impl(T* __restrict__ out, const T* __restrict__ x, co
             s += to_float(xr[i]);
         }
     }
-    const float mean = block_sum(s, scratch) / hidden;
-    float sq = 0.0f;
-    for (int i = first; i < hidden; i += step) {
-        if (vec) {
-            float a[8];
-            load8_ro(a, xr + i);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) { const float d = a[e] - mean; sq += d * d; }
-        } else {
-            const float d = to_float(xr[i]) - mean;
-            sq += d * d;
-        }
-    }
-    const float inv_std = rsqrtf(block_sum(sq, scratch) / hidden + eps);
-    for (int i = first; i < hidden; i += step) {
-        if (vec) {
-            float a[8], w[8], b[8];
-            load8_ro(a, xr + i);
-            if (weight != nullptr) load8_ro(w, weight + i);
-            if (bias != nullptr) load8_ro(b, bias + i);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                float y = (a[e] - mean) * inv_std;
-                if (weight != nullptr) y *= w[e];
-                if (bias != nullptr) y += b[e];
-                a[e] = y;
-            }
-            store_pack<T>(outr + i, a);
-        } else {
-            float y = (to_float(xr[i]) - mean) * inv_std;
-            if (weight != nullptr) y *= to_float(weight[i]);
-            if (bias != nullptr) y += to_float(bias[i]);
-            outr[i] = from_float<T>(y);
-        }
-    }
+    layer_norm_finish<true>(outr, xr, weight, bias, block_sum(s, scratch), eps, hidden, vec, first, step, scratch);
 }
 
 // Entry points: the extern "C" kernels rms_norm_<dt>, fused_add_rms_norm_<dt>, layer_norm_<dt> are generated from the

@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import functools
 
-from rawpaged.core.contiguous import Run
+from rawpaged.core.contiguous import Run, allocates_all
 from rawpaged.errors import RawpagedError
 
 
@@ -127,17 +127,7 @@ class BuddyAllocator:
             return self.rounded(lengths[0]) <= self.largest_free_run()
         if sum(self.rounded(n) for n in lengths) > self._num_free:
             return False
-        taken = []
-        try:
-            for n in lengths:
-                run = self.allocate(n)
-                if run is None:
-                    return False
-                taken.append(run)
-            return True
-        finally:
-            for run in reversed(taken):
-                self.free(run)
+        return allocates_all(self, lengths)
 
     def fits_in_empty(self, lengths: list[int]) -> bool:
         """Whether the lengths would all fit in this pool with nothing allocated."""

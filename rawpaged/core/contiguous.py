@@ -108,14 +108,21 @@ class ContiguousAllocator:
             return lengths[0] <= self.largest_free_run()
         if sum(lengths) > self._num_free:
             return False
-        taken = []
-        try:
-            for n in lengths:
-                run = self.allocate(n)
-                if run is None:
-                    return False
-                taken.append(run)
-            return True
-        finally:
-            for run in taken:
-                self.free(run)
+        return allocates_all(self, lengths)
+
+
+def allocates_all(pool, lengths: list[int]) -> bool:
+    """Allocate every length in order from `pool` (a ContiguousAllocator or BuddyAllocator), then free
+    what was taken: whether all succeeded. The pool is left as it was, since both coalesce freed space
+    into maximal runs (a function of the allocated set alone)."""
+    taken = []
+    try:
+        for n in lengths:
+            run = pool.allocate(n)
+            if run is None:
+                return False
+            taken.append(run)
+        return True
+    finally:
+        for run in reversed(taken):
+            pool.free(run)

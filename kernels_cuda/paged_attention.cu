@@ -105,6 +105,37 @@ __device__ __forceinline__ bool decode_keys(int ctx, int sliding_window, int ali
 // Heads: tile blockIdx.x % tiles of KV head blockIdx.x / tiles holds query heads
 // h0 .. h0 + n_heads - 1 of the group (n_heads = GT except in the group's last, partial tile).
 // ==========================================================================================
+// The end of both decode kernels, for one (row, d) of the block's query heads: merge the warps'
+// online-softmax states (m, l: base-2, stride `rows` per warp in s_m / s_l) and partial outputs
+// (s_o[(w * rows + row) * hd + d]), then write the result: the output itself, or with split-K this
+// partition's normalised output and, once per head, its (max, sum) for the reduce kernel.
+template <typename T>
+__device__ __forceinline__ void merge_warps_and_store(const float* s_m, const float* s_l, const float* s_o, int rows,
+                                                      int row, int d, int hd, long long t, long long s, int h,
+                                                      int num_heads, int num_partitions, T* out, float* part_out,
+                                                      float* part_max, float* part_sum) {
+    float M = RP_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) M = fmaxf(M, s_m[w * rows + row]);
+    float L = 0.0f, O = 0.0f;
+#pragma unroll
+    for (int w = 0; w < NUM_WARPS; ++w) {
+        const float wt = exp2f(s_m[w * rows + row] - M);   // a warp that saw no token: m = -inf, wt = 0
+        L += s_l[w * rows + row] * wt;
+        O += s_o[(w * rows + row) * hd + d] * wt;
+    }
+    if (num_partitions <= 1) {
+        out[(t * num_heads + h) * hd + d] = from_float<T>(O / L);
+    } else {
+        const long long idx = (s * num_heads + h) * num_partitions + blockIdx.z;
+        part_out[idx * hd + d] = O / L;
+        if (d == 0) {
+            part_max[idx] = M;
+            part_sum[idx] = L;
+        }
+    }
+}
+
 template <typename T, int HD, int GT>
 __device__ __forceinline__ void paged_decode_impl(
     T* __restrict__ out, float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum,
@@ -274,28 +305,8 @@ __device__ __forceinline__ void paged_decode_impl(
     __syncthreads();
     for (int i = threadIdx.x; i < n_heads * hd; i += NUM_THREADS) {
         const int g = i / hd, d = i - g * hd;
-        float M = RP_NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) M = fmaxf(M, s_m[w * GT + g]);
-        float L = 0.0f, O = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) {
-            const float wt = exp2f(s_m[w * GT + g] - M);   // a warp that saw no token: m = -inf, wt = 0
-            L += s_l[w * GT + g] * wt;
-            O += s_acc[(w * GT + g) * hd + d] * wt;
-        }
-        const int h = h0 + g;
-        if (num_partitions <= 1) {
-            out[((long long)t * num_heads + h) * hd + d] = from_float<T>(O / L);
-        } else {
-            // Split-K: this partition's normalised output with its (max, sum) for the reduce.
-            const long long idx = ((long long)s * num_heads + h) * num_partitions + blockIdx.z;
-            part_out[idx * hd + d] = O / L;
-            if (d == 0) {
-                part_max[idx] = M;
-                part_sum[idx] = L;
-            }
-        }
+        merge_warps_and_store(s_m, s_l, s_acc, GT, g, d, hd, t, s, h0 + g, num_heads, num_partitions,
+                              out, part_out, part_max, part_sum);
     }
 }
 
@@ -659,27 +670,8 @@ __device__ __forceinline__ void paged_decode_mma_impl(
     __syncthreads();
     for (int i = threadIdx.x; i < n_heads * HD; i += NUM_THREADS) {
         const int row = i / HD, d = i - row * HD;
-        float M = RP_NEG_INF;
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) M = fmaxf(M, s_m[w * DM_ROWS + row]);
-        float L = 0.0f, O = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NUM_WARPS; ++w) {
-            const float wt = exp2f(s_m[w * DM_ROWS + row] - M);    // a warp with no chunk: m = -inf, wt = 0
-            L += s_l[w * DM_ROWS + row] * wt;
-            O += s_o[(w * DM_ROWS + row) * HD + d] * wt;
-        }
-        const int h = h0 + row;
-        if (num_partitions <= 1) {
-            out[((long long)t * num_heads + h) * HD + d] = from_float<T>(O / L);
-        } else {
-            const long long idx = ((long long)s * num_heads + h) * num_partitions + blockIdx.z;
-            part_out[idx * HD + d] = O / L;
-            if (d == 0) {
-                part_max[idx] = M;
-                part_sum[idx] = L;
-            }
-        }
+        merge_warps_and_store(s_m, s_l, s_o, DM_ROWS, row, d, HD, t, s, h0 + row, num_heads, num_partitions,
+                              out, part_out, part_max, part_sum);
     }
 }
 

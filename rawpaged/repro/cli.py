@@ -3,6 +3,7 @@
     rawpaged repro all --out bench/repro            # everything (under 15 minutes on 2 CPU cores)
     rawpaged repro fig13 fig2 --out /tmp/r          # some figures; REPORT.md covers every figure in DIR
     rawpaged repro calibrate --out /tmp/r           # fit the cost model to this machine's real engine
+    rawpaged repro hostfit --out /tmp/r             # the paper's vLLM 0.1 host time, fitted to Fig. 13b
     rawpaged repro real --device cuda --out /tmp/r  # the small-scale real-engine runs on a GPU
 """
 from __future__ import annotations
@@ -17,12 +18,12 @@ from pathlib import Path
 
 from rawpaged.errors import RawpagedError
 
-SIM_EXPERIMENTS = ("fig2", "fig12", "fig13", "fig14", "fig15", "fig16", "fig17", "fig18", "fig19")
+SIM_EXPERIMENTS = ("hostfit", "fig2", "fig12", "fig13", "fig14", "fig15", "fig16", "fig17", "fig18", "fig19")
 REAL_EXPERIMENTS = ("calibrate", "validate", "real")
 EXPERIMENTS = SIM_EXPERIMENTS + REAL_EXPERIMENTS
 # `report` runs nothing: it rewrites REPORT.md from the figures already in --out.
 MODELS_OF = {"fig16": ("llama-13b",), "fig12": ("opt-13b", "opt-66b", "opt-175b")}
-WORKLOADS_OF = {"fig2": ("sharegpt",), "fig13": ("sharegpt", "alpaca"), "fig12": ("sharegpt", "alpaca"),
+WORKLOADS_OF = {"hostfit": ("alpaca",), "fig2": ("sharegpt",), "fig13": ("sharegpt", "alpaca"), "fig12": ("sharegpt", "alpaca"),
                 "fig14": ("alpaca",), "fig15": ("alpaca",), "fig16": ("translate-one-shot",), "fig17": ("chatbot",),
                 "fig18": ("sharegpt", "alpaca"), "fig19": ("sharegpt",), "calibrate": ("sharegpt", "alpaca"),
                 "validate": ("sharegpt", "alpaca"), "real": ("sharegpt", "alpaca")}

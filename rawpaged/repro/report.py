@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rawpaged.repro.figure import Comparison, Figure
 
-ORDER = ("fig2", "fig12", "fig13", "fig14", "fig15", "fig16", "fig17", "fig18", "fig19", "calibration",
+ORDER = ("hostfit", "fig2", "fig12", "fig13", "fig14", "fig15", "fig16", "fig17", "fig18", "fig19", "calibration",
          "validate", "real-fig2", "real-fig13", "real-fig15")
 
 
@@ -118,7 +118,7 @@ def write_report(out: Path, info: dict) -> Path:
              f"- commit: {info.get('commit') or commit()}",
              f"- machine: {info.get('machine') or machine()}",
              f"- run: {info.get('date', '')}, {info.get('wall_s', 0):.0f} s wall for the experiments of this run",
-             f"- reference: Kwon et al., SOSP 2023 (numbers from the paper's text and figures as listed in "
+             "- reference: Kwon et al., SOSP 2023 (numbers from the paper's text and figures as listed in "
              "the project's DESIGN.md and the issue); each figure says whether its points are simulated or measured.",
              ""]
     for later in info.get("later_runs", []):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from rawpaged.engine.config import BLOCK_SIZES, EngineConfig
@@ -64,6 +64,7 @@ class Point:
     stop_above: float | None = None  # stop once the mean normalized latency must exceed this (driver.py)
     measure_sharing: bool = False
     device: str = "cpu"          # real mode: the backend
+    seq_overhead: float | None = None    # sim: the profile's host seconds per batched sequence, replaced (hostfit.py)
 
     def label(self) -> str:
         rate = "inf" if math.isinf(self.rate) else f"{self.rate:g}"
@@ -122,7 +123,10 @@ def make_engine(p: Point, *, hardware: str | None = None, real_model_dir: Path |
                 block_size=p.block_size, preemption_mode=p.preemption_mode)
     if p.mode == "sim":
         config = EngineConfig(**dict(opts, block_size=p.block_size if p.block_size in BLOCK_SIZES else 16))
-        return build_sim_engine(sim_setup(p.model, hardware), config, cost_model, block_size=p.block_size)
+        setup = sim_setup(p.model, hardware)
+        if p.seq_overhead is not None:
+            setup = replace(setup, hardware=replace(setup.hardware, seq_overhead=p.seq_overhead))
+        return build_sim_engine(setup, config, cost_model, block_size=p.block_size)
     from rawpaged.engine.llm_engine import LLMEngine
     if real_model_dir is None or real_kv_slots is None:
         raise RawpagedError("a real-mode point needs a model directory and a KV budget")

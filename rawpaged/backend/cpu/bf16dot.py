@@ -8,6 +8,7 @@ products exact (8-bit x 8-bit mantissas fit a float32) and summed in float32.
 
     dot_RTxRO(x, t, w, o, n32, out)     x [T, K], w [O, K]: uint16 arrays of bfloat16 bits
         out[r * RO + c] = sum over k < 32 * n32 of x[t + r, k] * w[o + c, k]     (float32)
+    dot_tile(4, 4, into=True): the same sums stored at out[t + r, o + c] of a [T, O] float32 out
 
 whose loop over k is written here in LLVM IR: RT x RO vector accumulators stay in registers, each
 loaded vector of x is used RO times and each of w RT times. Numba has no vector types, and LLVM
@@ -80,8 +81,10 @@ def transpose_reduce(builder, vs: list):
     return vs[0]
 
 
-def dot_tile(RT: int, RO: int):
-    """The intrinsic computing an RT x RO tile of dot products over the first 32 * n32 of K."""
+def dot_tile(RT: int, RO: int, into: bool = False):
+    """The intrinsic computing an RT x RO tile of dot products over the first 32 * n32 of K.
+    into=True (a 4 x 4 tile): `out` is y [T, O] float32 itself, written at y[t + r, o + c]."""
+    assert not into or (RT, RO) == (4, 4)
 
     @intrinsic
     def dot(typingctx, x, t, w, o, n32, out):
@@ -133,6 +136,15 @@ def dot_tile(RT: int, RO: int):
                 v.add_incoming(ir.Constant(_V16F, None), pre)
                 v.add_incoming(nxt[idx], end)
                 finals.append(v)
+            if into:                                   # four <4 x float> rows, straight into y
+                v = transpose_reduce(builder, finals)
+                for r in range(RT):
+                    mask = ir.Constant(ir.VectorType(ir.IntType(32), 4), [4 * r + c for c in range(4)])
+                    ptr = cgutils.get_item_pointer(context, builder, outty, oa,
+                                                   [builder.add(t_, ir.Constant(_I64, r)), o_], wraparound=False)
+                    builder.store(builder.shuffle_vector(v, v, mask),
+                                  builder.bitcast(ptr, ir.VectorType(_F32, 4).as_pointer()), align=4)
+                return context.get_dummy_value()
             if len(finals) == 16:
                 # NOTE: 16 accumulators -> ONE vector of their 16 sums (transpose_reduce), stored at
                 # once: per 4x4 tile, 45 shuffles and adds instead of 16 reductions of ~8 each and

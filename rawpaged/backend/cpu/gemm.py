@@ -175,6 +175,7 @@ def _build(kind: int):
 # K % 32 columns are added one by one. NOTE: module-level functions, not closures, so that
 # Numba's on-disk cache finds them again in the next process (see _build).
 _D44, _D41, _D11 = bf16dot.dot_tile(4, 4), bf16dot.dot_tile(4, 1), bf16dot.dot_tile(1, 1)
+_D44Y = bf16dot.dot_tile(4, 4, into=True)      # the 4 x 4 tile written straight into y (no K % 32 tail)
 
 
 @njit(fastmath=_FAST, error_model="numpy")
@@ -224,11 +225,14 @@ def _bf16_rows(xb, w, y, o0, o1):
                         lowp.prefetch(w, o + r, k)
             t = t0
             while t + 4 <= t1:
-                _D44(xb, t, w, o, n32, acc)
-                _bf16_tail(xb, t, 4, w, o, 4, k0, acc)
-                for r in range(4):
-                    for c in range(4):
-                        y[t + r, o + c] = acc[r * 4 + c]
+                if k0 == K:
+                    _D44Y(xb, t, w, o, n32, y)
+                else:
+                    _D44(xb, t, w, o, n32, acc)
+                    _bf16_tail(xb, t, 4, w, o, 4, k0, acc)
+                    for r in range(4):
+                        for c in range(4):
+                            y[t + r, o + c] = acc[r * 4 + c]
                 t += 4
             while t < t1:
                 for c in range(4):

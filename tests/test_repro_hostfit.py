@@ -63,3 +63,11 @@ def test_a_longer_host_time_per_sequence_holds_more_requests(data_dir):
             for x in (HOST_SEQ_S, 4 * VLLM01_SEQ_S)]
     assert rows[1]["batched_requests"] > 1.3 * rows[0]["batched_requests"]
     assert rows[1]["mean_step_time"] > rows[0]["mean_step_time"]
+
+
+def test_host_rawpaged_gives_the_paper_profiles_rawpageds_measured_time():
+    p = Point("fig13", "opt-13b", "rawpaged", "alpaca", 10, 30.0)
+    assert make_engine(p, host="rawpaged").executor.setup.hardware.seq_overhead == HOST_SEQ_S
+    assert make_engine(p, host="vllm01").executor.setup.hardware.seq_overhead == VLLM01_SEQ_S
+    pinned = Point("hostfit", "opt-13b", "rawpaged", "alpaca", 10, 30.0, seq_overhead=7e-4)
+    assert make_engine(pinned, host="rawpaged").executor.setup.hardware.seq_overhead == 7e-4

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hardware", default=None, help="simulate on this hardware profile (a100-40gb, a100-80gb, "
                                                     "h100-80gb, h200-141gb, or a JSON file) instead of the paper's")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="real-mode backend")
+    p.add_argument("--host", default="vllm01", choices=("vllm01", "rawpaged"),
+                   help="host time per batched sequence of the simulated GPUs: vllm01 = each profile's own (the "
+                        "A100s: vLLM 0.1's, fitted by hostfit), rawpaged = rawpaged's, measured (specs.HOST_SEQ_S)")
 
 
 def _data_dir(arg: str | None) -> Path:
@@ -126,7 +129,7 @@ def run(a: argparse.Namespace) -> int:
         raise RawpagedError(f"--out {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress()
-    ctx = ex.Context(out, data_dir, jobs=a.jobs, quick=a.quick, hardware=a.hardware, device=a.device,
+    ctx = ex.Context(out, data_dir, jobs=a.jobs, quick=a.quick, hardware=a.hardware, device=a.device, host=a.host,
                      progress=progress)
     info = {"command": "rawpaged repro " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["repro"] else a.experiments),
             "commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

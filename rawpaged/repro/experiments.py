@@ -56,6 +56,7 @@ class Context:
     quick: bool = False
     hardware: str | None = None
     device: str = "cpu"              # real mode and calibration: the backend
+    host: str = "vllm01"             # host time per sequence: vllm01 (the profile's) | rawpaged (runner.make_engine)
     progress: Callable | None = None
     cache: dict = field(default_factory=dict)
     _pool: object = None
@@ -75,7 +76,7 @@ class Context:
             self._pool = None
 
     def point_kwargs(self) -> dict:
-        return {"data_dir": self.data_dir, "hardware": self.hardware}
+        return {"data_dir": self.data_dir, "hardware": self.hardware, "host": self.host}
 
     def run(self, points: list[Point], what: str = "") -> list[dict]:
         """Rows of the points (outside a task: drive() one task that asks for them all)."""
@@ -101,7 +102,8 @@ class Context:
 
     def source(self) -> str:
         hw = self.hardware or "the paper's GPUs (a100-40gb / a100-80gb profiles)"
-        return f"simulator: real scheduler and KV managers, cost-model clock on {hw}"
+        host = ", rawpaged's measured host time per sequence" if self.host == "rawpaged" else ""
+        return f"simulator: real scheduler and KV managers, cost-model clock on {hw}{host}"
 
 
 N_REQUESTS = {"sharegpt": 250, "alpaca": 500, "chatbot": 160, "translate-one-shot": 300,

@@ -25,7 +25,7 @@ from rawpaged.errors import RawpagedError
 from rawpaged.executor.simulated import SIM_VOCAB, build_sim_engine
 from rawpaged.repro.costmodel import CostModel
 from rawpaged.repro.driver import RunResult, run_workload
-from rawpaged.repro.specs import HardwareProfile, SimSetup, paper_setup
+from rawpaged.repro.specs import HOST_SEQ_S, HardwareProfile, SimSetup, paper_setup
 from rawpaged.repro.workloads import LengthSource, load_lengths, make_workload
 
 SYSTEMS = {
@@ -116,16 +116,19 @@ def sim_setup(model: str, hardware: str | None) -> SimSetup:
 
 
 def make_engine(p: Point, *, hardware: str | None = None, real_model_dir: Path | None = None,
-                real_kv_slots: int | None = None, cost_model: CostModel | None = None):
-    """The engine of a point: simulated (paper setup) or real (CPU backend, small model)."""
+                real_kv_slots: int | None = None, cost_model: CostModel | None = None, host: str = "vllm01"):
+    """The engine of a point: simulated (paper setup) or real (CPU backend, small model).
+    host="rawpaged": the simulated profile pays rawpaged's measured host time per sequence (specs.HOST_SEQ_S)
+    instead of its own (the A100 profiles': vLLM 0.1's, fitted); a point's seq_overhead overrides both."""
     prefix = p.workload.startswith("translate-")
     opts = dict(PAPER_ENGINE, **engine_options(p.system, simulated=p.mode == "sim", prefix=prefix),
                 block_size=p.block_size, preemption_mode=p.preemption_mode)
     if p.mode == "sim":
         config = EngineConfig(**dict(opts, block_size=p.block_size if p.block_size in BLOCK_SIZES else 16))
         setup = sim_setup(p.model, hardware)
-        if p.seq_overhead is not None:
-            setup = replace(setup, hardware=replace(setup.hardware, seq_overhead=p.seq_overhead))
+        seq = p.seq_overhead if p.seq_overhead is not None else HOST_SEQ_S if host == "rawpaged" else None
+        if seq is not None:
+            setup = replace(setup, hardware=replace(setup.hardware, seq_overhead=seq))
         return build_sim_engine(setup, config, cost_model, block_size=p.block_size)
     from rawpaged.engine.llm_engine import LLMEngine
     if real_model_dir is None or real_kv_slots is None:
@@ -211,11 +214,11 @@ def limit_blas_threads(n: int = 1) -> None:
 
 
 def run_point(p: Point, data_dir: str | Path, hardware: str | None = None,
-              real_model_dir: str | Path | None = None, real_kv_slots: int | None = None) -> dict:
+              real_model_dir: str | Path | None = None, real_kv_slots: int | None = None, host: str = "vllm01") -> dict:
     if p.mode == "real":
         limit_blas_threads(1)
     engine = make_engine(p, hardware=hardware, real_model_dir=real_model_dir and Path(real_model_dir),
-                         real_kv_slots=real_kv_slots)
+                         real_kv_slots=real_kv_slots, host=host)
     wl = workload_for(p, Path(data_dir), engine.max_model_len)
     r = run_workload(engine, wl, clock=clock_of(p), vocab=SIM_VOCAB,
                      measure_sharing=p.measure_sharing, stop_above=p.stop_above,

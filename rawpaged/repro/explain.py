@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from rawpaged.repro.figure import Comparison, Figure
 from rawpaged.repro.report import paper_range
+from rawpaged.repro.specs import VLLM01_SEQ_S
 
 ORCA_WHY = ("rawpaged's Orca managers place every reservation with a buddy allocator, as the paper's did (its "
             "section 6.1), so each range is an aligned power of two; what remains is the workload (our ShareGPT "
@@ -54,18 +55,20 @@ REASONS = [
      "rawpaged's capacity), where it batches ~1 request: a request that arrives while a batch runs waits for all of "
      "it, and the mean of latency / output length is dominated by the short outputs that waited; the paper's "
      "FasterTransformer curve rises at about 1/22 of vLLM's rate (its batching policy is not described further)."),
-    (("fig12", "opt-175b sharegpt"), "on 8 A100-80GB (60.1K slots) rawpaged reaches the latency threshold with its "
-     "pool far from full (a batch of ~89, no preemption): the simulated step time growing with the batch sets its "
-     "rate, so only part of its memory advantage over Orca (memory-bound: Oracle stops near 60 requests) shows; "
-     "the paper's measured 175B step times grew differently with the batch."),
-    (("fig12", "opt-175b alpaca"), "the paper draws Alpaca's curves without a number; here Alpaca's short requests fit "
-     "the 60.1K slots by the hundreds, so rawpaged, Oracle and Pow2 all stay under the threshold up to the search's "
-     "ceiling (1.6x rawpaged's burst throughput): the ratios are bounds, not rates."),
+    (("fig12", "opt-175b sharegpt"), "on 8 A100-80GB (60.1K slots) rawpaged and Orca (Oracle) both reach the latency "
+     "threshold at batches of ~55-60 with pools far from full: the step time growing with the batch (vLLM 0.1's "
+     "host time per sequence, fitted by hostfit, and the KV reads) binds both before memory does, so rawpaged's "
+     "memory advantage does not show; the paper's measured 175B steps grew less with the batch (`--host "
+     "rawpaged`: docs/repro.md)."),
+    (("fig12", "opt-175b alpaca"), "the paper draws Alpaca's curves without a number; Alpaca's short requests fit the "
+     "60.1K slots by the hundreds, so the step time growing with the batch, not memory, binds every system."),
     (("fig12", "ceiling"), "the paper draws Alpaca's curves without a number; rawpaged stays under the threshold up to "
      "the search's ceiling (1.6x its burst throughput), so the ratio is a lower bound."),
     (("fig12", "alpaca"), "the paper draws Alpaca's curves without a number."),
-    (("fig12", ""), "the sustained rate is read where latency doubles; the paper reads its curves by eye, "
-     "and its absolute rates rest on measured A100 step times that our profile only assumes."),
+    (("fig12", ""), "the sustained rate is read where latency doubles (the paper reads its curves by eye); a step "
+     f"grows by vLLM 0.1's host time ({1e3 * VLLM01_SEQ_S:.2f} ms, fitted by hostfit) with every batched sequence, so a larger batch buys "
+     "less rate than on the paper's measured A100 steps, and the absolute rates rest on A100 constants our profile "
+     "only assumes (`--host rawpaged`: docs/repro.md)."),
     (("fig15", "beam"), "beams share every block but the ones they diverged in; the saving depends on how "
      "often beams fork and die, which follows the logits (synthetic here)."),
     (("fig15", "parallel"), "parallel samples share only the prompt's full blocks: the saving is the prompt's "

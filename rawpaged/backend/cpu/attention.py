@@ -112,8 +112,9 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
     m = np.full(R, -np.inf, np.float32)
     l = np.zeros(R, np.float32)
     acc = np.zeros((R, head_dim), np.float32)
-    sc2 = np.empty((1, block_size), np.float32)    # one row's scores in the block, then exp(score - m)
-    sc = sc2[0]
+    P = np.empty((R, block_size), np.float32)      # row r's scores in the block, then exp(score - m_r)
+    kf = np.empty((block_size, head_dim), np.float32)    # the block's keys and values, widened ONCE
+    vf = np.empty((block_size, head_dim), np.float32)    # for all R rows (not once per row)
     whole_blocks = block_size == 16 and head_dim % 16 == 0
 
     last_pos = first_pos + n_tok - 1
@@ -124,39 +125,47 @@ def _attend_tile(q, kv, kind, layer, block_tables, s, kvh, row0, n_tok, first_po
             _prefetch_block(kv, kind, block_tables[s, blk + 1], layer, kvh)
         j0 = blk * block_size                      # position of the block's first key
         nk = min(block_size, last_pos + 1 - j0)    # keys of this block that exist yet
+        for j in range(nk):
+            for d in range(head_dim):
+                kf[j, d] = lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
+                vf[j, d] = lowp.widen(kv[phys, layer, 1, kvh, j, d], kind)
         for r in range(R):
             pos = first_pos + r // group
             j_hi = min(nk, pos - j0 + 1)           # causal: keys j0 .. pos
             j_lo = max(0, pos - window + 1 - j0) if window > 0 else 0
             if j_hi <= j_lo:
                 continue                           # nothing of this block is visible to row r
+            whole = whole_blocks and j_lo == 0 and j_hi == 16
             m_blk = np.float32(-np.inf)
-            if whole_blocks and j_lo == 0 and j_hi == 16:    # the whole block: simd.py's 16 dots
-                _scores16(qs, r, kv[phys, layer, 0, kvh], sc2, 0, 0, kind)
+            if whole:                              # the whole block: simd.py's 16 dots
+                _scores16(qs, r, kf, P, r, 0, lowp.F32)
                 for j in range(16):
-                    m_blk = max(m_blk, sc[j])
+                    m_blk = max(m_blk, P[r, j])
             else:
-                for j in range(j_lo, j_hi):        # sc[j] = q_r . k_j (the block is in L1 after row 0)
+                for j in range(j_lo, j_hi):        # P[r, j] = q_r . k_j
                     a = np.float32(0.0)
                     for d in range(head_dim):
-                        a += qs[r, d] * lowp.widen(kv[phys, layer, 0, kvh, j, d], kind)
-                    sc[j] = a
+                        a += qs[r, d] * kf[j, d]
+                    P[r, j] = a
                     m_blk = max(m_blk, a)
             m_new = max(m[r], m_blk)
             c = _exp(m[r] - m_new)
             l_r = np.float32(0.0)
             for j in range(j_lo, j_hi):
-                p = _exp(sc[j] - m_new)
-                sc[j] = p
+                p = _exp(P[r, j] - m_new)
+                P[r, j] = p
                 l_r += p
             l[r] = l[r] * c + l_r
             m[r] = m_new
             for d in range(head_dim):
                 acc[r, d] *= c
-            for j in range(j_lo, j_hi):            # acc_r += p_j * v_j, vectorised over head_dim
-                p = sc[j]
-                for d in range(head_dim):
-                    acc[r, d] += p * lowp.widen(kv[phys, layer, 1, kvh, j, d], kind)
+            if whole:                              # acc_r += sum_j p_j * v_j, 16 values at once
+                _values16(P, r, 0, vf, acc, lowp.F32)
+            else:
+                for j in range(j_lo, j_hi):        # acc_r += p_j * v_j, vectorised over head_dim
+                    p = P[r, j]
+                    for d in range(head_dim):
+                        acc[r, d] += p * vf[j, d]
     for r in range(R):
         inv = np.float32(1.0) / l[r]
         i, g = r // group, r % group

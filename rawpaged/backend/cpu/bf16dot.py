@@ -23,6 +23,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from rawpaged.backend.cpu.simd import reduce16
+
 
 def _host_has_bf16_dot() -> bool:
     try:
@@ -51,34 +53,6 @@ _F32 = ir.FloatType()
 _V16F = ir.VectorType(_F32, 16)
 _V32BF = ir.VectorType(_BFloat(), 32)
 _I64 = ir.IntType(64)
-
-
-def _halves(width: int) -> tuple[list[int], list[int]]:
-    """Shuffle masks over two <16 x float> (lanes 0-15 of a, 16-31 of b) in groups of `width` lanes:
-    the first mask takes the even groups of a then of b, the second the odd ones."""
-    lo, hi = [], []
-    for src in (0, 16):
-        for g in range(0, 16, 2 * width):
-            lo += [src + g + j for j in range(width)]
-            hi += [src + g + width + j for j in range(width)]
-    return lo, hi
-
-
-def transpose_reduce(builder, vs: list):
-    """16 <16 x float> -> one <16 x float> whose lane i is the sum of vs[i]'s lanes.
-
-    Four levels; each adds the even and odd lane groups of a pair of vectors into one vector:
-    level 1 pairs (v0, v1), (v2, v3), ...: lanes 0-7 then hold v0's 8 partial sums, 8-15 v1's;
-    level 2 halves the groups again (4 lanes a source, 4 sources a vector), then 2, then 1.
-    """
-    width = 8
-    while len(vs) > 1:
-        lo_mask, hi_mask = (ir.Constant(ir.VectorType(ir.IntType(32), 16), m) for m in _halves(width))
-        vs = [builder.fadd(builder.shuffle_vector(a, b, lo_mask), builder.shuffle_vector(a, b, hi_mask),
-                           flags=("reassoc",))
-              for a, b in zip(vs[0::2], vs[1::2])]
-        width //= 2
-    return vs[0]
 
 
 def dot_tile(RT: int, RO: int, into: bool = False):
@@ -137,7 +111,7 @@ def dot_tile(RT: int, RO: int, into: bool = False):
                 v.add_incoming(nxt[idx], end)
                 finals.append(v)
             if into:                                   # four <4 x float> rows, straight into y
-                v = transpose_reduce(builder, finals)
+                v = reduce16(builder, finals)
                 for r in range(RT):
                     mask = ir.Constant(ir.VectorType(ir.IntType(32), 4), [4 * r + c for c in range(4)])
                     ptr = cgutils.get_item_pointer(context, builder, outty, oa,
@@ -146,11 +120,11 @@ def dot_tile(RT: int, RO: int, into: bool = False):
                                   builder.bitcast(ptr, ir.VectorType(_F32, 4).as_pointer()), align=4)
                 return context.get_dummy_value()
             if len(finals) == 16:
-                # NOTE: 16 accumulators -> ONE vector of their 16 sums (transpose_reduce), stored at
+                # NOTE: 16 accumulators -> ONE vector of their 16 sums (simd.reduce16), stored at
                 # once: per 4x4 tile, 45 shuffles and adds instead of 16 reductions of ~8 each and
                 # 16 scalar stores, which cost the tile as much as 9 iterations of its loop.
                 out0 = cgutils.get_item_pointer(context, builder, outty, oa, [zero], wraparound=False)
-                builder.store(transpose_reduce(builder, finals), builder.bitcast(out0, _V16F.as_pointer()), align=4)
+                builder.store(reduce16(builder, finals), builder.bitcast(out0, _V16F.as_pointer()), align=4)
                 return context.get_dummy_value()
             for idx, v in enumerate(finals):
                 s = builder.call(reduce, [ir.Constant(_F32, 0.0), v], fastmath=("reassoc",))   # a tree, not a chain

@@ -54,8 +54,9 @@ def _load_wide(builder, ptr, kind):
     return builder.fpext(half, _V16F)
 
 
-def _reduce16(builder, vs):
-    """16 <16 x float> -> one whose lane j is the sum of vs[j]'s lanes (the transpose-reduce tree)."""
+def reduce16(builder, vs):
+    """16 <16 x float> -> one whose lane j is the sum of vs[j]'s lanes (the transpose-reduce tree;
+    also bf16dot's 4 x 4 GEMM tile)."""
     while len(vs) > 1:
         vs = [builder.fadd(builder.shuffle_vector(a, b, _EVEN), builder.shuffle_vector(a, b, _ODD),
                            flags=("reassoc", "nsz", "contract"))
@@ -113,7 +114,7 @@ def scores16(kind: int):
                 v.add_incoming(ir.Constant(_V16F, None), pre)
                 v.add_incoming(nxt[j], end)
                 finals.append(v)
-            sums = _reduce16(builder, finals)
+            sums = reduce16(builder, finals)
             dst = cgutils.get_item_pointer(context, builder, outty, oa, [r_, o_], wraparound=False)
             builder.store(sums, builder.bitcast(dst, _V16F.as_pointer()), align=4)
             return context.get_dummy_value()

@@ -41,9 +41,10 @@ on H100/H200 carry no block term.
 Few-row GEMMs. A GEMM kernel may multiply a batch of few rows differently from a large one: the
 CPU backend's (backend/cpu/gemm.py) takes up to 8 rows one weight row at a time (a matrix-vector
 product per row, no register tiling across rows), and register-tiles 4 x 4 past that, so a row
-costs about twice as much in a decode step of 2-8 sequences as in one of 40 (measured per linear()
-call: ~0.2 ms a row up to 8 rows, ~0.08 ms past them, on the tiny model). One FLOP rate cannot
-price both; the term charges each of the first few_rows rows of a step the difference
+costs two to four times as much in a decode step of 2-8 sequences as in one of 16-40 (the tiny
+model's 17 linear() calls of a step, measured: ~0.2 ms a row up to 8 rows, 0.05-0.1 ms past them;
+fitted alone, one FLOP rate priced Alpaca's decode steps of 2-13 sequences 13-20% low). One rate
+cannot price both; the term charges each of the first few_rows rows of a step the difference
 (few_row_time), so a step's GEMM cost is continuous in T and steeper below the kernel's switch.
 Calibration fits few_row_time; the paper-scale profiles (cuBLAS, no such path) carry none.
 

@@ -238,10 +238,10 @@ def interleave(runs) -> list:
     """Drive generators of driver.step_workload side by side, one step at a time, each kept at the
     same fraction of its expected steps: [(generator, expected steps), ...] -> their results.
 
-    NOTE: why: on a machine shared with other jobs a step's CPU time rises with their load (they
-    evict its weights from the caches), and the load changes within a minute: the held-out
-    workload measured after the fitted one ran up to 2x slower than it (three back-to-back runs of
-    it: 1.8, 2.7 and 3.4 ms per step). Measured side by side, both see the same load."""
+    NOTE: why: on a machine shared with other jobs a step's CPU time rises with their load (its
+    caches are shared with them), and the load changes within a minute: three back-to-back runs of
+    the held-out workload, measured after the fitted one, took 1.8, 2.7 and 3.4 ms of CPU time per
+    step. Measured side by side, both see the same load."""
     gens = [g for g, _ in runs]
     want = [max(int(n), 1) for _, n in runs]
     done = [0] * len(gens)

@@ -9,6 +9,7 @@ of the KV heads, and they run in lockstep), as a sum of parts:
   gemm      max(weights_per_rank / (hbm_bw * mem_eff),           the weights are read once per step
                 2 * (gemm_params * T + vocab * hidden * N) / p / (flops * gemm_eff))
             T tokens computed, N rows sampled (only they go through the LM head)
+            profiles with few_rows > 0: + min(T, few_rows) * few_row_time: see "Few-row GEMMs" below
   attention decode rows (one new token): K/V bytes of their whole context, read once per step, per
             rank: sum(context) * kv_bytes_per_token / p / (hbm_bw * attn_eff)
             prefill rows: 4 * hidden * layers * (query, key) pairs under the causal mask / p
@@ -36,6 +37,16 @@ hidden behind the streaming: the load of a block's rows cannot start before its 
 Its constants are stated assumptions in specs.py, not fits. NOTE: rawpaged's own CUDA decode kernel
 reads tokens in waves across blocks (kernels_cuda/paged_attention.cu), so the profiles of rawpaged
 on H100/H200 carry no block term.
+
+Few-row GEMMs. A GEMM kernel may multiply a batch of few rows differently from a large one: the
+CPU backend's (backend/cpu/gemm.py) takes up to 8 rows one weight row at a time (a matrix-vector
+product per row, no register tiling across rows), and register-tiles 4 x 4 past that, so a row
+costs two to four times as much in a decode step of 2-8 sequences as in one of 16-40 (the tiny
+model's 17 linear() calls of a step, measured: ~0.2 ms a row up to 8 rows, 0.05-0.1 ms past them;
+fitted alone, one FLOP rate priced Alpaca's decode steps of 2-13 sequences 13-20% low). One rate
+cannot price both; the term charges each of the first few_rows rows of a step the difference
+(few_row_time), so a step's GEMM cost is continuous in T and steeper below the kernel's switch.
+Calibration fits few_row_time; the paper-scale profiles (cuBLAS, no such path) carry none.
 
 A profile with `prefill_alone` (the paper's vLLM 0.1 and Orca: a step computes prompts or decodes,
 never both) prices a step that mixes prompt rows and one-token rows as two steps, the prompts'
@@ -129,6 +140,7 @@ class CostModel:
         self._block_time = 0.0
         if hw.block_latency > 0:
             self._block_time = 2 * m.heads * m.layers * hw.block_latency / p / (hw.sms * hw.warps_per_sm)
+        self._few_rows, self._few_row_time = hw.few_rows, hw.few_row_time / p
         self._kv_write_per_token = kv_rank / hw.hbm_bw
         self._allreduce_per_token = 2 * (p - 1) / p * m.hidden * m.dtype_bytes / hw.link_bw
         block_rank = kv_rank * block_size
@@ -145,7 +157,8 @@ class CostModel:
         if s.num_seqs == 0 and s.swap_blocks == 0 and s.copy_blocks == 0:
             return StepCost()
         hw, m = self.setup.hardware, self.setup.model
-        compute = s.num_tokens * self._flop_time_per_token + s.num_sampled * self._flop_time_per_sample
+        compute = (s.num_tokens * self._flop_time_per_token + s.num_sampled * self._flop_time_per_sample
+                   + min(s.num_tokens, self._few_rows) * self._few_row_time)
         gemm = max(self._weight_time, compute) if s.num_tokens else 0.0
         attention = (s.decode_context * self._kv_read_per_token + s.decode_blocks * self._block_time
                      + s.prefill_pairs * self._pair_time)

@@ -192,11 +192,23 @@ def _sharing(engine) -> tuple[int, int]:
     return logical, len(physical)
 
 
-def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: CostModel | None = None,
-                 vocab: int, record_batches: bool = False, measure_sharing: bool = False,
-                 max_waiting: int | None = None, stop_above: float | None = None, max_steps: int = 10_000_000,
-                 measure_cpu: bool | None = None, measure_host: bool = False, progress=None) -> RunResult:
-    """Replay `wl` through `engine` (see the module docstring); `progress(done, total)` is called
+def run_workload(engine, wl: Workload, clock: str = "model", **kw) -> RunResult:
+    """Replay `wl` through `engine` to the end (see the module docstring and step_workload)."""
+    steps = step_workload(engine, wl, clock, **kw)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def step_workload(engine, wl: Workload, clock: str = "model", *, cost_model: CostModel | None = None,
+                  vocab: int, record_batches: bool = False, measure_sharing: bool = False,
+                  max_waiting: int | None = None, stop_above: float | None = None, max_steps: int = 10_000_000,
+                  measure_cpu: bool | None = None, measure_host: bool = False, progress=None):
+    """run_workload one engine step at a time: a generator that yields after every step and returns
+    the RunResult (StopIteration.value), so a caller can interleave the steps of several runs
+    (calibration measures two workloads side by side). `progress(done, total)` is called
     now and then. With `max_waiting`, a run whose waiting queue grows past it stops early and is
     marked overloaded (its rate is past the system's capacity: latency grows without bound). With
     `stop_above`, a run stops as soon as its mean normalized latency is certain to exceed it.
@@ -278,6 +290,7 @@ def run_workload(engine, wl: Workload, clock: str = "model", *, cost_model: Cost
         if record_batches:
             batches.append(ex.last_batch)
         steps += 1
+        yield
         if steps >= max_steps:
             raise RawpagedError(f"workload did not finish in {max_steps} steps ({done}/{n} requests done)")
         if progress is not None and steps % 500 == 0:

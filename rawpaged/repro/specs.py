@@ -131,6 +131,9 @@ class HardwareProfile:
     block_latency: float = 0.0       # seconds a warp waits per block: block-table load, then the rows
     sms: int = 0                     # streaming multiprocessors
     warps_per_sm: int = 16           # warps of the decode kernel resident per SM
+    # GEMMs of few rows on a kernel with a matrix-vector path (costmodel.py, "Few-row GEMMs"); 0: no term
+    few_rows: int = 0                # rows of x up to which the kernel takes that path
+    few_row_time: float = 0.0        # seconds each of those rows costs beyond the GEMM FLOP term
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

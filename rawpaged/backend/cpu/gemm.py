@@ -270,6 +270,35 @@ def _bf16_parallel(x, w, y, num_tasks):
         _bf16_rows(xb, w, y, o0, o1)
 
 
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def linear_into(x, w, y, xb, num_tasks, kind, bf16):
+    """y[T, O] = x[T, K] @ widen(w[O, K])^T inside a compiled caller (the fused decode step,
+    decode_step.py): the kernels above, with num_tasks > 1 one parallel region of contiguous output
+    ranges (a prange: a parallel region only where the caller is compiled parallel=True), else one
+    serial pass. bf16 (constant): bfloat16 weights through vdpbf16ps, x rounded into xb [T, K]."""
+    O = w.shape[0]
+    groups = (O + 3) // 4
+    if bf16:
+        _round_x(x, xb)
+        if num_tasks > 1:
+            for task in prange(num_tasks):
+                _bf16_rows(xb, w, y, min(O, task * groups // num_tasks * 4),
+                           min(O, (task + 1) * groups // num_tasks * 4))
+        else:
+            _bf16_rows(xb, w, y, 0, O)
+    elif num_tasks > 1:
+        for task in prange(num_tasks):
+            _rows(x, w, y, min(O, task * groups // num_tasks * 4), min(O, (task + 1) * groups // num_tasks * 4),
+                  kind)
+    else:
+        _rows(x, w, y, 0, O, kind)
+
+
+def tasks_for(weight_bytes: int, threads: int) -> int:
+    """Tasks of one GEMM: one below _PARALLEL_MIN_BYTES of weights (or on one thread), else 4 per thread."""
+    return 4 * threads if weight_bytes >= _PARALLEL_MIN_BYTES and threads > 1 else 1
+
+
 _KERNELS = {kind: _build(kind) for kind in (lowp.F32, lowp.BF16, lowp.F16)}
 # NOTE: bfloat16 weights on a CPU with AVX-512 BF16 multiply bfloat16 activations (rounded to
 # nearest even) in hardware; elsewhere they are widened and multiply float32 activations.
@@ -301,9 +330,9 @@ def linear_2d(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
     serial, parallel = _KERNELS[kind]
-    threads = dynamic_schedule()
-    if weight.nbytes >= _PARALLEL_MIN_BYTES and threads > 1:
-        parallel(x, w, y, 4 * threads)
+    tasks = tasks_for(weight.nbytes, dynamic_schedule())
+    if tasks > 1:
+        parallel(x, w, y, tasks)
     else:
         serial(x, w, y)
     return y

@@ -116,9 +116,15 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
             add_rms_norm_row(h, res, t, final_norm, eps)
         return h
 
-    return njit(fastmath=_FAST, parallel=True, cache=True, nogil=True, error_model="numpy")(stack)
+    return njit(fastmath=_FAST, parallel=_PRANGE_ONLY, cache=True, nogil=True, error_model="numpy")(stack)
 
 
+# NOTE: parallel regions for the prange loops ONLY: with Numba's default parallel options, the
+# np.zeros of each attention task (_attend_one's accumulator) became a parallel region of its own,
+# a thread-pool launch per (sequence, KV head, layer): 1,536 per step at 48 sequences, which made
+# the step 2.5x slower than the per-op path.
+_PRANGE_ONLY = dict(prange=True, numpy=False, comprehension=False, reduction=False, inplace_binop=False,
+                    setitem=False, stencil=False, fusion=False)
 _KERNELS: dict = {}
 
 
@@ -149,6 +155,12 @@ class DecoderStack:
     eps: float
     scale: float
 
+    def __post_init__(self):
+        # NOTE: what every call passes, made once: the kernels read 16-bit weights as uint16 bits
+        self.bits = tuple(lowp.bits(w) for w in (self.qkv, self.o, self.gate_up, self.down))
+        self.wkind = lowp.kind_of(self.qkv.dtype)
+        self._tasks: dict[int, np.ndarray] = {}
+
     def scratch_sizes(self, rows: int) -> tuple[int, int]:
         """(float32, uint16) scratch elements for `rows` decode rows."""
         H, n_qkv, n_o, n_gu, n_i = (self.qkv.shape[2], self.qkv.shape[1], self.o.shape[2], self.gate_up.shape[1],
@@ -156,9 +168,13 @@ class DecoderStack:
         return rows * (2 * H + n_qkv + n_o + n_gu + n_i), rows * max(H, n_o, n_i)
 
     def tasks(self, threads: int) -> np.ndarray:
-        """GEMM tasks per kind (gemm.linear's rule: by one layer's weight bytes)."""
-        return np.array([tasks_for(w[0].nbytes, threads) for w in (self.qkv, self.o, self.gate_up, self.down)],
-                        np.int64)
+        """GEMM tasks per kind (gemm.linear's rule: by one layer's weight bytes; read at the first
+        call with this thread count)."""
+        t = self._tasks.get(threads)
+        if t is None:
+            t = self._tasks[threads] = np.array(
+                [tasks_for(w[0].nbytes, threads) for w in (self.qkv, self.o, self.gate_up, self.down)], np.int64)
+        return t
 
 
 def stack_layers(layers: list[dict], names: tuple[str, ...]) -> list[np.ndarray]:
@@ -181,10 +197,11 @@ def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_le
     """The fused decoder stack over T decode rows (row s: sequence s's one new token; h [T, H] its
     embedding, overwritten) -> [T, H] (valid until the next call: it may be fbuf's)."""
     threads = dynamic_schedule()
-    fn = kernel(lowp.kind_of(st.qkv.dtype), lowp.kind_of(kv_cache.dtype))
+    fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
     # NOTE: the per-op path's rules for a parallel launch (gemm.linear, paged_attention), read per call
     num_q = st.o.shape[2] // kv_cache.shape[5]
     par_attn = threads > 1 and h.shape[0] * num_q * int(max_seq_len) >= attention.PARALLEL_MIN_WORK
+    w_qkv, w_o, w_gate_up, w_down = st.bits
     return fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
-              lowp.bits(st.qkv), lowp.bits(st.o), lowp.bits(st.gate_up), lowp.bits(st.down), st.final_norm,
-              cos_sin, st.windows, st.tasks(threads), par_attn, np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)
+              w_qkv, w_o, w_gate_up, w_down, st.final_norm, cos_sin, st.windows, st.tasks(threads), par_attn,
+              np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)

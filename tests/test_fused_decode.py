@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rawpaged.backend import cpu
-from rawpaged.backend.cpu import attention, gemm, lowp
+from rawpaged.backend.cpu import attention, decode_step, gemm, lowp
 from rawpaged.config import ModelConfig
 from rawpaged.loader import iter_tensors
 from rawpaged.sequence import ScheduledSeq, Sequence
@@ -94,11 +94,14 @@ def check_close(a, b, tol, what) -> int:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("prompts", [[21], [5, 30, 16, 1]], ids=["batch1", "batch4"])
+# batch 4: the GEMMs' few-row path (one weight row at a time); batch 10: their 4 x 4 tiles
+@pytest.mark.parametrize("prompts", [[21], [5, 30, 16, 1], [3, 17, 40, 1, 9, 16, 33, 2, 25, 12]],
+                         ids=["batch1", "batch4", "batch10"])
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 def test_fused_decode_equals_per_op(model_dir, dtype, prompts, parallel, monkeypatch):
     if parallel:        # every GEMM and the attention through their parallel regions (prange)
         monkeypatch.setattr(gemm, "_PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(decode_step, "GEMV_PARALLEL_MIN_BYTES", 0)
         monkeypatch.setattr(attention, "PARALLEL_MIN_WORK", 0)
     np_dtype = cpu.resolve_dtype(dtype)
     p = Paths(load(model_dir, np_dtype), np_dtype)

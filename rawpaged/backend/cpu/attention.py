@@ -237,6 +237,35 @@ def _attend_one(q, kv, kind, layer, block_tables, s, kvh, row, pos, scale, windo
             out[row, h0 + g, d] = acc[g, d] * inv
 
 
+# _attend_one for one KV storage kind each, compiled once (not inlined): the fused decode step's
+# attention task (decode_step.py). NOTE: inlined there twice (serial and parallel loops) per kind,
+# it made that compilation take minutes.
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def attend_one_f32(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    _attend_one(q, kv, lowp.F32, layer, block_tables, s, kvh, row, pos, scale, window, out)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def attend_one_bf16(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    _attend_one(q, kv, lowp.BF16, layer, block_tables, s, kvh, row, pos, scale, window, out)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def attend_one_f16(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    _attend_one(q, kv, lowp.F16, layer, block_tables, s, kvh, row, pos, scale, window, out)
+
+
+@njit(inline="always", error_model="numpy")
+def attend_one(q, kv, kind, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    """_attend_one through the compiled function of `kind` (a constant)."""
+    if kind == lowp.BF16:
+        attend_one_bf16(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out)
+    elif kind == lowp.F16:
+        attend_one_f16(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out)
+    else:
+        attend_one_f32(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out)
+
+
 @njit(fastmath=_FAST, inline="always", error_model="numpy")
 def rotary_cache_rows(positions, q, k, v, kv, kind, layer, slot_mapping, table, is_neox):
     """The twin of fused_ops.cu's rotary_cache: q [T, Hq, D] rotated in place; rotate(k) and v

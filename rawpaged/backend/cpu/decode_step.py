@@ -16,7 +16,7 @@ decode rows (each row one new token of its own sequence):
         h = (silu(x @ Wgate[l]^T) * (x @ Wup[l]^T)) @ Wdown[l]^T            [T, H]
     return rms_norm(h + res) * final_norm
 
-with the kernels of the per-op path called from inside (gemm.linear_into, attention._attend_one and
+with the kernels of the per-op path called from inside (gemm.linear_into, attention.attend_one and
 rotary_cache_rows, elementwise's row bodies): the same code, so the same sums. A GEMM big enough
 for two threads is one parallel region (prange) and nothing else is: no Python and no fork/join
 between ops. Weights come stacked per kind ([L, out, in], `DecoderStack`), so one array argument
@@ -40,9 +40,9 @@ import numpy as np
 from numba import njit, prange
 
 from rawpaged.backend.cpu import attention, lowp
-from rawpaged.backend.cpu.attention import _attend_one, rotary_cache_rows
+from rawpaged.backend.cpu.attention import attend_one, rotary_cache_rows
 from rawpaged.backend.cpu.elementwise import add_rms_norm_row, rms_norm_row, silu_and_mul_row
-from rawpaged.backend.cpu.gemm import ROUNDS_BF16_ACTIVATIONS, dynamic_schedule, linear_into, tasks_for
+from rawpaged.backend.cpu.gemm import _FEW_ROWS, ROUNDS_BF16_ACTIVATIONS, dynamic_schedule, linear_into, tasks_for
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _HERE = Path(__file__).resolve().parent
@@ -100,11 +100,11 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
             if par_attn:
                 for task in prange(T * nkv):       # (sequence, KV head); row s is sequence s's token
                     s, kvh = task // nkv, task % nkv
-                    _attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
+                    attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
             else:
                 for task in range(T * nkv):
                     s, kvh = task // nkv, task % nkv
-                    _attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
+                    attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
             linear_into(attn2, w_o[layer], h, xb_o, tasks[1], wkind, bf16)
             for t in range(T):                     # h = rms_norm(res += h)
                 add_rms_norm_row(h, res, t, post_norm[layer], eps)
@@ -126,6 +126,7 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
 _PRANGE_ONLY = dict(prange=True, numpy=False, comprehension=False, reduction=False, inplace_binop=False,
                     setitem=False, stencil=False, fusion=False)
 _KERNELS: dict = {}
+GEMV_PARALLEL_MIN_BYTES = 4 << 20     # weight bytes from which a GEMV of <= _FEW_ROWS rows takes 2+ threads
 
 
 def kernel(wkind: int, kvkind: int):
@@ -159,7 +160,7 @@ class DecoderStack:
         # NOTE: what every call passes, made once: the kernels read 16-bit weights as uint16 bits
         self.bits = tuple(lowp.bits(w) for w in (self.qkv, self.o, self.gate_up, self.down))
         self.wkind = lowp.kind_of(self.qkv.dtype)
-        self._tasks: dict[int, np.ndarray] = {}
+        self._tasks: dict[tuple, np.ndarray] = {}
 
     def scratch_sizes(self, rows: int) -> tuple[int, int]:
         """(float32, uint16) scratch elements for `rows` decode rows."""
@@ -167,13 +168,19 @@ class DecoderStack:
                                     self.down.shape[2])
         return rows * (2 * H + n_qkv + n_o + n_gu + n_i), rows * max(H, n_o, n_i)
 
-    def tasks(self, threads: int) -> np.ndarray:
-        """GEMM tasks per kind (gemm.linear's rule: by one layer's weight bytes; read at the first
-        call with this thread count)."""
-        t = self._tasks.get(threads)
+    def tasks(self, threads: int, rows: int) -> np.ndarray:
+        """GEMM tasks per kind, by one layer's weight bytes: gemm.linear's rule, except that a GEMV
+        of a few rows (memory-bound) takes two threads only from GEMV_PARALLEL_MIN_BYTES.
+        NOTE: each parallel region is a fork/join of Numba's passive workers (a wake-up, tens of
+        microseconds, far more on a busy machine): 32 of them per step of this model cost about what
+        a second thread's extra read bandwidth saves on its 0.5-2.8 MB matrices; measured on a busy
+        2-core machine the serial stack was faster at 1-4 rows (bench/RESULTS.md, issue 18)."""
+        few = rows <= _FEW_ROWS
+        t = self._tasks.get((threads, few))
         if t is None:
-            t = self._tasks[threads] = np.array(
-                [tasks_for(w[0].nbytes, threads) for w in (self.qkv, self.o, self.gate_up, self.down)], np.int64)
+            t = self._tasks[(threads, few)] = np.array(
+                [1 if few and w[0].nbytes < GEMV_PARALLEL_MIN_BYTES else tasks_for(w[0].nbytes, threads)
+                 for w in (self.qkv, self.o, self.gate_up, self.down)], np.int64)
         return t
 
 
@@ -203,5 +210,5 @@ def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_le
     par_attn = threads > 1 and h.shape[0] * num_q * int(max_seq_len) >= attention.PARALLEL_MIN_WORK
     w_qkv, w_o, w_gate_up, w_down = st.bits
     return fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
-              w_qkv, w_o, w_gate_up, w_down, st.final_norm, cos_sin, st.windows, st.tasks(threads), par_attn,
+              w_qkv, w_o, w_gate_up, w_down, st.final_norm, cos_sin, st.windows, st.tasks(threads, h.shape[0]), par_attn,
               np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)

@@ -270,28 +270,52 @@ def _bf16_parallel(x, w, y, num_tasks):
         _bf16_rows(xb, w, y, o0, o1)
 
 
-@njit(fastmath=_FAST, inline="always", error_model="numpy")
+# _rows for one storage kind each, compiled once (not inlined): what linear_into calls per task.
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def rows_f32(x, w, y, o0, o1):
+    _rows(x, w, y, o0, o1, lowp.F32)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def rows_bf16(x, w, y, o0, o1):
+    _rows(x, w, y, o0, o1, lowp.BF16)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def rows_f16(x, w, y, o0, o1):
+    _rows(x, w, y, o0, o1, lowp.F16)
+
+
+@njit(inline="always", error_model="numpy")
+def _rows_of(x, xb, w, y, o0, o1, kind, bf16):
+    if bf16:
+        _bf16_rows(xb, w, y, o0, o1)
+    elif kind == lowp.BF16:
+        rows_bf16(x, w, y, o0, o1)
+    elif kind == lowp.F16:
+        rows_f16(x, w, y, o0, o1)
+    else:
+        rows_f32(x, w, y, o0, o1)
+
+
+@njit(inline="always", error_model="numpy")
 def linear_into(x, w, y, xb, num_tasks, kind, bf16):
     """y[T, O] = x[T, K] @ widen(w[O, K])^T inside a compiled caller (the fused decode step,
     decode_step.py): the kernels above, with num_tasks > 1 one parallel region of contiguous output
     ranges (a prange: a parallel region only where the caller is compiled parallel=True), else one
-    serial pass. bf16 (constant): bfloat16 weights through vdpbf16ps, x rounded into xb [T, K]."""
+    serial pass. bf16 (constant): bfloat16 weights through vdpbf16ps, x rounded into xb [T, K].
+    NOTE: the row kernels are calls, not inlined: inlined into every GEMM of the caller they made
+    its compilation take minutes."""
     O = w.shape[0]
     groups = (O + 3) // 4
     if bf16:
         _round_x(x, xb)
-        if num_tasks > 1:
-            for task in prange(num_tasks):
-                _bf16_rows(xb, w, y, min(O, task * groups // num_tasks * 4),
-                           min(O, (task + 1) * groups // num_tasks * 4))
-        else:
-            _bf16_rows(xb, w, y, 0, O)
-    elif num_tasks > 1:
+    if num_tasks > 1:
         for task in prange(num_tasks):
-            _rows(x, w, y, min(O, task * groups // num_tasks * 4), min(O, (task + 1) * groups // num_tasks * 4),
-                  kind)
+            _rows_of(x, xb, w, y, min(O, task * groups // num_tasks * 4),
+                     min(O, (task + 1) * groups // num_tasks * 4), kind, bf16)
     else:
-        _rows(x, w, y, 0, O, kind)
+        _rows_of(x, xb, w, y, 0, O, kind, bf16)
 
 
 def tasks_for(weight_bytes: int, threads: int) -> int:

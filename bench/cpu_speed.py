@@ -53,6 +53,8 @@ def main() -> None:
     models = {"stories260K": stories260k(root), "random LLaMA h512 L8 (8 q / 4 kv heads, vocab 32000)": random_llama(root)}
     print(f"machine: {machine()}; commit {commit()}; {a.dtype}; prompt {a.prompt_len} tokens, "
           f"{a.decode_steps} decode steps\n")
+    # NOTE: a title line without the commit, so bench/ab.py matches the two sides' tables
+    print(f"Engine tokens/s, {a.dtype}\n")
     print("| model | batch | prefill tok/s | decode tok/s |\n| --- | ---: | ---: | ---: |")
     for name, path in models.items():
         eng = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype=a.dtype, kv_cache_memory=1 << 30,

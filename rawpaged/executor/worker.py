@@ -98,9 +98,10 @@ class Worker:
     def wants_fused_decode(self) -> bool:
         """The CPU's decode steps through one compiled call for the decoder stack (worker/fused_decode.py),
         unless enforce_eager (every op from Python, as the GPU without graphs)."""
+        if self.device != "cpu" or getattr(self.config, "enforce_eager", False):
+            return False
         from rawpaged.worker.fused_decode import FusedDecode     # NOTE: imports the CPU kernels
-        return (self.device == "cpu" and not getattr(self.config, "enforce_eager", False)
-                and FusedDecode.supports(self.model, self.backend))
+        return FusedDecode.supports(self.model, self.backend)
 
     def info(self) -> dict:
         return {"device": self.device, "dtype": np.dtype(self.dtype), "weight_bytes": self.weight_bytes,

@@ -205,10 +205,12 @@ def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_le
     embedding, overwritten) -> [T, H] (valid until the next call: it may be fbuf's)."""
     threads = dynamic_schedule()
     fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
-    # NOTE: the per-op path's rules for a parallel launch (gemm.linear, paged_attention), read per call
+    # NOTE: the attention's rule for a parallel launch is paged_attention's (read per call); the
+    # GEMMs' is DecoderStack.tasks
     num_q = st.o.shape[2] // kv_cache.shape[5]
     par_attn = threads > 1 and h.shape[0] * num_q * int(max_seq_len) >= attention.PARALLEL_MIN_WORK
+    tasks = st.tasks(threads, h.shape[0])
     w_qkv, w_o, w_gate_up, w_down = st.bits
     return fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
-              w_qkv, w_o, w_gate_up, w_down, st.final_norm, cos_sin, st.windows, st.tasks(threads, h.shape[0]), par_attn,
+              w_qkv, w_o, w_gate_up, w_down, st.final_norm, cos_sin, st.windows, tasks, par_attn,
               np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)

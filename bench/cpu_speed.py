@@ -1,6 +1,6 @@
 """Prefill and decode tokens/s of the engine on the CPU backend (issue: engine spine).
 
-    python bench/cpu_speed.py [--prompt-len 128] [--decode-steps 32] [--batches 1 32]
+    python bench/cpu_speed.py [--prompt-len 128] [--decode-steps 32] [--batches 1 32] [--dtype float32]
 
 For each model (stories260K, random LLaMA 512x8) and batch size: one prefill step of `batch`
 prompts of `prompt-len` tokens (prefill tokens/s), then `decode-steps` decode steps (decode
@@ -47,13 +47,17 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--dtype", default="float32", help="storage of the weights and KV cache (bfloat16: issue 18's)")
     a = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="rawpaged-bench-"))
     models = {"stories260K": stories260k(root), "random LLaMA h512 L8 (8 q / 4 kv heads, vocab 32000)": random_llama(root)}
-    print(f"machine: {machine()}; commit {commit()}; prompt {a.prompt_len} tokens, {a.decode_steps} decode steps\n")
+    print(f"machine: {machine()}; commit {commit()}; {a.dtype}; prompt {a.prompt_len} tokens, "
+          f"{a.decode_steps} decode steps\n")
+    # NOTE: a title line without the commit, so bench/ab.py matches the two sides' tables
+    print(f"Engine tokens/s, {a.dtype}\n")
     print("| model | batch | prefill tok/s | decode tok/s |\n| --- | ---: | ---: | ---: |")
     for name, path in models.items():
-        eng = LLMEngine(EngineConfig(model=str(path), device="cpu", kv_cache_memory=1 << 30,
+        eng = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype=a.dtype, kv_cache_memory=1 << 30,
                                      max_num_batched_tokens=max(a.batches) * a.prompt_len))
         measure(eng, 2, 16, 2, eng.model_config.vocab_size)            # warm-up: Numba compilation
         for b in a.batches:

@@ -9,7 +9,9 @@ phase is timed exclusively (a phase nested in another is subtracted from it):
   schedule        Scheduler.schedule + on_step_done
   prepare inputs  ModelRunner's flattening of the batch (prepare_inputs) and the index uploads
   forward: <op>   each backend op the model calls (linear, lm head, attention, cache write, norms,
-                  rope, activation, embedding), summed over layers
+                  rope, activation, embedding), summed over layers; on the CPU's fused decode step
+                  (rawpaged/worker/fused_decode.py) the whole decoder stack is one phase,
+                  "forward: decoder stack (fused)"
   sampling        Sampler.__call__
   detokenize      IncrementalDetokenizer.step
   outputs         make_output (the RequestOutputs of the step)
@@ -115,6 +117,9 @@ def instrument(engine, prof: Profiler) -> None:
             prof.wrap(backend, op, phase)
     model = ex.model
     prof.wrap(model, "compute_logits", "forward: lm head")
+    fused = getattr(getattr(ex, "runner", None), "graphs", None)
+    if fused is not None and hasattr(fused, "hidden"):            # the CPU's fused decode step
+        prof.wrap(fused, "hidden", "forward: decoder stack (fused)")
     prof.wrap(engine.scheduler, "schedule", "schedule")
     prof.wrap(engine.scheduler, "on_step_done", "schedule")
     if not hasattr(mr_mod.prepare_inputs, "__wrapped__"):
@@ -174,6 +179,7 @@ def profile_offline(engine, prof: Profiler, batch: int, args) -> tuple[dict, dic
 
 PHASE_ORDER = ["schedule", "prepare inputs", "forward: embedding", "forward: norms", "forward: linear",
                "forward: rope", "forward: cache write", "forward: attention", "forward: activation",
+               "forward: decoder stack (fused)",
                "forward: lm head", "sampling", "detokenize", "outputs", "python",
                "hand-off", "chunk + JSON", "SSE write"]
 

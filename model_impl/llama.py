@@ -197,6 +197,16 @@ class LlamaForCausalLM:
         x, _ = b.fused_add_rms_norm(h, residual, self.norm, self.eps)
         return x
 
+    def fuses_decode(self) -> bool:
+        """Whether `forward` is exactly the stack the CPU's fused decode step runs
+        (rawpaged/backend/cpu/decode_step.py): RMSNorm, fused qkv without bias or q/k norms, rotate_half
+        RoPE, SwiGLU without biases, no embedding scale, one rank. Others keep the per-op path."""
+        if self.tp.enabled or self.embed_scale() is not None or self.act_and_mul != self.backend.silu_and_mul \
+                or not self.layers or type(self).forward is not LlamaForCausalLM.forward:
+            return False
+        return all(L[n] is None for L in self.layers for n in ("qkv_b", "o_b", "q_norm", "k_norm", "gate_up_b",
+                                                                  "down_b"))
+
     def compute_logits(self, hidden):
         """hidden [N, H] -> logits [N, vocab] in float32 (tensor-parallel: on rank 0, None elsewhere)."""
         return self.tp.logits(self.backend, hidden, self.lm_head, self.cfg.vocab_size)

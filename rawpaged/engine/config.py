@@ -77,8 +77,8 @@ class EngineConfig:
     batching: str = _opt("continuous", "continuous (iteration-level) or static (request-level, "
                                        "FasterTransformer's: a batch starts when the last one has "
                                        "finished)", choices=BATCHING)
-    enforce_eager: bool = _opt(False, "run every step eagerly: no CUDA graphs for decode steps (GPU only; "
-                                      "the CPU always runs eagerly)")
+    enforce_eager: bool = _opt(False, "run every step eagerly, op by op: no CUDA graphs for decode steps on the "
+                                      "GPU, no fused decoder stack (one compiled call) on the CPU")
     tensor_parallel_size: int = _opt(1, "ranks the model is split across (Megatron-style: heads and the "
                                         "MLP; one GPU each, NCCL between them; CPU ranks share memory)",
                                      aliases=["-tp"])

@@ -95,6 +95,14 @@ class Worker:
             return False
         return not self.backend.launch.SYNC
 
+    def wants_fused_decode(self) -> bool:
+        """The CPU's decode steps through one compiled call for the decoder stack (worker/fused_decode.py),
+        unless enforce_eager (every op from Python, as the GPU without graphs)."""
+        if self.device != "cpu" or getattr(self.config, "enforce_eager", False):
+            return False
+        from rawpaged.worker.fused_decode import FusedDecode     # NOTE: imports the CPU kernels
+        return FusedDecode.supports(self.model, self.backend)
+
     def info(self) -> dict:
         return {"device": self.device, "dtype": np.dtype(self.dtype), "weight_bytes": self.weight_bytes,
                 "bytes_read": self.bytes_read, "num_kv_heads": self.cache_config.num_kv_heads}
@@ -149,6 +157,11 @@ class Worker:
     def init_cache(self, num_device_blocks: int, num_cpu_blocks: int) -> None:
         self.cache = CacheEngine(self.cache_config, self.backend, self.dtype, self.config.block_size,
                                  num_device_blocks, num_cpu_blocks)
+        if self.wants_fused_decode():
+            from rawpaged.worker.fused_decode import FusedDecode
+            if not isinstance(self.runner.graphs, FusedDecode):
+                self.runner.graphs = FusedDecode(self.model, self.backend)
+            self.runner.graphs.attach(self.cache.device_cache)
         self._warm_up()
         if self.graphs is not None:
             self._capture_graphs()

@@ -246,6 +246,72 @@ def _attend_one(q, kv, kind, layer, block_tables, s, kvh, row, pos, scale, windo
             out[row, h0 + g, d] = acc[g, d] * inv
 
 
+# _attend_one for one KV storage kind each, compiled once (not inlined): the fused decode step's
+# attention task (decode_step.py). NOTE: inlined there twice (serial and parallel loops) per kind,
+# it made that compilation take minutes.
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def attend_one_f32(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    _attend_one(q, kv, lowp.F32, layer, block_tables, s, kvh, row, pos, scale, window, out)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def attend_one_bf16(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    _attend_one(q, kv, lowp.BF16, layer, block_tables, s, kvh, row, pos, scale, window, out)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def attend_one_f16(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    _attend_one(q, kv, lowp.F16, layer, block_tables, s, kvh, row, pos, scale, window, out)
+
+
+@njit(inline="always", error_model="numpy")
+def attend_one(q, kv, kind, layer, block_tables, s, kvh, row, pos, scale, window, out):
+    """_attend_one through the compiled function of `kind` (a constant)."""
+    if kind == lowp.BF16:
+        attend_one_bf16(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out)
+    elif kind == lowp.F16:
+        attend_one_f16(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out)
+    else:
+        attend_one_f32(q, kv, layer, block_tables, s, kvh, row, pos, scale, window, out)
+
+
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def rotary_cache_rows(positions, q, k, v, kv, kind, layer, slot_mapping, table, is_neox):
+    """The twin of fused_ops.cu's rotary_cache: q [T, Hq, D] rotated in place; rotate(k) and v
+    [T, Hkv, D] narrowed into kv[slot // bs, layer, 0/1, :, slot % bs, :] (slot < 0: padding,
+    nothing stored). k is left as it was. q, k, v may be strided views of a fused qkv.
+    A function of its own: the fused decode step (decode_step.py) runs it too."""
+    block_size, head_dim = kv.shape[4], kv.shape[5]
+    half = table.shape[1] // 2
+    for t in range(q.shape[0]):
+        p = positions[t]
+        for h in range(q.shape[1]):                # q: pairs rotated in place
+            for i in range(half):
+                c, s = table[p, i], table[p, half + i]
+                i1 = i if is_neox else 2 * i
+                i2 = i + half if is_neox else 2 * i + 1
+                a, b = q[t, h, i1], q[t, h, i2]
+                q[t, h, i1] = a * c - b * s
+                q[t, h, i2] = b * c + a * s
+        slot = slot_mapping[t]
+        if slot < 0:
+            continue
+        block = slot // block_size
+        off = slot % block_size
+        for h in range(k.shape[1]):
+            for i in range(half):                  # k: rotated pairs straight into the cache
+                c, s = table[p, i], table[p, half + i]
+                i1 = i if is_neox else 2 * i
+                i2 = i + half if is_neox else 2 * i + 1
+                a, b = k[t, h, i1], k[t, h, i2]
+                kv[block, layer, 0, h, off, i1] = lowp.narrow(a * c - b * s, kind)
+                kv[block, layer, 0, h, off, i2] = lowp.narrow(b * c + a * s, kind)
+            for d in range(2 * half, head_dim):   # partial rotary: the rest as it is
+                kv[block, layer, 0, h, off, d] = lowp.narrow(k[t, h, d], kind)
+            for d in range(head_dim):
+                kv[block, layer, 1, h, off, d] = lowp.narrow(v[t, h, d], kind)
+
+
 def _build(kind: int):
     """(serial, parallel) attention and the cache write for one KV storage kind.
     NOTE: the kind is a closure constant (as in gemm.py): each compilation holds one widening, and
@@ -283,38 +349,7 @@ def _build(kind: int):
                     kv[block, layer, 1, h, off, d] = lowp.narrow(v[t, h, d], kind)
 
     def rotary_cache(positions, q, k, v, kv, layer, slot_mapping, table, is_neox):
-        """The twin of fused_ops.cu's rotary_cache: q [T, Hq, D] rotated in place; rotate(k) and v
-        [T, Hkv, D] narrowed into kv[slot // bs, layer, 0/1, :, slot % bs, :] (slot < 0: padding,
-        nothing stored). k is left as it was. q, k, v may be strided views of a fused qkv."""
-        block_size, head_dim = kv.shape[4], kv.shape[5]
-        half = table.shape[1] // 2
-        for t in range(q.shape[0]):
-            p = positions[t]
-            for h in range(q.shape[1]):                # q: pairs rotated in place
-                for i in range(half):
-                    c, s = table[p, i], table[p, half + i]
-                    i1 = i if is_neox else 2 * i
-                    i2 = i + half if is_neox else 2 * i + 1
-                    a, b = q[t, h, i1], q[t, h, i2]
-                    q[t, h, i1] = a * c - b * s
-                    q[t, h, i2] = b * c + a * s
-            slot = slot_mapping[t]
-            if slot < 0:
-                continue
-            block = slot // block_size
-            off = slot % block_size
-            for h in range(k.shape[1]):
-                for i in range(half):                  # k: rotated pairs straight into the cache
-                    c, s = table[p, i], table[p, half + i]
-                    i1 = i if is_neox else 2 * i
-                    i2 = i + half if is_neox else 2 * i + 1
-                    a, b = k[t, h, i1], k[t, h, i2]
-                    kv[block, layer, 0, h, off, i1] = lowp.narrow(a * c - b * s, kind)
-                    kv[block, layer, 0, h, off, i2] = lowp.narrow(b * c + a * s, kind)
-                for d in range(2 * half, head_dim):   # partial rotary: the rest as it is
-                    kv[block, layer, 0, h, off, d] = lowp.narrow(k[t, h, d], kind)
-                for d in range(head_dim):
-                    kv[block, layer, 1, h, off, d] = lowp.narrow(v[t, h, d], kind)
+        rotary_cache_rows(positions, q, k, v, kv, kind, layer, slot_mapping, table, is_neox)
 
     # NOTE: two compilations of the attention. Numba's thread pool costs tens of microseconds per
     # launch (far more when the cores are busy), which dominates small decode batches; the serial

@@ -53,20 +53,34 @@ def _inv_rms(x, t, eps):
     return np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[1]) + eps)
 
 
+# NOTE: the row bodies are @njit functions of their own so that the fused decode step
+# (decode_step.py) runs the very same code inside its one compiled call.
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def rms_norm_row(x, t, w, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w."""
+    inv = _inv_rms(x, t, eps)
+    for i in range(x.shape[1]):
+        out[t, i] = x[t, i] * inv * w[i]
+
+
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def add_rms_norm_row(x, res, t, w, eps):
+    """res[t] += x[t]; x[t] = rms_norm(res[t]) * w."""
+    for i in range(x.shape[1]):
+        res[t, i] += x[t, i]
+    inv = _inv_rms(res, t, eps)
+    for i in range(x.shape[1]):
+        x[t, i] = res[t, i] * inv * w[i]
+
+
 def _rms_norm(x, w, eps, out):
     for t in prange(x.shape[0]):
-        inv = _inv_rms(x, t, eps)
-        for i in range(x.shape[1]):
-            out[t, i] = x[t, i] * inv * w[i]
+        rms_norm_row(x, t, w, eps, out)
 
 
 def _add_rms_norm(x, res, w, eps):
     for t in prange(x.shape[0]):
-        for i in range(x.shape[1]):
-            res[t, i] += x[t, i]
-        inv = _inv_rms(res, t, eps)
-        for i in range(x.shape[1]):
-            x[t, i] = res[t, i] * inv * w[i]
+        add_rms_norm_row(x, res, t, w, eps)
 
 
 def _add_layer_norm(x, res, w, b, eps):
@@ -92,15 +106,21 @@ def _add_layer_norm(x, res, w, b, eps):
             x[t, i] = y
 
 
-def _silu_and_mul(x, out):
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def silu_and_mul_row(x, t, out):
+    """out[t, i] = silu(x[t, i]) * x[t, I + i], I = out.shape[1]."""
     n = out.shape[1]
+    for i in range(n):
+        g = x[t, i]
+        z = exp_nonpos(-abs(g))                 # sigmoid(g) from exp(-|g|): never overflows
+        inv = np.float32(1.0) / (np.float32(1.0) + z)
+        sig = inv if g >= 0 else z * inv
+        out[t, i] = g * sig * x[t, n + i]
+
+
+def _silu_and_mul(x, out):
     for t in prange(x.shape[0]):
-        for i in range(n):
-            g = x[t, i]
-            z = exp_nonpos(-abs(g))                 # sigmoid(g) from exp(-|g|): never overflows
-            inv = np.float32(1.0) / (np.float32(1.0) + z)
-            sig = inv if g >= 0 else z * inv
-            out[t, i] = g * sig * x[t, n + i]
+        silu_and_mul_row(x, t, out)
 
 
 def _rotary(positions, q, k, cache, is_neox):

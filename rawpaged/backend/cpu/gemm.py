@@ -276,6 +276,59 @@ def _bf16_parallel(x, w, y, num_tasks):
         _bf16_rows(xb, w, y, o0, o1)
 
 
+# _rows for one storage kind each, compiled once (not inlined): what linear_into calls per task.
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def rows_f32(x, w, y, o0, o1):
+    _rows(x, w, y, o0, o1, lowp.F32)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def rows_bf16(x, w, y, o0, o1):
+    _rows(x, w, y, o0, o1, lowp.BF16)
+
+
+@njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
+def rows_f16(x, w, y, o0, o1):
+    _rows(x, w, y, o0, o1, lowp.F16)
+
+
+@njit(inline="always", error_model="numpy")
+def _rows_of(x, xb, w, y, o0, o1, kind, bf16):
+    if bf16:
+        _bf16_rows(xb, w, y, o0, o1)
+    elif kind == lowp.BF16:
+        rows_bf16(x, w, y, o0, o1)
+    elif kind == lowp.F16:
+        rows_f16(x, w, y, o0, o1)
+    else:
+        rows_f32(x, w, y, o0, o1)
+
+
+@njit(inline="always", error_model="numpy")
+def linear_into(x, w, y, xb, num_tasks, kind, bf16):
+    """y[T, O] = x[T, K] @ widen(w[O, K])^T inside a compiled caller (the fused decode step,
+    decode_step.py): the kernels above, with num_tasks > 1 one parallel region of contiguous output
+    ranges (a prange: a parallel region only where the caller is compiled parallel=True), else one
+    serial pass. bf16 (constant): bfloat16 weights through vdpbf16ps, x rounded into xb [T, K].
+    NOTE: the row kernels are calls, not inlined: inlined into every GEMM of the caller they made
+    its compilation take minutes."""
+    O = w.shape[0]
+    groups = (O + 3) // 4
+    if bf16:
+        _round_x(x, xb)
+    if num_tasks > 1:
+        for task in prange(num_tasks):
+            _rows_of(x, xb, w, y, min(O, task * groups // num_tasks * 4),
+                     min(O, (task + 1) * groups // num_tasks * 4), kind, bf16)
+    else:
+        _rows_of(x, xb, w, y, 0, O, kind, bf16)
+
+
+def tasks_for(weight_bytes: int, threads: int) -> int:
+    """Tasks of one GEMM: one below _PARALLEL_MIN_BYTES of weights (or on one thread), else 4 per thread."""
+    return 4 * threads if weight_bytes >= _PARALLEL_MIN_BYTES and threads > 1 else 1
+
+
 _KERNELS = {kind: _build(kind) for kind in (lowp.F32, lowp.BF16, lowp.F16)}
 # NOTE: bfloat16 weights on a CPU with AVX-512 BF16 multiply bfloat16 activations (rounded to
 # nearest even) in hardware; elsewhere they are widened and multiply float32 activations.
@@ -307,9 +360,9 @@ def linear_2d(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.empty((x.shape[0], w.shape[0]), np.float32)
     serial, parallel = _KERNELS[kind]
-    threads = dynamic_schedule()
-    if weight.nbytes >= _PARALLEL_MIN_BYTES and threads > 1:
-        parallel(x, w, y, 4 * threads)
+    tasks = tasks_for(weight.nbytes, dynamic_schedule())
+    if tasks > 1:
+        parallel(x, w, y, tasks)
     else:
         serial(x, w, y)
     return y

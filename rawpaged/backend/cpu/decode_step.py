@@ -1,0 +1,216 @@
+"""A decode step's decoder stack in ONE compiled call on the CPU (issue 18): the CPU analogue of a
+captured CUDA graph (rawpaged/worker/graph_runner.py).
+
+A decode step of a small model is ~33 GEMVs plus ~50 small ops, each called from Python: at batch 1
+the Python between them (~0.3-0.5 ms for 8 layers) and one thread-pool fork/join per op cost as much
+as a fifth of the step. Here one Numba call runs every layer of a LLaMA-family stack for a batch of
+decode rows (each row one new token of its own sequence):
+
+    for l in layers:
+        x = rms_norm(h + res)              res += h (layer 0: res = h)      [T, H]
+        qkv = x @ Wqkv[l]^T                                                 [T, (Hq + 2 Hkv) D]
+        q = rope(q); cache[slot] = rope(k), v                               (rotary_cache_rows)
+        a = paged_attention(q, cache)      one task per (sequence, KV head) [T, Hq, D]
+        h = a @ Wo[l]^T                                                     [T, H]
+        x = rms_norm(h + res)              res += h
+        h = (silu(x @ Wgate[l]^T) * (x @ Wup[l]^T)) @ Wdown[l]^T            [T, H]
+    return rms_norm(h + res) * final_norm
+
+with the kernels of the per-op path called from inside (gemm.linear_into, attention.attend_one and
+rotary_cache_rows, elementwise's row bodies): the same code, so the same sums. A GEMM big enough
+for two threads is one parallel region (prange) and nothing else is: no Python and no fork/join
+between ops. Weights come stacked per kind ([L, out, in], `DecoderStack`), so one array argument
+carries every layer.
+
+Scratch: one float32 buffer and one uint16 buffer (bfloat16 activations for vdpbf16ps) owned by the
+caller and carved here, so a test can poison them.
+
+NOTE: Numba's on-disk cache keys a kernel by ITS file only, and this one inlines code from gemm.py,
+attention.py, elementwise.py, lowp.py, simd.py and bf16dot.py: the kernels are closures that capture
+a hash of those files' bytes (Numba keys a closure by its captured values), so an edit to any of them
+recompiles this step instead of running stale code from the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numba import njit, prange
+
+from rawpaged.backend.cpu import attention, lowp
+from rawpaged.backend.cpu.attention import attend_one, rotary_cache_rows
+from rawpaged.backend.cpu.elementwise import add_rms_norm_row, rms_norm_row, silu_and_mul_row
+from rawpaged.backend.cpu.gemm import _FEW_ROWS, ROUNDS_BF16_ACTIVATIONS, dynamic_schedule, linear_into, tasks_for
+
+_FAST = {"reassoc", "contract", "nsz", "arcp"}
+_HERE = Path(__file__).resolve().parent
+_DEPS = ("gemm.py", "attention.py", "elementwise.py", "lowp.py", "simd.py", "bf16dot.py")
+_DEPS_HASH = hashlib.sha256(b"".join((_HERE / f).read_bytes() for f in _DEPS)).hexdigest()
+
+
+def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
+    """The stack's kernel for weights stored as `wkind` and a KV cache stored as `kvkind` (closure
+    constants, as gemm.py's: each compilation holds one widening); bf16: vdpbf16ps GEMMs."""
+
+    def stack(h, positions, slots, tables, seq_lens, kv, in_norm, post_norm, w_qkv, w_o, w_gate_up, w_down,
+              final_norm, cos_sin, windows, tasks, par_attn, eps, scale, fbuf, xbuf):
+        """h [T, H] float32 embeddings -> [T, H] final normalised hidden states (h or a view of fbuf).
+        tasks int64 [4]: GEMM tasks of qkv, o, gate_up, down (1: serial); par_attn: the attention's
+        (sequence, KV head) tasks in parallel."""
+        if deps == "":                             # NOTE: keeps `deps` in the closure (the cache key)
+            return h
+        T, H = h.shape
+        L = w_qkv.shape[0]
+        nkv, D = kv.shape[3], kv.shape[5]
+        n_qkv, n_o, n_gu, n_i = w_qkv.shape[1], w_o.shape[2], w_gate_up.shape[1], w_down.shape[2]
+        nq = n_qkv // D - 2 * nkv
+        # the scratch, carved: res, x [T, H] | qkv [T, n_qkv] | attn [T, nq D] | gu [T, 2I] | act [T, I]
+        o = 0
+        res = fbuf[o:o + T * H].reshape(T, H)
+        o += T * H
+        x = fbuf[o:o + T * H].reshape(T, H)
+        o += T * H
+        qkv = fbuf[o:o + T * n_qkv].reshape(T, n_qkv)
+        o += T * n_qkv
+        attn = fbuf[o:o + T * n_o].reshape(T, nq, D)
+        o += T * n_o
+        gu = fbuf[o:o + T * n_gu].reshape(T, n_gu)
+        o += T * n_gu
+        act = fbuf[o:o + T * n_i].reshape(T, n_i)
+        xb_h = xbuf[:T * H].reshape(T, H)          # x rounded to bfloat16 for a GEMM of K = H
+        xb_o = xbuf[:T * n_o].reshape(T, n_o)
+        xb_i = xbuf[:T * n_i].reshape(T, n_i)
+        q3 = qkv.reshape(T, n_qkv // D, D)
+        q, k, v = q3[:, :nq], q3[:, nq:nq + nkv], q3[:, nq + nkv:]
+        attn2 = attn.reshape(T, n_o)
+        for t in range(T):
+            for i in range(H):
+                res[t, i] = h[t, i]
+            rms_norm_row(res, t, in_norm[0], eps, x)
+        for layer in range(L):
+            if layer > 0:                          # x = rms_norm(res += h)
+                for t in range(T):
+                    add_rms_norm_row(h, res, t, in_norm[layer], eps)
+                x, h = h, x                        # NOTE: the normalised rows are in h: swap names
+            linear_into(x, w_qkv[layer], qkv, xb_h, tasks[0], wkind, bf16)
+            rotary_cache_rows(positions, q, k, v, kv, kvkind, layer, slots, cos_sin, True)
+            window = windows[layer]
+            if par_attn:
+                for task in prange(T * nkv):       # (sequence, KV head); row s is sequence s's token
+                    s, kvh = task // nkv, task % nkv
+                    attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
+            else:
+                for task in range(T * nkv):
+                    s, kvh = task // nkv, task % nkv
+                    attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
+            linear_into(attn2, w_o[layer], h, xb_o, tasks[1], wkind, bf16)
+            for t in range(T):                     # h = rms_norm(res += h)
+                add_rms_norm_row(h, res, t, post_norm[layer], eps)
+            linear_into(h, w_gate_up[layer], gu, xb_h, tasks[2], wkind, bf16)
+            for t in range(T):
+                silu_and_mul_row(gu, t, act)
+            linear_into(act, w_down[layer], h, xb_i, tasks[3], wkind, bf16)
+        for t in range(T):
+            add_rms_norm_row(h, res, t, final_norm, eps)
+        return h
+
+    return njit(fastmath=_FAST, parallel=_PRANGE_ONLY, cache=True, nogil=True, error_model="numpy")(stack)
+
+
+# NOTE: parallel regions for the prange loops ONLY: with Numba's default parallel options, the
+# np.zeros of each attention task (_attend_one's accumulator) became a parallel region of its own,
+# a thread-pool launch per (sequence, KV head, layer): 1,536 per step at 48 sequences, which made
+# the step 2.5x slower than the per-op path.
+_PRANGE_ONLY = dict(prange=True, numpy=False, comprehension=False, reduction=False, inplace_binop=False,
+                    setitem=False, stencil=False, fusion=False)
+_KERNELS: dict = {}
+GEMV_PARALLEL_MIN_BYTES = 4 << 20     # weight bytes from which a GEMV of <= _FEW_ROWS rows takes 2+ threads
+
+
+def kernel(wkind: int, kvkind: int):
+    key = (wkind, kvkind)
+    fn = _KERNELS.get(key)
+    if fn is None:
+        bf16 = wkind == lowp.BF16 and ROUNDS_BF16_ACTIVATIONS
+        fn = _KERNELS[key] = _build(wkind, kvkind, bf16, _DEPS_HASH)
+    return fn
+
+
+@dataclass
+class DecoderStack:
+    """A LLaMA-family decoder's layers stacked per kind (what the fused step takes).
+
+    in_norm, post_norm [L, H] float32 | qkv [L, (Hq + 2 Hkv) D, H] | o [L, H, Hq D] |
+    gate_up [L, 2I, H] | down [L, H, I] (stored float32, or bfloat16 / float16) | final_norm [H] |
+    windows int64 [L] (0: no sliding window) | eps, scale."""
+    in_norm: np.ndarray
+    post_norm: np.ndarray
+    qkv: np.ndarray
+    o: np.ndarray
+    gate_up: np.ndarray
+    down: np.ndarray
+    final_norm: np.ndarray
+    windows: np.ndarray
+    eps: float
+    scale: float
+
+    def __post_init__(self):
+        # NOTE: what every call passes, made once: the kernels read 16-bit weights as uint16 bits
+        self.bits = tuple(lowp.bits(w) for w in (self.qkv, self.o, self.gate_up, self.down))
+        self.wkind = lowp.kind_of(self.qkv.dtype)
+        self._tasks: dict[tuple, np.ndarray] = {}
+
+    def scratch_sizes(self, rows: int) -> tuple[int, int]:
+        """(float32, uint16) scratch elements for `rows` decode rows."""
+        H, n_qkv, n_o, n_gu, n_i = (self.qkv.shape[2], self.qkv.shape[1], self.o.shape[2], self.gate_up.shape[1],
+                                    self.down.shape[2])
+        return rows * (2 * H + n_qkv + n_o + n_gu + n_i), rows * max(H, n_o, n_i)
+
+    def tasks(self, threads: int, rows: int) -> np.ndarray:
+        """GEMM tasks per kind, by one layer's weight bytes: gemm.linear's rule, except that a GEMV
+        of a few rows (memory-bound) takes two threads only from GEMV_PARALLEL_MIN_BYTES.
+        NOTE: each parallel region is a fork/join of Numba's passive workers (a wake-up, tens of
+        microseconds, far more on a busy machine): 32 of them per step of this model cost about what
+        a second thread's extra read bandwidth saves on its 0.5-2.8 MB matrices; measured on a busy
+        2-core machine the serial stack was faster at 1-4 rows (bench/RESULTS.md, issue 18)."""
+        few = rows <= _FEW_ROWS
+        t = self._tasks.get((threads, few))
+        if t is None:
+            t = self._tasks[(threads, few)] = np.array(
+                [1 if few and w[0].nbytes < GEMV_PARALLEL_MIN_BYTES else tasks_for(w[0].nbytes, threads)
+                 for w in (self.qkv, self.o, self.gate_up, self.down)], np.int64)
+        return t
+
+
+def stack_layers(layers: list[dict], names: tuple[str, ...]) -> list[np.ndarray]:
+    """Stack each named weight of every layer into one [L, ...] array and rebind the layers' entries
+    to views of it (the weights are held once, and the per-op path reads the same memory).
+    NOTE: copied layer by layer, so the per-layer arrays are freed as they go (peak: one layer)."""
+    out = []
+    for name in names:
+        first = layers[0][name]
+        stacked = np.empty((len(layers),) + first.shape, first.dtype)
+        for i, layer in enumerate(layers):
+            stacked[i] = layer[name]
+            layer[name] = stacked[i]
+        out.append(stacked)
+    return out
+
+
+def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_lens, max_seq_len: int, kv_cache,
+              cos_sin, fbuf, xbuf):
+    """The fused decoder stack over T decode rows (row s: sequence s's one new token; h [T, H] its
+    embedding, overwritten) -> [T, H] (valid until the next call: it may be fbuf's)."""
+    threads = dynamic_schedule()
+    fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
+    # NOTE: the attention's rule for a parallel launch is paged_attention's (read per call); the
+    # GEMMs' is DecoderStack.tasks
+    num_q = st.o.shape[2] // kv_cache.shape[5]
+    par_attn = threads > 1 and h.shape[0] * num_q * int(max_seq_len) >= attention.PARALLEL_MIN_WORK
+    tasks = st.tasks(threads, h.shape[0])
+    w_qkv, w_o, w_gate_up, w_down = st.bits
+    return fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
+              w_qkv, w_o, w_gate_up, w_down, st.final_norm, cos_sin, st.windows, tasks, par_attn,
+              np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)

@@ -1,0 +1,64 @@
+"""Decode steps on the CPU through one compiled call for the whole decoder stack (issue 18): the CPU's
+counterpart of graph_runner.DecodeGraphs, with the same two methods (`can_run`, `run`) so that
+ModelRunner hands it the pure decode batches the same way.
+
+A pure decode batch (every sequence computes one token and samples it) runs: the embedding lookup,
+backend/cpu/decode_step.py's stack (every layer in one Numba call), the LM head on every row (all
+are sampled). Prefill, chunked and mixed steps, prompt logprobs and the models the stack does not
+cover (model.fuses_decode()) keep the per-op path. NOTE: no bucket padding as the CUDA graphs need:
+a CPU step's cost grows with its rows, and nothing here bakes in a shape.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from rawpaged.backend.cpu import decode_step
+from rawpaged.worker.graph_runner import is_pure_decode
+from rawpaged.worker.model_runner import BatchInputs
+
+
+class FusedDecode:
+    def __init__(self, model, backend):
+        self.model, self.backend = model, backend
+        names = ("in_norm", "post_norm", "qkv", "o", "gate_up", "down")
+        stacked = decode_step.stack_layers(model.layers, names)
+        self.stack = decode_step.DecoderStack(
+            *stacked, final_norm=np.ascontiguousarray(model.norm, np.float32),
+            windows=np.asarray([w or 0 for w in model.windows], np.int64), eps=model.eps, scale=model.scale)
+        self.cos_sin = np.ascontiguousarray(model.cos_sin, np.float32)
+        self.kv_cache = None
+        self.rows = 0                               # rows the scratch holds
+        self.fbuf = self.xbuf = None
+
+    @staticmethod
+    def supports(model, backend) -> bool:
+        return backend.name == "cpu" and getattr(model, "fuses_decode", lambda: False)()
+
+    # -- which steps take this path ---------------------------------------------------------------
+    def attach(self, kv_cache) -> None:
+        self.kv_cache = kv_cache
+
+    def can_run(self, inputs: BatchInputs, kv_cache) -> bool:
+        return kv_cache is self.kv_cache and is_pure_decode(inputs)
+
+    # -- the step ---------------------------------------------------------------------------------
+    def scratch(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stack's scratch for `rows` rows (grown to the largest batch seen, then reused)."""
+        if rows > self.rows:
+            nf, nx = self.stack.scratch_sizes(rows)
+            self.fbuf, self.xbuf = np.empty(nf, np.float32), np.empty(nx, np.uint16)
+            self.rows = rows
+        return self.fbuf, self.xbuf
+
+    def hidden(self, inputs: BatchInputs, kv_cache) -> np.ndarray:
+        """The decode rows' final normalised hidden states [n, H] (valid until the next step)."""
+        m = inputs.meta
+        h = self.backend.embedding(inputs.input_ids, self.model.embed)
+        fbuf, xbuf = self.scratch(h.shape[0])
+        return decode_step.run_stack(self.stack, h, inputs.positions, m.slot_mapping, m.block_tables, m.seq_lens,
+                                     m.max_seq_len, kv_cache, self.cos_sin, fbuf, xbuf)
+
+    def run(self, inputs: BatchInputs, kv_cache):
+        """A pure decode batch of n rows -> (logits [n, V], [None] * n) like ModelRunner.run."""
+        logits = self.model.compute_logits(self.hidden(inputs, kv_cache))
+        return logits, [None] * len(inputs.meta.seq_lens)

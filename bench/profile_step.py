@@ -54,7 +54,8 @@ CLOCK = time.perf_counter
 # op name of the backend -> the phase it is counted in
 OP_PHASES = {
     "linear": "forward: linear", "paged_attention": "forward: attention",
-    "reshape_and_cache": "forward: cache write", "rms_norm": "forward: norms",
+    "reshape_and_cache": "forward: cache write", "rotary_and_cache": "forward: rope + cache write",
+    "rms_norm": "forward: norms",
     "fused_add_rms_norm": "forward: norms", "layer_norm": "forward: norms",
     "rotary_embedding": "forward: rope", "silu_and_mul": "forward: activation",
     "gelu_tanh_and_mul": "forward: activation", "gelu": "forward: activation",
@@ -178,7 +179,7 @@ def profile_offline(engine, prof: Profiler, batch: int, args) -> tuple[dict, dic
 
 
 PHASE_ORDER = ["schedule", "prepare inputs", "forward: embedding", "forward: norms", "forward: linear",
-               "forward: rope", "forward: cache write", "forward: attention", "forward: activation",
+               "forward: rope", "forward: cache write", "forward: rope + cache write", "forward: attention", "forward: activation",
                "forward: decoder stack (fused)",
                "forward: lm head", "sampling", "detokenize", "outputs", "python",
                "hand-off", "chunk + JSON", "SSE write"]

@@ -176,6 +176,9 @@ def test_real_engines_sharing_weights_side_by_side_decide_as_alone(tiny_model):
     shared = []
     (a, cm_a), (b, cm_b) = engine(shared), engine(shared)
     assert a.executor.worker.model is b.executor.worker.model is b.executor.worker.runner.model
+    fused_a, fused_b = a.executor.worker.runner.graphs, b.executor.worker.runner.graphs   # the CPU's fused decode step
+    assert fused_b.stack is fused_a.stack and fused_b.model is fused_a.model
+    assert fused_b.kv_cache is b.executor.worker.cache.device_cache is not fused_a.kv_cache
     side = interleave([(step_workload(a, wls[0], "model", cost_model=cm_a, vocab=SIM_VOCAB, record_batches=True),
                         len(alone[0].batches)),
                        (step_workload(b, wls[1], "model", cost_model=cm_b, vocab=SIM_VOCAB, record_batches=True),

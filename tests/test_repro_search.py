@@ -109,13 +109,19 @@ HW = HardwareProfile("toy", memory_bytes=10**9, hbm_bw=1000.0, flops=10000.0, li
                      seq_overhead=0.25, allreduce_latency=0.0, transfer_latency=0.01)
 
 
-def _toy_run(rate, stop_above=None):
+def _toy():
+    """(a small simulated setup, its engine config, uniform 4-30 token lengths)."""
     setup = SimSetup(SPEC, HW, kv_memory=96 * SPEC.kv_bytes_per_token)
     cfg = EngineConfig(block_size=8, enable_chunked_prefill=False, enable_prefix_caching=False,
                        max_num_batched_tokens=64, swap_space=0)
     rng = np.random.default_rng(5)
     src = LengthSource("synthetic", rng.integers(4, 30, 300), rng.integers(4, 30, 300), paired=False,
                        description="uniform test lengths")
+    return setup, cfg, src
+
+
+def _toy_run(rate, stop_above=None):
+    setup, cfg, src = _toy()
     eng = build_sim_engine(setup, cfg)
     wl = make_workload(src, 40, rate, seed=2, max_len=eng.max_model_len)
     return run_workload(eng, wl, "model", vocab=SIM_VOCAB, stop_above=stop_above)
@@ -147,12 +153,7 @@ def test_host_cost_fit_recovers_known_constants():
 
 def test_replayed_clock_repeats_the_schedule():
     from rawpaged.repro.real import Replay
-    setup = SimSetup(SPEC, HW, kv_memory=96 * SPEC.kv_bytes_per_token)
-    cfg = EngineConfig(block_size=8, enable_chunked_prefill=False, enable_prefix_caching=False,
-                       max_num_batched_tokens=64, swap_space=0)
-    rng = np.random.default_rng(5)
-    src = LengthSource("synthetic", rng.integers(4, 30, 300), rng.integers(4, 30, 300), paired=False,
-                       description="uniform test lengths")
+    setup, cfg, src = _toy()
     wl = make_workload(src, 40, 0.1, seed=2, max_len=64)
     first = run_workload(build_sim_engine(setup, cfg), wl, "model", vocab=SIM_VOCAB, record_batches=True)
     # a clock that runs at another speed changes the decisions; the replayed one does not

@@ -291,8 +291,15 @@ def _share_weights(engine, shared: list) -> None:
     what a lone engine reads: warm from one step to the next."""
     worker = engine.executor.worker
     if not shared:
-        shared.append(worker.model)
-    worker.model = worker.runner.model = shared[0]
+        shared.append((worker.model, worker.runner.graphs))
+    model, graphs = shared[0]
+    worker.model = worker.runner.model = model
+    mine = worker.runner.graphs
+    if mine is not None and hasattr(mine, "stack"):
+        # NOTE: the CPU's fused decode step (worker/fused_decode.py) holds its own stacked copy of the
+        # weights it was built from: decode steps read the first engine's stack too (its KV cache stays
+        # this engine's: attach() is per engine)
+        mine.model, mine.stack, mine.cos_sin = model, graphs.stack, graphs.cos_sin
 
 
 def _spread(t: np.ndarray) -> float:

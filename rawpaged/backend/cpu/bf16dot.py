@@ -57,7 +57,8 @@ _I64 = ir.IntType(64)
 
 def dot_tile(RT: int, RO: int, into: bool = False):
     """The intrinsic computing an RT x RO tile of dot products over the first 32 * n32 of K.
-    into=True (a 4 x 4 tile): `out` is y [T, O] float32 itself, written at y[t + r, o + c]."""
+    into=True (a 4 x 4 tile): `out` is y [T, O] float32 itself (unit stride along O: four 4-float
+    stores), written at y[t + r, o + c]."""
     assert not into or (RT, RO) == (4, 4)
 
     @intrinsic

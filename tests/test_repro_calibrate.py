@@ -115,6 +115,10 @@ def test_interleave_keeps_runs_at_the_same_fraction():
     for k in range(1, len(log) + 1):
         a, b = log[:k].count("a") / 12, log[:k].count("b") / 4
         assert abs(a - b) <= 1 / 4 + 1e-12
+    # in chunks: each turn takes `chunk` steps in a row (or what is left), at the same shares between turns
+    log = []
+    assert interleave([(_counter("a", 12, log), 12), (_counter("b", 6, log), 6)], chunk=3) == ["a done", "b done"]
+    assert "".join(log) == "aaabbbaaaaaabbbaaa"
     # a run longer than expected still runs to its end
     log = []
     assert interleave([(_counter("a", 6, log), 2), (_counter("b", 2, log), 2)]) == ["a done", "b done"]

@@ -175,8 +175,11 @@ class _Scaled:
 
 
 def test_calibration_sanity_flags_a_bad_fit():
-    from rawpaged.repro.real import CPU_BASE, _sanity
-    good = {"per_gemm_flop": 1e-12, "per_decode_kv_byte": 0.0, "per_prefill_flop": 0.0, "step_spread": 0.05}
-    assert _sanity(CPU_BASE, good, {"step": 1.02}) == []
-    bad = _sanity(CPU_BASE, dict(good, per_gemm_flop=0.0, step_spread=0.6), {"step": 2.5})
-    assert len(bad) == 3 and "too loaded" in bad[1] and "outside" in bad[2]
+    from rawpaged.repro.real import CPU_BASE, _round_spread, _sanity
+    assert _round_spread(np.array([[1.0, 2.0], [1.5, 2.5], [0.5, 1.5]])) == pytest.approx((4 - 2) / 3)
+    good = {"per_gemm_flop": 1e-12, "per_decode_kv_byte": 0.0, "per_prefill_flop": 0.0, "round_spread": 0.05,
+            "step_spread": 0.4}
+    assert _sanity(CPU_BASE, good, {"all at once": {"step": 1.02}, "Poisson arrivals": {"step": 0.9}}) == []
+    bad = _sanity(CPU_BASE, dict(good, per_gemm_flop=0.0, round_spread=0.6),
+                  {"all at once": {"step": 1.0}, "Poisson arrivals": {"step": 2.5}})
+    assert len(bad) == 3 and "too loaded" in bad[1] and "outside" in bad[2] and "Poisson" in bad[2]

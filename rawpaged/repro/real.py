@@ -253,11 +253,11 @@ def interleave(runs, chunk: int = 1) -> list:
     runs of the held-out workload, measured after the fitted one, took 1.8, 2.7 and 3.4 ms of CPU
     time per step. Measured side by side, both see the same load.
     NOTE: why in chunks (calibrate uses CHUNK): turning to the other engine at every step made the
-    steps cost more than alone (its KV cache, block tables and Python objects evict this one's from
-    the caches): a replayed ShareGPT/4 run's one-sequence decode steps took 16-41% more CPU time
-    beside an Alpaca run, step by step, and the same as alone (within 1%) in chunks of 64 steps
-    (/work/notes-style A/B: alone, step by step, chunks of 64, alone; twice). 64 steps are ~0.1 s
-    here: the load still changes far more slowly than that."""
+    steps cost more than alone (presumably its KV cache, block tables and Python objects evicting
+    this one's from the caches): beside an all-at-once Alpaca run, a replayed ShareGPT/4 run's
+    one-sequence decode steps took 40-50% more CPU time (median) in turns of one step, and no more
+    than alone in turns of 64 (bench/calibrate_interleave.py, bench/RESULTS.md). 64 steps are
+    ~0.1 s here: the load changes far more slowly than that."""
     gens = [g for g, _ in runs]
     want = [max(int(n), 1) for _, n in runs]
     done = [0] * len(gens)

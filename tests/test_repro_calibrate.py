@@ -190,3 +190,34 @@ def test_real_engines_sharing_weights_side_by_side_decide_as_alone(tiny_model):
     for got, want in zip(side, alone):
         assert got.batches == want.batches and len(want.batches) > 10
         np.testing.assert_array_equal(got.finish, want.finish)
+
+
+def test_real_mode_on_the_cuda_backend_decides_as_the_simulator(tiny_model, monkeypatch):
+    """Real mode "through the same command on a GPU": the CUDA backend (its .cu kernels on the host
+    emulation of tests/cuda_emulator.py) in float16 makes the simulator's decisions step for step, and
+    a real-mode point on it runs on the wall clock (a GPU step's CPU time is not its cost)."""
+    from cuda_emulator import CXX, install, uninstall_caches
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++) to build the host emulation")
+    from rawpaged.repro.real import CPU_BASE, twin_engines
+    from rawpaged.repro.runner import Point, clock_of, make_engine
+    install(monkeypatch)
+    try:
+        rng = np.random.default_rng(4)
+        src = LengthSource("synthetic", rng.integers(4, 40, 300), rng.integers(4, 40, 300), paired=False,
+                           description="uniform test lengths")
+        wl = make_workload(src, 8, 30.0, seed=3, max_len=128)
+        real, sim, cm = twin_engines(tiny_model, CPU_BASE, "rawpaged", kv_slots=96, max_len=128, device="cuda")
+        assert real.device == "cuda" and np.dtype(real.dtype) == np.float16
+        got = run_workload(real, wl, "model", cost_model=cm, vocab=SIM_VOCAB, record_batches=True)
+        want = run_workload(sim, wl, "model", cost_model=cm, vocab=SIM_VOCAB, record_batches=True)
+        assert got.batches == want.batches and len(want.batches) > 10
+        assert got.num_preemptions == want.num_preemptions
+        np.testing.assert_array_equal(got.finish, want.finish)
+        p = Point("fig13", "tiny", "rawpaged", "alpaca", 8, 30.0, mode="real", device="cuda")
+        assert clock_of(p) == "wall"
+        engine = make_engine(p, real_model_dir=tiny_model, real_kv_slots=96)
+        r = run_workload(engine, wl, clock_of(p), vocab=SIM_VOCAB)
+        assert np.isfinite(r.finish).all() and (r.steps["dt"] > 0).all() and r.throughput > 0
+    finally:
+        uninstall_caches()

@@ -542,26 +542,43 @@ def test_metrics_parse_and_move(http, server):
 
 
 # -- shutdown -------------------------------------------------------------------------------------
+def _parked_stream(srv, **body):
+    """Park srv's engine, then stream a completion from a thread: (release event, reader thread, the
+    events it parses). NOTE: parked BEFORE the request arrives, the request is certainly in flight
+    when a test begins the drain. (Parked after its first streamed event, a loaded machine let the
+    engine finish all 50 tokens first: the stream came as one chunk, nothing was left in flight.)"""
+    release = gate(srv)
+    events: list = []
+
+    def stream():
+        with httpx.Client(base_url=srv.url, timeout=30) as c, \
+                c.stream("POST", "/v1/completions", json=dict(body, prompt=PROMPT, stream=True)) as resp:
+            events.extend(_sse(resp.iter_lines()))
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    wait_for(lambda: srv.state.engine.num_in_flight == 1, what="the request to be in flight")
+    return release, reader, events
+
+
 def test_drain_refuses_new_and_finishes_in_flight(stories260k_dir):
     srv = BackgroundServer(_engine(stories260k_dir, kv=1 << 20), ServerConfig("s", drain_timeout_s=20)).start()
     try:
-        with httpx.Client(base_url=srv.url, timeout=30) as c, \
-                c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "ignore_eos": True,
-                                                          "stream": True}) as resp:
-            lines = resp.iter_lines()
-            assert next(line for line in lines if line).startswith("data: {")
-            release = gate(srv)
-            try:
-                srv.server.begin_drain("test")
-                with httpx.Client(base_url=srv.url, timeout=30) as other:
-                    r = other.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
-                    assert r.status_code == 503
-                    assert r.json()["error"]["code"] == "server_shutting_down"
-                    assert other.get("/health").status_code == 503
-            finally:
-                release.set()
-            events = _sse(lines)
+        release, reader, events = _parked_stream(srv, max_tokens=50, ignore_eos=True)
+        try:
+            srv.server.begin_drain("test")
+            with httpx.Client(base_url=srv.url, timeout=30) as other:
+                r = other.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+                assert r.status_code == 503
+                assert r.json()["error"]["code"] == "server_shutting_down"
+                assert other.get("/health").status_code == 503
+            assert srv.state.engine.num_in_flight == 1
+        finally:
+            release.set()
+        reader.join(30)
+        assert not reader.is_alive()
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+        assert "".join(e["choices"][0]["text"] for e in events[:-1])
         srv.thread.join(20)
         assert not srv.thread.is_alive()
         assert not srv.state.engine.is_alive
@@ -573,16 +590,14 @@ def test_drain_refuses_new_and_finishes_in_flight(stories260k_dir):
 def test_drain_timeout_aborts(stories260k_dir):
     srv = BackgroundServer(_engine(stories260k_dir, kv=1 << 20), ServerConfig("s", drain_timeout_s=0.3)).start()
     try:
-        with httpx.Client(base_url=srv.url, timeout=30) as c, \
-                c.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "ignore_eos": True,
-                                                          "stream": True}) as resp:
-            lines = resp.iter_lines()
-            assert next(line for line in lines if line).startswith("data: {")
-            release = gate(srv)
+        release, reader, events = _parked_stream(srv, max_tokens=50, ignore_eos=True)
+        try:
             srv.server.begin_drain("test")
             time.sleep(1.0)                        # past the drain timeout, the engine still parked
+        finally:
             release.set()
-            events = _sse(lines)
+        reader.join(30)
+        assert not reader.is_alive()
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "abort"
         srv.thread.join(20)
         assert not srv.thread.is_alive()

@@ -39,14 +39,15 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-from rawpaged.backend.cpu import attention, lowp
+from rawpaged.backend.cpu import attention, lowp, team
 from rawpaged.backend.cpu.attention import attend_one, rotary_cache_rows
 from rawpaged.backend.cpu.elementwise import add_rms_norm_row, rms_norm_row, silu_and_mul_row
-from rawpaged.backend.cpu.gemm import _FEW_ROWS, ROUNDS_BF16_ACTIVATIONS, dynamic_schedule, linear_into, tasks_for
+from rawpaged.backend.cpu.gemm import (_FEW_ROWS, ROUNDS_BF16_ACTIVATIONS, dynamic_schedule, linear_into, linear_team,
+                                       tasks_for)
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _HERE = Path(__file__).resolve().parent
-_DEPS = ("gemm.py", "attention.py", "elementwise.py", "lowp.py", "simd.py", "bf16dot.py")
+_DEPS = ("gemm.py", "attention.py", "elementwise.py", "lowp.py", "simd.py", "bf16dot.py", "team.py")
 _DEPS_HASH = hashlib.sha256(b"".join((_HERE / f).read_bytes() for f in _DEPS)).hexdigest()
 
 
@@ -116,7 +117,127 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
             add_rms_norm_row(h, res, t, final_norm, eps)
         return h
 
-    return njit(fastmath=_FAST, parallel=_PRANGE_ONLY, cache=True, nogil=True, error_model="numpy")(stack)
+    def team_stack(h, positions, slots, tables, seq_lens, kv, in_norm, post_norm, w_qkv, w_o, w_gate_up, w_down,
+                   final_norm, lm_head, logits, cos_sin, windows, chunks, sync, eps, scale, fbuf, xbuf):
+        """`stack` run by a team of chunks[5] workers in ONE parallel region (team.py), then the LM
+        head: logits [T, V] = final rows @ lm_head [V, H]^T (lm_head stored as the layers' weights;
+        V = 0: none). Each op is a phase whose chunks (GEMM output ranges: chunks[0:5] for qkv, o,
+        gate_up, down, LM head; rows; (sequence, KV head) attention tasks) go to whichever worker
+        claims them. The same kernels as `stack` and the per-op path, so the same sums."""
+        if deps == "":
+            return h
+        T, H = h.shape
+        L = w_qkv.shape[0]
+        nkv, D = kv.shape[3], kv.shape[5]
+        n_qkv, n_o, n_gu, n_i = w_qkv.shape[1], w_o.shape[2], w_gate_up.shape[1], w_down.shape[2]
+        nq = n_qkv // D - 2 * nkv
+        o = 0                                      # shared scratch, carved as in `stack`
+        res = fbuf[o:o + T * H].reshape(T, H)
+        o += T * H
+        x = fbuf[o:o + T * H].reshape(T, H)
+        o += T * H
+        qkv = fbuf[o:o + T * n_qkv].reshape(T, n_qkv)
+        o += T * n_qkv
+        attn = fbuf[o:o + T * n_o].reshape(T, nq, D)
+        o += T * n_o
+        gu = fbuf[o:o + T * n_gu].reshape(T, n_gu)
+        o += T * n_gu
+        act = fbuf[o:o + T * n_i].reshape(T, n_i)
+        q3 = qkv.reshape(T, n_qkv // D, D)
+        q, k, v = q3[:, :nq], q3[:, nq:nq + nkv], q3[:, nq + nkv:]
+        attn2 = attn.reshape(T, n_o)
+        if sync.shape[0] < 2 * (9 * L + 2):        # team_phases (the counters are written unchecked)
+            raise ValueError("team_stack: sync holds fewer counters than the step's phases")
+        workers = chunks[5]
+        nx = T * max(H, max(n_o, n_i))             # each worker's own bfloat16 copy of a GEMM's x
+        for wk in prange(workers):
+            xb = xbuf[wk * nx:(wk + 1) * nx]
+            xb_h, xb_o, xb_i = xb[:T * H].reshape(T, H), xb[:T * n_o].reshape(T, n_o), xb[:T * n_i].reshape(T, n_i)
+            hh, xx = h, x                          # this worker's names for the two [T, H] buffers
+            p = 0                                  # the phase: every worker counts the same phases
+            while True:                            # res = h; x = rms_norm(res)      (a row a chunk)
+                t = team.claim(sync, p, T)
+                if t < 0:
+                    break
+                for i in range(H):
+                    res[t, i] = hh[t, i]
+                rms_norm_row(res, t, in_norm[0], eps, xx)
+                team.finish(sync, p)
+            team.wait(sync, p, T)
+            p += 1
+            for layer in range(L):
+                if layer > 0:                      # x = rms_norm(res += h): into h, then swap names
+                    while True:
+                        t = team.claim(sync, p, T)
+                        if t < 0:
+                            break
+                        add_rms_norm_row(hh, res, t, in_norm[layer], eps)
+                        team.finish(sync, p)
+                    team.wait(sync, p, T)
+                    p += 1
+                    xx, hh = hh, xx
+                linear_team(xx, w_qkv[layer], qkv, xb_h, sync, p, chunks[0], wkind, bf16)
+                p += 1
+                while True:                        # rotary; K, V into the cache      (a row a chunk)
+                    t = team.claim(sync, p, T)
+                    if t < 0:
+                        break
+                    rotary_cache_rows(positions[t:t + 1], q[t:t + 1], k[t:t + 1], v[t:t + 1], kv, kvkind, layer,
+                                      slots[t:t + 1], cos_sin, True)
+                    team.finish(sync, p)
+                team.wait(sync, p, T)
+                p += 1
+                window = windows[layer]
+                while True:                        # attention: a (sequence, KV head) a chunk
+                    task = team.claim(sync, p, T * nkv)
+                    if task < 0:
+                        break
+                    s, kvh = task // nkv, task % nkv
+                    attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
+                    team.finish(sync, p)
+                team.wait(sync, p, T * nkv)
+                p += 1
+                linear_team(attn2, w_o[layer], hh, xb_o, sync, p, chunks[1], wkind, bf16)
+                p += 1
+                while True:                        # h = rms_norm(res += h)
+                    t = team.claim(sync, p, T)
+                    if t < 0:
+                        break
+                    add_rms_norm_row(hh, res, t, post_norm[layer], eps)
+                    team.finish(sync, p)
+                team.wait(sync, p, T)
+                p += 1
+                linear_team(hh, w_gate_up[layer], gu, xb_h, sync, p, chunks[2], wkind, bf16)
+                p += 1
+                while True:
+                    t = team.claim(sync, p, T)
+                    if t < 0:
+                        break
+                    silu_and_mul_row(gu, t, act)
+                    team.finish(sync, p)
+                team.wait(sync, p, T)
+                p += 1
+                linear_team(act, w_down[layer], hh, xb_i, sync, p, chunks[3], wkind, bf16)
+                p += 1
+            while True:
+                t = team.claim(sync, p, T)
+                if t < 0:
+                    break
+                add_rms_norm_row(hh, res, t, final_norm, eps)
+                team.finish(sync, p)
+            team.wait(sync, p, T)
+            p += 1
+            linear_team(hh, lm_head, logits, xb_h, sync, p, chunks[4], wkind, bf16)
+        return h if (L - 1) % 2 == 0 else x       # where the last layer's rows are (L - 1 swaps)
+
+    jit = njit(fastmath=_FAST, parallel=_PRANGE_ONLY, cache=True, nogil=True, error_model="numpy")
+    return jit(stack), jit(team_stack)
+
+
+def team_phases(layers: int) -> int:
+    """The phases of team_stack: the first norm, 9 per layer (8 in the first: its input norm is the
+    first norm), the final norm, the LM head."""
+    return 9 * layers + 2
 
 
 # NOTE: parallel regions for the prange loops ONLY: with Numba's default parallel options, the
@@ -127,6 +248,8 @@ _PRANGE_ONLY = dict(prange=True, numpy=False, comprehension=False, reduction=Fal
                     setitem=False, stencil=False, fusion=False)
 _KERNELS: dict = {}
 GEMV_PARALLEL_MIN_BYTES = 4 << 20     # weight bytes from which a GEMV of <= _FEW_ROWS rows takes 2+ threads
+TEAM_MAX_ROWS = 1 << 30               # decode rows up to which a step runs as one team (team_stack)
+CHUNKS_PER_WORKER = 8                 # a team GEMM's chunks per worker
 
 
 def kernel(wkind: int, kvkind: int):
@@ -162,11 +285,23 @@ class DecoderStack:
         self.wkind = lowp.kind_of(self.qkv.dtype)
         self._tasks: dict[tuple, np.ndarray] = {}
 
-    def scratch_sizes(self, rows: int) -> tuple[int, int]:
-        """(float32, uint16) scratch elements for `rows` decode rows."""
+    def scratch_sizes(self, rows: int, workers: int = 1) -> tuple[int, int]:
+        """(float32, uint16) scratch elements for `rows` decode rows and a team of `workers`."""
         H, n_qkv, n_o, n_gu, n_i = (self.qkv.shape[2], self.qkv.shape[1], self.o.shape[2], self.gate_up.shape[1],
                                     self.down.shape[2])
-        return rows * (2 * H + n_qkv + n_o + n_gu + n_i), rows * max(H, n_o, n_i)
+        return rows * (2 * H + n_qkv + n_o + n_gu + n_i), workers * rows * max(H, n_o, n_i)
+
+    def chunks(self, workers: int, lm_rows: int) -> np.ndarray:
+        """team_stack's GEMM chunks for qkv, o, gate_up, down (CHUNKS_PER_WORKER per worker, at
+        least 4 outputs each) and an LM head of lm_rows (4x as many: it is 5-30x their size), then the
+        team's size."""
+        t = self._tasks.get(("team", workers, lm_rows))
+        if t is None:
+            n = CHUNKS_PER_WORKER * workers
+            t = self._tasks[("team", workers, lm_rows)] = np.array(
+                [min((w.shape[1] + 3) // 4, n) for w in (self.qkv, self.o, self.gate_up, self.down)]
+                + [min((lm_rows + 3) // 4, 4 * n), workers], np.int64)
+        return t
 
     def tasks(self, threads: int, rows: int) -> np.ndarray:
         """GEMM tasks per kind, by one layer's weight bytes: gemm.linear's rule, except that a GEMV
@@ -200,17 +335,37 @@ def stack_layers(layers: list[dict], names: tuple[str, ...]) -> list[np.ndarray]
 
 
 def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_lens, max_seq_len: int, kv_cache,
-              cos_sin, fbuf, xbuf):
+              cos_sin, fbuf, xbuf, lm_head=None):
     """The fused decoder stack over T decode rows (row s: sequence s's one new token; h [T, H] its
-    embedding, overwritten) -> [T, H] (valid until the next call: it may be fbuf's)."""
+    embedding, overwritten) -> ([T, H] final rows, valid until the next call: it may be fbuf's;
+    logits [T, V] = rows @ lm_head^T, or None when the LM head was not run: no lm_head given, or
+    not a team step, or an LM head stored unlike the layers). xbuf: at least
+    scratch_sizes(T, team_size(T))[1] elements."""
+    fn, team_fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
+    w_qkv, w_o, w_gate_up, w_down = st.bits
+    workers = team_size(h.shape[0])
+    if workers > 0:
+        head = lm_head is not None and lowp.kind_of(lm_head.dtype) == st.wkind
+        lm = lowp.bits(lm_head) if head else w_qkv[0, :0]       # no LM head: [0, H] (no chunks)
+        logits = np.empty((h.shape[0], lm.shape[0]), np.float32)
+        sync = team.new_sync(team_phases(st.qkv.shape[0]))
+        rows = team_fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm,
+                       st.post_norm, w_qkv, w_o, w_gate_up, w_down, st.final_norm, lm, logits, cos_sin, st.windows,
+                       st.chunks(workers, lm.shape[0]), sync, np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)
+        return rows, (logits if head else None)
     threads = dynamic_schedule()
-    fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
     # NOTE: the attention's rule for a parallel launch is paged_attention's (read per call); the
     # GEMMs' is DecoderStack.tasks
     num_q = st.o.shape[2] // kv_cache.shape[5]
     par_attn = threads > 1 and h.shape[0] * num_q * int(max_seq_len) >= attention.PARALLEL_MIN_WORK
     tasks = st.tasks(threads, h.shape[0])
-    w_qkv, w_o, w_gate_up, w_down = st.bits
     return fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
               w_qkv, w_o, w_gate_up, w_down, st.final_norm, cos_sin, st.windows, tasks, par_attn,
-              np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)
+              np.float32(st.eps), np.float32(st.scale), fbuf, xbuf), None
+
+
+def team_size(rows: int) -> int:
+    """Workers of the team for a step of `rows` decode rows: every thread up to TEAM_MAX_ROWS rows,
+    else 0 (the fork/join `stack`)."""
+    threads = dynamic_schedule()
+    return threads if threads > 1 and rows <= TEAM_MAX_ROWS else 0

@@ -29,7 +29,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from rawpaged.backend.cpu import bf16dot, lowp
+from rawpaged.backend.cpu import bf16dot, lowp, team
 
 _PARALLEL_MIN_BYTES = 1 << 18  # weight bytes below which one thread is faster than two
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -322,6 +322,27 @@ def linear_into(x, w, y, xb, num_tasks, kind, bf16):
                      min(O, (task + 1) * groups // num_tasks * 4), kind, bf16)
     else:
         _rows_of(x, xb, w, y, 0, O, kind, bf16)
+
+
+@njit(inline="always", error_model="numpy")
+def linear_team(x, w, y, xb, sync, p, n, kind, bf16):
+    """linear_into as phase p of a team (team.py): n chunks of contiguous outputs (multiples of 4),
+    claimed by whichever worker is free; returns when all n are finished. xb: THIS worker's own
+    bfloat16 copy of x (bf16), rounded once it has claimed its first chunk (a worker that claims
+    none never reads x: by then the next phases may have overwritten it)."""
+    O = w.shape[0]
+    groups = (O + 3) // 4
+    rounded = False
+    while True:
+        c = team.claim(sync, p, n)
+        if c < 0:
+            break
+        if bf16 and not rounded:
+            _round_x(x, xb)
+            rounded = True
+        _rows_of(x, xb, w, y, min(O, c * groups // n * 4), min(O, (c + 1) * groups // n * 4), kind, bf16)
+        team.finish(sync, p)
+    team.wait(sync, p, n)
 
 
 def tasks_for(weight_bytes: int, threads: int) -> int:

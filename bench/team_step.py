@@ -1,12 +1,13 @@
-"""The fused CPU decode step run by a team of threads (one parallel region a step, team.py) against the
-same step with a parallel region per GEMM (fork/join), side by side in one process (issue 18).
+"""The fused CPU decode step run by a team of every thread (one parallel region a step, team.py) against
+the same step run by one thread, side by side in one process (issue 18): what the second thread buys.
 
     python bench/team_step.py [--batches 1 4 8 16 48] [--rounds 5] [--steps 64] [--dtype bfloat16]
 
 The random LLaMA h512 L8 (8/4 heads, vocab 32000) behind the whole engine (LLMEngine: schedule,
 inputs, the fused stack, the LM head, sampling, outputs). For each batch: `batch` prompts of 16
 tokens, prefilled, then `steps` decode steps timed; the two settings alternate round by round
-(decode_step.TEAM_MAX_ROWS: every batch / none) and each cell is the median over rounds. Also:
+(decode_step.team_size: Numba's threads / 1; everything else runs as configured) and each cell is
+the median over rounds. Also:
 the machine's read rate with every thread (as bench/vs_llamacpp.py measures it) and the batch-1
 floor it sets (decode weight bytes / read rate), so batch-1 decode reads as a fraction of it.
 Tests never time anything; this prints a Markdown table.
@@ -30,7 +31,6 @@ from rawpaged.backend.cpu import decode_step, gemm  # noqa: E402
 from rawpaged.engine import EngineConfig, LLMEngine  # noqa: E402
 from rawpaged.sampling_params import SamplingParams  # noqa: E402
 
-SETTINGS = {"team": 1 << 30, "fork/join": 0}     # decode_step.TEAM_MAX_ROWS
 
 
 def decode_tok_s(engine: LLMEngine, batch: int, steps: int, vocab: int, seed: int) -> float:
@@ -63,27 +63,28 @@ def main() -> None:
                                         kv_cache_memory=256 << 20))
         vocab = 32000
         threads = gemm.dynamic_schedule()
-        for name, rows in SETTINGS.items():                 # warm-up: compile both kernels
-            decode_step.TEAM_MAX_ROWS = rows
+        settings = {f"team of {threads}": threads, "team of 1": 1}
+        for name, workers in settings.items():              # warm-up: compile, size the scratch
+            decode_step.team_size = lambda w=workers: w
             decode_tok_s(engine, 2, 4, vocab, 0)
-        got = {(n, b): [] for n in SETTINGS for b in args.batches}
+        got = {(n, b): [] for n in settings for b in args.batches}
         reads = []
         for r in range(args.rounds):
             reads.append(read_bandwidth(threads))
             for b in args.batches:
-                for name, rows in (SETTINGS.items() if r % 2 == 0 else reversed(SETTINGS.items())):
-                    decode_step.TEAM_MAX_ROWS = rows
+                for name, workers in (settings.items() if r % 2 == 0 else reversed(settings.items())):
+                    decode_step.team_size = lambda w=workers: w
                     got[(name, b)].append(decode_tok_s(engine, b, args.steps, vocab, r))
         read = float(np.median(reads))
         itemsize = 2 if args.dtype in ("bfloat16", "float16") else 4
         floor = read * 1e9 / decode_weight_bytes(model, itemsize)
-    print(f"## Decode step by a team of threads vs a fork/join per GEMM ({machine()}, commit {commit()})\n")
+    print(f"## Decode step by a team of {threads} threads vs one ({machine()}, commit {commit()})\n")
     print(f"random LLaMA h512 L8, {args.dtype}, {threads} threads, {args.rounds} rounds x {args.steps} decode steps; "
           f"read rate {read:.1f} GB/s (median of {min(reads):.1f}-{max(reads):.1f}), batch-1 floor {floor:.0f} tok/s\n")
-    print("| batch | team tok/s | fork/join tok/s | team / fork-join | team: batch-1 / floor |")
+    print(f"| batch | team of {threads}: tok/s | team of 1: tok/s | ratio | team of {threads}: batch-1 / floor |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     for b in args.batches:
-        t, f = (float(np.median(got[(n, b)])) for n in SETTINGS)
+        t, f = (float(np.median(got[(n, b)])) for n in settings)
         print(f"| {b} | {t:.1f} | {f:.1f} | {t / f:.2f}x | {t / floor:.2f} |" if b == 1 else
               f"| {b} | {t:.1f} | {f:.1f} | {t / f:.2f}x | - |")
 

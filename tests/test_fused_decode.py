@@ -1,14 +1,15 @@
 """The CPU's fused decode step (backend/cpu/decode_step.py through worker/fused_decode.py) against the
-per-op path: the same logits, greedy tokens and KV cache over several decode steps of a random LLaMA
-with grouped-query attention, growing contexts across blocks, batch 1 and batch > 1, float32 and
-bfloat16, its scratch poisoned (NaN) before every step and the caches' unwritten slots too."""
+per-op path: the same logits (its LM head runs inside the step), greedy tokens and KV cache over
+several decode steps of a random LLaMA with grouped-query attention, growing contexts across blocks,
+batch 1 and batch > 1, float32 and bfloat16, teams of 1-3 threads, its scratch poisoned (NaN) before
+every step and the caches' unwritten slots too."""
 import json
 
 import numpy as np
 import pytest
 
 from rawpaged.backend import cpu
-from rawpaged.backend.cpu import attention, decode_step, gemm, lowp
+from rawpaged.backend.cpu import decode_step, lowp
 from rawpaged.config import ModelConfig
 from rawpaged.loader import iter_tensors
 from rawpaged.sequence import ScheduledSeq, Sequence
@@ -97,12 +98,11 @@ def check_close(a, b, tol, what) -> int:
 # batch 4: the GEMMs' few-row path (one weight row at a time); batch 10: their 4 x 4 tiles
 @pytest.mark.parametrize("prompts", [[21], [5, 30, 16, 1], [3, 17, 40, 1, 9, 16, 33, 2, 25, 12]],
                          ids=["batch1", "batch4", "batch10"])
-@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
-def test_fused_decode_equals_per_op(model_dir, dtype, prompts, parallel, monkeypatch):
-    if parallel:        # every GEMM and the attention through their parallel regions (prange)
-        monkeypatch.setattr(gemm, "_PARALLEL_MIN_BYTES", 0)
-        monkeypatch.setattr(decode_step, "GEMV_PARALLEL_MIN_BYTES", 0)
-        monkeypatch.setattr(attention, "PARALLEL_MIN_WORK", 0)
+# the team of threads that runs the step (backend/cpu/team.py): one worker (the serial loop), two,
+# and three, more than this machine's threads (a worker then starts after the others are done)
+@pytest.mark.parametrize("workers", [1, 2, 3], ids=["team1", "team2", "team3"])
+def test_fused_decode_equals_per_op(model_dir, dtype, prompts, workers, monkeypatch):
+    monkeypatch.setattr(decode_step, "team_size", lambda: workers)
     np_dtype = cpu.resolve_dtype(dtype)
     p = Paths(load(model_dir, np_dtype), np_dtype)
     rng = np.random.default_rng(len(prompts))
@@ -116,7 +116,7 @@ def test_fused_decode_equals_per_op(model_dir, dtype, prompts, parallel, monkeyp
         for s, t in zip(seqs, tokens):
             s.append_token(int(t), 0.0)
         a, b = p.step(seqs, [1] * len(seqs))
-        assert p.fused.rows == len(seqs), "the decode step did not take the fused path"
+        assert p.fused.rows == len(seqs) and p.fused.workers == workers, "the decode step did not take the fused path"
         compared += check_close(a, b, TOL[dtype], f"{dtype} step {step}")
     assert compared >= 5, "hardly a row without a near-tie: the greedy check compared nothing"
     # every slot the steps wrote holds the same K/V in both caches (unwritten ones: NaN in both)

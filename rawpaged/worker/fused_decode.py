@@ -4,7 +4,7 @@ ModelRunner hands it the pure decode batches the same way.
 
 A pure decode batch (every sequence computes one token and samples it) runs: the embedding lookup,
 backend/cpu/decode_step.py's stack (every layer in one Numba call), the LM head on every row (all
-are sampled: inside that call when a team of threads runs it, decode_step.team_stack). Prefill, chunked and mixed steps, prompt logprobs and the models the stack does not
+are sampled: inside that same call). Prefill, chunked and mixed steps, prompt logprobs and the models the stack does not
 cover (model.fuses_decode()) keep the per-op path. NOTE: no bucket padding as the CUDA graphs need:
 a CPU step's cost grows with its rows, and nothing here bakes in a shape.
 """
@@ -44,7 +44,7 @@ class FusedDecode:
     # -- the step ---------------------------------------------------------------------------------
     def scratch(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """The stack's scratch for `rows` rows (grown to the largest batch and team seen, then reused)."""
-        workers = max(1, decode_step.team_size(rows))
+        workers = decode_step.team_size()
         if rows > self.rows or workers > self.workers:
             self.rows, self.workers = max(rows, self.rows), max(workers, self.workers)
             nf, nx = self.stack.scratch_sizes(self.rows, self.workers)
@@ -53,12 +53,12 @@ class FusedDecode:
 
     def hidden(self, inputs: BatchInputs, kv_cache, lm_head=None):
         """The decode rows' final normalised hidden states [n, H] (valid until the next step), and
-        their logits when lm_head is given and the step ran it (else None: see run_stack)."""
+        their logits when lm_head is given and stored as the layers are (else None: see run_stack)."""
         m = inputs.meta
         h = self.backend.embedding(inputs.input_ids, self.model.embed)
         fbuf, xbuf = self.scratch(h.shape[0])
         return decode_step.run_stack(self.stack, h, inputs.positions, m.slot_mapping, m.block_tables, m.seq_lens,
-                                     m.max_seq_len, kv_cache, self.cos_sin, fbuf, xbuf, lm_head)
+                                     kv_cache, self.cos_sin, fbuf, xbuf, lm_head)
 
     def run(self, inputs: BatchInputs, kv_cache):
         """A pure decode batch of n rows -> (logits [n, V], [None] * n) like ModelRunner.run."""

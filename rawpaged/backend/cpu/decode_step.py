@@ -14,19 +14,26 @@ decode rows (each row one new token of its own sequence):
         h = a @ Wo[l]^T                                                     [T, H]
         x = rms_norm(h + res)              res += h
         h = (silu(x @ Wgate[l]^T) * (x @ Wup[l]^T)) @ Wdown[l]^T            [T, H]
-    return rms_norm(h + res) * final_norm
+    h = rms_norm(h + res) * final_norm                                     [T, H]
+    return logits = that @ lm_head^T                                     [T, V]
 
-with the kernels of the per-op path called from inside (gemm.linear_into, attention.attend_one and
-rotary_cache_rows, elementwise's row bodies): the same code, so the same sums. A GEMM big enough
-for two threads is one parallel region (prange) and nothing else is: no Python and no fork/join
-between ops. Weights come stacked per kind ([L, out, in], `DecoderStack`), so one array argument
-carries every layer.
+with the kernels of the per-op path called from inside (gemm.linear_team, attention.attend_one and
+rotary_cache_rows, elementwise's row bodies): the same code, so the same sums. Weights come stacked
+per kind ([L, out, in], `DecoderStack`), so one array argument carries every layer.
+
+The threads: ONE parallel region for the whole step, a team of workers (team.py) that walk the ops
+above as phases and split each into chunks claimed from a shared counter: a GEMM's output ranges,
+the rows of a norm / rotary / activation, the attention's (sequence, KV head) tasks. No Python and
+no fork/join between ops. NOTE: why: memory-bound GEMVs read ~1.5x faster on two threads than one,
+but a parallel region per GEMV (Numba waking its sleeping workers, then joining them) cost about
+what that saved; one region a step keeps the gain (bench/team_step.py, bench/RESULTS.md, issue 18).
+One worker runs the same code alone at the serial loop's speed.
 
 Scratch: one float32 buffer and one uint16 buffer (bfloat16 activations for vdpbf16ps) owned by the
 caller and carved here, so a test can poison them.
 
 NOTE: Numba's on-disk cache keys a kernel by ITS file only, and this one inlines code from gemm.py,
-attention.py, elementwise.py, lowp.py, simd.py and bf16dot.py: the kernels are closures that capture
+attention.py, elementwise.py, lowp.py, simd.py, bf16dot.py and team.py: the kernels are closures that capture
 a hash of those files' bytes (Numba keys a closure by its captured values), so an edit to any of them
 recompiles this step instead of running stale code from the cache.
 """
@@ -39,11 +46,10 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-from rawpaged.backend.cpu import attention, lowp, team
+from rawpaged.backend.cpu import lowp, team
 from rawpaged.backend.cpu.attention import attend_one, rotary_cache_rows
 from rawpaged.backend.cpu.elementwise import add_rms_norm_row, rms_norm_row, silu_and_mul_row
-from rawpaged.backend.cpu.gemm import (_FEW_ROWS, ROUNDS_BF16_ACTIVATIONS, dynamic_schedule, linear_into, linear_team,
-                                       tasks_for)
+from rawpaged.backend.cpu.gemm import ROUNDS_BF16_ACTIVATIONS, dynamic_schedule, linear_team
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 _HERE = Path(__file__).resolve().parent
@@ -52,78 +58,17 @@ _DEPS_HASH = hashlib.sha256(b"".join((_HERE / f).read_bytes() for f in _DEPS)).h
 
 
 def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
-    """The stack's kernel for weights stored as `wkind` and a KV cache stored as `kvkind` (closure
+    """The step's kernel for weights stored as `wkind` and a KV cache stored as `kvkind` (closure
     constants, as gemm.py's: each compilation holds one widening); bf16: vdpbf16ps GEMMs."""
-
-    def stack(h, positions, slots, tables, seq_lens, kv, in_norm, post_norm, w_qkv, w_o, w_gate_up, w_down,
-              final_norm, cos_sin, windows, tasks, par_attn, eps, scale, fbuf, xbuf):
-        """h [T, H] float32 embeddings -> [T, H] final normalised hidden states (h or a view of fbuf).
-        tasks int64 [4]: GEMM tasks of qkv, o, gate_up, down (1: serial); par_attn: the attention's
-        (sequence, KV head) tasks in parallel."""
-        if deps == "":                             # NOTE: keeps `deps` in the closure (the cache key)
-            return h
-        T, H = h.shape
-        L = w_qkv.shape[0]
-        nkv, D = kv.shape[3], kv.shape[5]
-        n_qkv, n_o, n_gu, n_i = w_qkv.shape[1], w_o.shape[2], w_gate_up.shape[1], w_down.shape[2]
-        nq = n_qkv // D - 2 * nkv
-        # the scratch, carved: res, x [T, H] | qkv [T, n_qkv] | attn [T, nq D] | gu [T, 2I] | act [T, I]
-        o = 0
-        res = fbuf[o:o + T * H].reshape(T, H)
-        o += T * H
-        x = fbuf[o:o + T * H].reshape(T, H)
-        o += T * H
-        qkv = fbuf[o:o + T * n_qkv].reshape(T, n_qkv)
-        o += T * n_qkv
-        attn = fbuf[o:o + T * n_o].reshape(T, nq, D)
-        o += T * n_o
-        gu = fbuf[o:o + T * n_gu].reshape(T, n_gu)
-        o += T * n_gu
-        act = fbuf[o:o + T * n_i].reshape(T, n_i)
-        xb_h = xbuf[:T * H].reshape(T, H)          # x rounded to bfloat16 for a GEMM of K = H
-        xb_o = xbuf[:T * n_o].reshape(T, n_o)
-        xb_i = xbuf[:T * n_i].reshape(T, n_i)
-        q3 = qkv.reshape(T, n_qkv // D, D)
-        q, k, v = q3[:, :nq], q3[:, nq:nq + nkv], q3[:, nq + nkv:]
-        attn2 = attn.reshape(T, n_o)
-        for t in range(T):
-            for i in range(H):
-                res[t, i] = h[t, i]
-            rms_norm_row(res, t, in_norm[0], eps, x)
-        for layer in range(L):
-            if layer > 0:                          # x = rms_norm(res += h)
-                for t in range(T):
-                    add_rms_norm_row(h, res, t, in_norm[layer], eps)
-                x, h = h, x                        # NOTE: the normalised rows are in h: swap names
-            linear_into(x, w_qkv[layer], qkv, xb_h, tasks[0], wkind, bf16)
-            rotary_cache_rows(positions, q, k, v, kv, kvkind, layer, slots, cos_sin, True)
-            window = windows[layer]
-            if par_attn:
-                for task in prange(T * nkv):       # (sequence, KV head); row s is sequence s's token
-                    s, kvh = task // nkv, task % nkv
-                    attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
-            else:
-                for task in range(T * nkv):
-                    s, kvh = task // nkv, task % nkv
-                    attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
-            linear_into(attn2, w_o[layer], h, xb_o, tasks[1], wkind, bf16)
-            for t in range(T):                     # h = rms_norm(res += h)
-                add_rms_norm_row(h, res, t, post_norm[layer], eps)
-            linear_into(h, w_gate_up[layer], gu, xb_h, tasks[2], wkind, bf16)
-            for t in range(T):
-                silu_and_mul_row(gu, t, act)
-            linear_into(act, w_down[layer], h, xb_i, tasks[3], wkind, bf16)
-        for t in range(T):
-            add_rms_norm_row(h, res, t, final_norm, eps)
-        return h
 
     def team_stack(h, positions, slots, tables, seq_lens, kv, in_norm, post_norm, w_qkv, w_o, w_gate_up, w_down,
                    final_norm, lm_head, logits, cos_sin, windows, chunks, sync, eps, scale, fbuf, xbuf):
-        """`stack` run by a team of chunks[5] workers in ONE parallel region (team.py), then the LM
-        head: logits [T, V] = final rows @ lm_head [V, H]^T (lm_head stored as the layers' weights;
-        V = 0: none). Each op is a phase whose chunks (GEMM output ranges: chunks[0:5] for qkv, o,
-        gate_up, down, LM head; rows; (sequence, KV head) attention tasks) go to whichever worker
-        claims them. The same kernels as `stack` and the per-op path, so the same sums."""
+        """h [T, H] float32 embeddings -> [T, H] final normalised rows (h or a view of fbuf), and
+        logits [T, V] = those rows @ lm_head [V, H]^T (stored as the layers' weights; V = 0: no LM
+        head), by a team of chunks[5] workers. Each op is a phase whose chunks go to whichever
+        worker claims them: GEMM output ranges (chunks[0:5]: qkv, o, gate_up, down, LM head), rows,
+        (sequence, KV head) attention tasks. sync: team.new_sync(team_phases(L)); fbuf, xbuf:
+        DecoderStack.scratch_sizes(T, workers)."""
         if deps == "":
             return h
         T, H = h.shape
@@ -131,7 +76,8 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
         nkv, D = kv.shape[3], kv.shape[5]
         n_qkv, n_o, n_gu, n_i = w_qkv.shape[1], w_o.shape[2], w_gate_up.shape[1], w_down.shape[2]
         nq = n_qkv // D - 2 * nkv
-        o = 0                                      # shared scratch, carved as in `stack`
+        # the shared scratch, carved: res, x [T, H] | qkv [T, n_qkv] | attn [T, nq D] | gu [T, 2I] | act [T, I]
+        o = 0
         res = fbuf[o:o + T * H].reshape(T, H)
         o += T * H
         x = fbuf[o:o + T * H].reshape(T, H)
@@ -230,26 +176,17 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
             linear_team(hh, lm_head, logits, xb_h, sync, p, chunks[4], wkind, bf16)
         return h if (L - 1) % 2 == 0 else x       # where the last layer's rows are (L - 1 swaps)
 
-    jit = njit(fastmath=_FAST, parallel=_PRANGE_ONLY, cache=True, nogil=True, error_model="numpy")
-    return jit(stack), jit(team_stack)
+    return njit(fastmath=_FAST, parallel=_PRANGE_ONLY, cache=True, nogil=True, error_model="numpy")(team_stack)
 
 
-def team_phases(layers: int) -> int:
-    """The phases of team_stack: the first norm, 9 per layer (8 in the first: its input norm is the
-    first norm), the final norm, the LM head."""
-    return 9 * layers + 2
-
-
-# NOTE: parallel regions for the prange loops ONLY: with Numba's default parallel options, the
-# np.zeros of each attention task (_attend_one's accumulator) became a parallel region of its own,
-# a thread-pool launch per (sequence, KV head, layer): 1,536 per step at 48 sequences, which made
-# the step 2.5x slower than the per-op path.
+# NOTE: a parallel region for the prange loop ONLY (the team's): with Numba's default parallel
+# options, the np.zeros of each attention task (_attend_one's accumulator) became a parallel region
+# of its own, a thread-pool launch per (sequence, KV head, layer): 1,536 per step at 48 sequences,
+# which made the step 2.5x slower than the per-op path.
 _PRANGE_ONLY = dict(prange=True, numpy=False, comprehension=False, reduction=False, inplace_binop=False,
                     setitem=False, stencil=False, fusion=False)
 _KERNELS: dict = {}
-GEMV_PARALLEL_MIN_BYTES = 4 << 20     # weight bytes from which a GEMV of <= _FEW_ROWS rows takes 2+ threads
-TEAM_MAX_ROWS = 1 << 30               # decode rows up to which a step runs as one team (team_stack)
-CHUNKS_PER_WORKER = 8                 # a team GEMM's chunks per worker
+CHUNKS_PER_WORKER = 8     # a GEMM's chunks per worker of the team (2-32 measured alike at batch 1, 2 threads)
 
 
 def kernel(wkind: int, kvkind: int):
@@ -283,7 +220,7 @@ class DecoderStack:
         # NOTE: what every call passes, made once: the kernels read 16-bit weights as uint16 bits
         self.bits = tuple(lowp.bits(w) for w in (self.qkv, self.o, self.gate_up, self.down))
         self.wkind = lowp.kind_of(self.qkv.dtype)
-        self._tasks: dict[tuple, np.ndarray] = {}
+        self._chunks: dict[tuple, np.ndarray] = {}
 
     def scratch_sizes(self, rows: int, workers: int = 1) -> tuple[int, int]:
         """(float32, uint16) scratch elements for `rows` decode rows and a team of `workers`."""
@@ -295,27 +232,12 @@ class DecoderStack:
         """team_stack's GEMM chunks for qkv, o, gate_up, down (CHUNKS_PER_WORKER per worker, at
         least 4 outputs each) and an LM head of lm_rows (4x as many: it is 5-30x their size), then the
         team's size."""
-        t = self._tasks.get(("team", workers, lm_rows))
+        t = self._chunks.get((workers, lm_rows))
         if t is None:
             n = CHUNKS_PER_WORKER * workers
-            t = self._tasks[("team", workers, lm_rows)] = np.array(
+            t = self._chunks[(workers, lm_rows)] = np.array(
                 [min((w.shape[1] + 3) // 4, n) for w in (self.qkv, self.o, self.gate_up, self.down)]
                 + [min((lm_rows + 3) // 4, 4 * n), workers], np.int64)
-        return t
-
-    def tasks(self, threads: int, rows: int) -> np.ndarray:
-        """GEMM tasks per kind, by one layer's weight bytes: gemm.linear's rule, except that a GEMV
-        of a few rows (memory-bound) takes two threads only from GEMV_PARALLEL_MIN_BYTES.
-        NOTE: each parallel region is a fork/join of Numba's passive workers (a wake-up, tens of
-        microseconds, far more on a busy machine): 32 of them per step of this model cost about what
-        a second thread's extra read bandwidth saves on its 0.5-2.8 MB matrices; measured on a busy
-        2-core machine the serial stack was faster at 1-4 rows (bench/RESULTS.md, issue 18)."""
-        few = rows <= _FEW_ROWS
-        t = self._tasks.get((threads, few))
-        if t is None:
-            t = self._tasks[(threads, few)] = np.array(
-                [1 if few and w[0].nbytes < GEMV_PARALLEL_MIN_BYTES else tasks_for(w[0].nbytes, threads)
-                 for w in (self.qkv, self.o, self.gate_up, self.down)], np.int64)
         return t
 
 
@@ -334,38 +256,31 @@ def stack_layers(layers: list[dict], names: tuple[str, ...]) -> list[np.ndarray]
     return out
 
 
-def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_lens, max_seq_len: int, kv_cache,
-              cos_sin, fbuf, xbuf, lm_head=None):
-    """The fused decoder stack over T decode rows (row s: sequence s's one new token; h [T, H] its
-    embedding, overwritten) -> ([T, H] final rows, valid until the next call: it may be fbuf's;
-    logits [T, V] = rows @ lm_head^T, or None when the LM head was not run: no lm_head given, or
-    not a team step, or an LM head stored unlike the layers). xbuf: at least
-    scratch_sizes(T, team_size(T))[1] elements."""
-    fn, team_fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
+def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_lens, kv_cache, cos_sin, fbuf,
+              xbuf, lm_head=None):
+    """The fused step over T decode rows (row s: sequence s's one new token; h [T, H] its embedding,
+    overwritten) -> ([T, H] final rows, valid until the next call: they may be fbuf's; logits [T, V]
+    = rows @ lm_head^T, or None: no lm_head given, or one stored unlike the layers). fbuf, xbuf: at
+    least scratch_sizes(T, team_size()) elements."""
+    fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
     w_qkv, w_o, w_gate_up, w_down = st.bits
-    workers = team_size(h.shape[0])
-    if workers > 0:
-        head = lm_head is not None and lowp.kind_of(lm_head.dtype) == st.wkind
-        lm = lowp.bits(lm_head) if head else w_qkv[0, :0]       # no LM head: [0, H] (no chunks)
-        logits = np.empty((h.shape[0], lm.shape[0]), np.float32)
-        sync = team.new_sync(team_phases(st.qkv.shape[0]))
-        rows = team_fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm,
-                       st.post_norm, w_qkv, w_o, w_gate_up, w_down, st.final_norm, lm, logits, cos_sin, st.windows,
-                       st.chunks(workers, lm.shape[0]), sync, np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)
-        return rows, (logits if head else None)
-    threads = dynamic_schedule()
-    # NOTE: the attention's rule for a parallel launch is paged_attention's (read per call); the
-    # GEMMs' is DecoderStack.tasks
-    num_q = st.o.shape[2] // kv_cache.shape[5]
-    par_attn = threads > 1 and h.shape[0] * num_q * int(max_seq_len) >= attention.PARALLEL_MIN_WORK
-    tasks = st.tasks(threads, h.shape[0])
-    return fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
-              w_qkv, w_o, w_gate_up, w_down, st.final_norm, cos_sin, st.windows, tasks, par_attn,
-              np.float32(st.eps), np.float32(st.scale), fbuf, xbuf), None
+    workers = team_size()
+    head = lm_head is not None and lowp.kind_of(lm_head.dtype) == st.wkind
+    lm = lowp.bits(lm_head) if head else w_qkv[0, :0]       # no LM head: [0, H] (no chunks)
+    logits = np.empty((h.shape[0], lm.shape[0]), np.float32)
+    sync = team.new_sync(team_phases(st.qkv.shape[0]))
+    rows = fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
+              w_qkv, w_o, w_gate_up, w_down, st.final_norm, lm, logits, cos_sin, st.windows,
+              st.chunks(workers, lm.shape[0]), sync, np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)
+    return rows, (logits if head else None)
 
 
-def team_size(rows: int) -> int:
-    """Workers of the team for a step of `rows` decode rows: every thread up to TEAM_MAX_ROWS rows,
-    else 0 (the fork/join `stack`)."""
-    threads = dynamic_schedule()
-    return threads if threads > 1 and rows <= TEAM_MAX_ROWS else 0
+def team_size() -> int:
+    """Workers of a step's team: every Numba thread (one: the serial loop)."""
+    return dynamic_schedule()
+
+
+def team_phases(layers: int) -> int:
+    """The phases of the step: the first norm, 9 per layer (8 in the first: its input norm is the
+    first norm), the final norm, the LM head."""
+    return 9 * layers + 2

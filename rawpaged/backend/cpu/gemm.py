@@ -276,7 +276,7 @@ def _bf16_parallel(x, w, y, num_tasks):
         _bf16_rows(xb, w, y, o0, o1)
 
 
-# _rows for one storage kind each, compiled once (not inlined): what linear_into calls per task.
+# _rows for one storage kind each, compiled once (not inlined): what linear_team calls per chunk.
 @njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
 def rows_f32(x, w, y, o0, o1):
     _rows(x, w, y, o0, o1, lowp.F32)
@@ -305,31 +305,15 @@ def _rows_of(x, xb, w, y, o0, o1, kind, bf16):
 
 
 @njit(inline="always", error_model="numpy")
-def linear_into(x, w, y, xb, num_tasks, kind, bf16):
+def linear_team(x, w, y, xb, sync, p, n, kind, bf16):
     """y[T, O] = x[T, K] @ widen(w[O, K])^T inside a compiled caller (the fused decode step,
-    decode_step.py): the kernels above, with num_tasks > 1 one parallel region of contiguous output
-    ranges (a prange: a parallel region only where the caller is compiled parallel=True), else one
-    serial pass. bf16 (constant): bfloat16 weights through vdpbf16ps, x rounded into xb [T, K].
+    decode_step.py), as phase p of its team of threads (team.py): n chunks of contiguous outputs
+    (multiples of 4), each claimed by whichever worker is free; returns when all n are finished.
+    bf16 (a constant): bfloat16 weights through vdpbf16ps, x rounded into xb [T, K], THIS worker's
+    own copy, once it has claimed its first chunk (a worker that claims none never reads x: by then
+    the next phases may have overwritten it).
     NOTE: the row kernels are calls, not inlined: inlined into every GEMM of the caller they made
     its compilation take minutes."""
-    O = w.shape[0]
-    groups = (O + 3) // 4
-    if bf16:
-        _round_x(x, xb)
-    if num_tasks > 1:
-        for task in prange(num_tasks):
-            _rows_of(x, xb, w, y, min(O, task * groups // num_tasks * 4),
-                     min(O, (task + 1) * groups // num_tasks * 4), kind, bf16)
-    else:
-        _rows_of(x, xb, w, y, 0, O, kind, bf16)
-
-
-@njit(inline="always", error_model="numpy")
-def linear_team(x, w, y, xb, sync, p, n, kind, bf16):
-    """linear_into as phase p of a team (team.py): n chunks of contiguous outputs (multiples of 4),
-    claimed by whichever worker is free; returns when all n are finished. xb: THIS worker's own
-    bfloat16 copy of x (bf16), rounded once it has claimed its first chunk (a worker that claims
-    none never reads x: by then the next phases may have overwritten it)."""
     O = w.shape[0]
     groups = (O + 3) // 4
     rounded = False

@@ -59,8 +59,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = random_llama(Path(tmp))
-        engine = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype=args.dtype, max_num_seqs=max(args.batches),
-                                        kv_cache_memory=256 << 20))
+        engine = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype=args.dtype,
+                                        max_num_seqs=max(args.batches), kv_cache_memory=256 << 20))
         vocab = 32000
         threads = gemm.dynamic_schedule()
         settings = {f"team of {threads}": threads, "team of 1": 1}

@@ -3,8 +3,8 @@ counterpart of graph_runner.DecodeGraphs, with the same two methods (`can_run`, 
 ModelRunner hands it the pure decode batches the same way.
 
 A pure decode batch (every sequence computes one token and samples it) runs: the embedding lookup,
-backend/cpu/decode_step.py's stack (every layer in one Numba call), the LM head on every row (all
-are sampled: inside that same call). Prefill, chunked and mixed steps, prompt logprobs and the models the stack does not
+then backend/cpu/decode_step.py's step: every layer and the LM head on every row (all are sampled)
+in one Numba call. Prefill, chunked and mixed steps, prompt logprobs and the models the step does not
 cover (model.fuses_decode()) keep the per-op path. NOTE: no bucket padding as the CUDA graphs need:
 a CPU step's cost grows with its rows, and nothing here bakes in a shape.
 """

@@ -57,6 +57,19 @@ _DEPS = ("gemm.py", "attention.py", "elementwise.py", "lowp.py", "simd.py", "bf1
 _DEPS_HASH = hashlib.sha256(b"".join((_HERE / f).read_bytes() for f in _DEPS)).hexdigest()
 
 
+@njit(fastmath=_FAST, inline="always", error_model="numpy")
+def _add_norm_rows(h, res, w, eps, sync, p):
+    """Phase p of the team: h = rms_norm(res += h) * w, a row a chunk."""
+    T = h.shape[0]
+    while True:
+        t = team.claim(sync, p, T)
+        if t < 0:
+            break
+        add_rms_norm_row(h, res, t, w, eps)
+        team.finish(sync, p)
+    team.wait(sync, p, T)
+
+
 def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
     """The step's kernel for weights stored as `wkind` and a KV cache stored as `kvkind` (closure
     constants, as gemm.py's: each compilation holds one widening); bf16: vdpbf16ps GEMMs."""
@@ -113,13 +126,7 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
             p += 1
             for layer in range(L):
                 if layer > 0:                      # x = rms_norm(res += h): into h, then swap names
-                    while True:
-                        t = team.claim(sync, p, T)
-                        if t < 0:
-                            break
-                        add_rms_norm_row(hh, res, t, in_norm[layer], eps)
-                        team.finish(sync, p)
-                    team.wait(sync, p, T)
+                    _add_norm_rows(hh, res, in_norm[layer], eps, sync, p)
                     p += 1
                     xx, hh = hh, xx
                 linear_team(xx, w_qkv[layer], qkv, xb_h, sync, p, chunks[0], wkind, bf16)
@@ -145,17 +152,11 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
                 p += 1
                 linear_team(attn2, w_o[layer], hh, xb_o, sync, p, chunks[1], wkind, bf16)
                 p += 1
-                while True:                        # h = rms_norm(res += h)
-                    t = team.claim(sync, p, T)
-                    if t < 0:
-                        break
-                    add_rms_norm_row(hh, res, t, post_norm[layer], eps)
-                    team.finish(sync, p)
-                team.wait(sync, p, T)
+                _add_norm_rows(hh, res, post_norm[layer], eps, sync, p)      # h = rms_norm(res += h)
                 p += 1
                 linear_team(hh, w_gate_up[layer], gu, xb_h, sync, p, chunks[2], wkind, bf16)
                 p += 1
-                while True:
+                while True:                        # act = silu(gate) * up              (a row a chunk)
                     t = team.claim(sync, p, T)
                     if t < 0:
                         break
@@ -165,13 +166,7 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
                 p += 1
                 linear_team(act, w_down[layer], hh, xb_i, sync, p, chunks[3], wkind, bf16)
                 p += 1
-            while True:
-                t = team.claim(sync, p, T)
-                if t < 0:
-                    break
-                add_rms_norm_row(hh, res, t, final_norm, eps)
-                team.finish(sync, p)
-            team.wait(sync, p, T)
+            _add_norm_rows(hh, res, final_norm, eps, sync, p)
             p += 1
             linear_team(hh, lm_head, logits, xb_h, sync, p, chunks[4], wkind, bf16)
         return h if (L - 1) % 2 == 0 else x       # where the last layer's rows are (L - 1 swaps)

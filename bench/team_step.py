@@ -7,9 +7,9 @@ The random LLaMA h512 L8 (8/4 heads, vocab 32000) behind the whole engine (LLMEn
 inputs, the fused stack, the LM head, sampling, outputs). For each batch: `batch` prompts of 16
 tokens, prefilled, then `steps` decode steps timed; the two settings alternate round by round
 (decode_step.team_size: Numba's threads / 1; everything else runs as configured) and each cell is
-the median over rounds. Also:
-the machine's read rate with every thread (as bench/vs_llamacpp.py measures it) and the batch-1
-floor it sets (decode weight bytes / read rate), so batch-1 decode reads as a fraction of it.
+the median over rounds. Also: the machine's read rate with every thread (as bench/vs_llamacpp.py
+measures it) and the batch-1 floor it sets (decode weight bytes / read rate), so batch-1 decode
+reads as a fraction of it.
 Tests never time anything; this prints a Markdown table.
 """
 from __future__ import annotations
@@ -30,7 +30,6 @@ from vs_llamacpp import decode_weight_bytes, read_bandwidth  # noqa: E402
 from rawpaged.backend.cpu import decode_step, gemm  # noqa: E402
 from rawpaged.engine import EngineConfig, LLMEngine  # noqa: E402
 from rawpaged.sampling_params import SamplingParams  # noqa: E402
-
 
 
 def decode_tok_s(engine: LLMEngine, batch: int, steps: int, vocab: int, seed: int) -> float:

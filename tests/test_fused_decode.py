@@ -16,7 +16,7 @@ from rawpaged.sequence import ScheduledSeq, Sequence
 from rawpaged.testing import make_random_llama
 from rawpaged.worker.cache_engine import CacheEngine
 from rawpaged.worker.fused_decode import FusedDecode
-from rawpaged.worker.model_runner import ModelRunner
+from rawpaged.worker.model_runner import ModelRunner, prepare_inputs
 from model_impl import get_model_class
 
 BLOCK = 16
@@ -166,3 +166,27 @@ def test_engine_takes_fused_step_unless_eager(model_dir):
                                                                     prompt_token_ids=[[5, 6, 7, 8], [9, 10]])]
         assert isinstance(graphs, FusedDecode) != eager
     assert outs[False] == outs[True]
+
+
+def test_lm_head_stored_unlike_the_layers_falls_back(model_dir, monkeypatch):
+    """An LM head whose storage differs from the layers' is not read by the step (its kernel widens
+    one storage kind): the step returns no logits and the runner computes them with compute_logits,
+    equal to the in-step head's on the same rows."""
+    monkeypatch.setattr(decode_step, "team_size", lambda: 2)
+    np_dtype = cpu.resolve_dtype("bfloat16")
+    model = load(model_dir, np_dtype)
+    p = Paths(model, np_dtype)
+    seqs = [Sequence(0, list(range(3, 20))), Sequence(1, list(range(40, 49)))]
+    p.step(seqs, [17, 9])
+    for s in seqs:
+        s.append_token(7, 0.0)
+    inputs = prepare_inputs(p.batch(seqs, [1, 1]), BLOCK)
+    cache = p.caches[1].device_cache
+    snapshot = cache.copy()
+    rows, logits = p.fused.hidden(inputs, cache, model.lm_head)
+    rows, logits = rows.copy(), logits.copy()
+    cache[...] = snapshot                                # the same step again, from the same cache
+    rows_f32_head, none = p.fused.hidden(inputs, cache, model.lm_head.astype(np.float32))
+    assert none is None, "an LM head stored unlike the layers was read by the step"
+    np.testing.assert_array_equal(rows_f32_head, rows)
+    np.testing.assert_allclose(model.compute_logits(rows_f32_head), logits, rtol=0, atol=1e-5 * np.abs(logits).max())

@@ -33,9 +33,9 @@ Scratch: one float32 buffer and one uint16 buffer (bfloat16 activations for vdpb
 caller and carved here, so a test can poison them.
 
 NOTE: Numba's on-disk cache keys a kernel by ITS file only, and this one inlines code from gemm.py,
-attention.py, elementwise.py, lowp.py, simd.py, bf16dot.py and team.py: the kernels are closures that capture
-a hash of those files' bytes (Numba keys a closure by its captured values), so an edit to any of them
-recompiles this step instead of running stale code from the cache.
+attention.py, elementwise.py, lowp.py, simd.py, bf16dot.py and team.py: the kernels are closures
+that capture a hash of those files' bytes (Numba keys a closure by its captured values), so an edit
+to any of them recompiles this step instead of running stale code from the cache.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ are untouched. It doubles the multiply-add rate of the batched steps (prefill, 1
 RAWPAGED_CPU_BF16_DOT=0 keeps float32 activations (the widening kernel) there too.
 
 The kernel: each task owns a range of output features. Up to 8 rows of x (decode steps), it reads
-one weight row at a time (one sequential stream, software-prefetched 4 rows ahead) against the rows
+one weight row at a time (one sequential stream, left to the hardware prefetcher) against the rows
 of x; past that, for each group of 4 outputs (4 weight rows) it walks a tile of up to 64 rows of x 4 at a time, keeping the 4 x 4 dot products in registers while
 k runs over the hidden size (LLVM vectorises that loop: 16 vector accumulators, each weight vector
 widened once and used for 4 rows of x). The x tile stays in L2 while the weight rows stream by.
@@ -33,7 +33,6 @@ from rawpaged.backend.cpu import bf16dot, lowp, team
 
 _PARALLEL_MIN_BYTES = 1 << 18  # weight bytes below which one thread is faster than two
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
-_PREFETCH_ROWS = 4             # software prefetch distance, in weight rows (few-row path)
 _LINE = 32                     # elements per prefetch (a 64-byte line holds 32 16-bit or 16 float32)
 _FEW_ROWS = 8                  # up to this many rows of x, weights are read one row at a time
 _ROW_TILE = 64                 # rows of x per pass over the weights (64 x K floats: L2-resident)
@@ -116,10 +115,10 @@ def _rows(x, w, y, o0, o1, kind):
         # NOTE: few rows: one weight row at a time, so the weights are read as ONE sequential
         # stream (the 4-row groups below are 4 streams of K elements each, too short for the
         # hardware prefetcher, which left a decode step at a third of the memory bandwidth).
+        # NOTE: no software prefetch: the hardware prefetcher follows this one stream, and a
+        # prefetch 4 rows ahead (one per 64-byte line) made the float32 fused decode step 1.1-1.3x
+        # slower at 1-4 rows (bfloat16: no difference measured; bench/RESULTS.md).
         for o in range(o0, o1):
-            if o + _PREFETCH_ROWS < o1:         # the row we will read _PREFETCH_ROWS rows from now
-                for k in range(0, K, _LINE):
-                    lowp.prefetch(w, o + _PREFETCH_ROWS, k)
             t = 0
             while t + 4 <= T:
                 _dot_4x1(x, t, w, o, K, kind, y)
@@ -199,9 +198,6 @@ def _bf16_rows(xb, w, y, o0, o1):
     acc = np.empty(16, np.float32)
     if T <= _FEW_ROWS:                      # one weight row at a time: one sequential stream
         for o in range(o0, o1):
-            if o + _PREFETCH_ROWS < o1:
-                for k in range(0, K, _LINE):
-                    lowp.prefetch(w, o + _PREFETCH_ROWS, k)
             t = 0
             while t + 4 <= T:
                 _D41(xb, t, w, o, n32, acc)

@@ -12,6 +12,9 @@ the stack's time at the weight-bandwidth floor over its median. Compare with ben
 whole engine step: the difference is the engine's own work (schedule, inputs, sampling, outputs).
 NOTE: replayed back to back, the step runs with the caches as the previous replay left them; in the
 engine, Python's work between steps meets caches flushed by the weights (bench/RESULTS.md).
+Also: the greedy sampler (rawpaged/sampler.py) on the step's logits, called once right after a
+replay ("cold": as the engine calls it) and once more at once ("hot"): what the caches flushed by a
+step's weights cost the host work that follows it.
 Run it under bench/ab.py to compare commits; tests never time anything.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from vs_llamacpp import decode_weight_bytes, read_bandwidth  # noqa: E402
 
 from rawpaged.backend.cpu import decode_step, gemm  # noqa: E402
 from rawpaged.engine import EngineConfig, LLMEngine  # noqa: E402
+from rawpaged.sampler import Sampler, SamplingRow  # noqa: E402
 from rawpaged.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -48,15 +52,25 @@ class Capture:
             self.kwargs, self.rows = kwargs, rows
         return self.run(*args, **kwargs)
 
-    def replay(self, reps: int) -> list[float]:
+    def replay(self, reps: int) -> tuple[list[float], list[float], list[float]]:
+        """(step, cold sampler, hot sampler) seconds per replay."""
         h0 = self.args[1].copy()
-        times = []
+        sampler = Sampler(np)
+        greedy = [SamplingRow(SamplingParams(temperature=0), [1], [])] * self.rows
+        step, cold, hot = [], [], []
         for _ in range(reps + 5):
             self.args[1][:] = h0
-            t = time.perf_counter()
-            self.run(*self.args, **self.kwargs)
-            times.append(time.perf_counter() - t)
-        return times[5:]
+            t0 = time.perf_counter()
+            _, logits = self.run(*self.args, **self.kwargs)
+            t1 = time.perf_counter()
+            sampler(logits, greedy)
+            t2 = time.perf_counter()
+            sampler(logits, greedy)
+            t3 = time.perf_counter()
+            step.append(t1 - t0)
+            cold.append(t2 - t1)
+            hot.append(t3 - t2)
+        return step[5:], cold[5:], hot[5:]
 
 
 def main() -> None:
@@ -83,17 +97,18 @@ def main() -> None:
             while engine.has_unfinished_requests():
                 engine.step()
             read = read_bandwidth(gemm.dynamic_schedule())
-            t = cap.replay(args.reps)
+            t, cold, hot = cap.replay(args.reps)
             med = float(np.median(t))
             rows.append((b, cap.rows, med * 1e3, float(np.percentile(t, 10)) * 1e3, weight_bytes / med / 1e9, read,
-                         weight_bytes / (read * 1e9) / med))
+                         weight_bytes / (read * 1e9) / med, float(np.median(cold)) * 1e6, float(np.median(hot)) * 1e6))
     print(f"## The fused decode step replayed ({machine()}, commit {commit()})\n")
     print(f"random LLaMA h512 L8, {args.dtype}, {gemm.dynamic_schedule()} threads, context {args.context}, "
           f"{args.reps} replays; weights {weight_bytes / 1e6:.1f} MB a step\n")
-    print("| batch | rows | stack ms | p10 ms | weights GB/s | read GB/s | stack / floor |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for b, n, med, p10, wgbs, read, frac in rows:
-        print(f"| {b} | {n} | {med:.3f} | {p10:.3f} | {wgbs:.1f} | {read:.1f} | {frac:.2f} |")
+    print("| batch | rows | stack ms | p10 ms | weights GB/s | read GB/s | stack / floor | sampler cold us | "
+          "sampler hot us |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for b, n, med, p10, wgbs, read, frac, cold, hot in rows:
+        print(f"| {b} | {n} | {med:.3f} | {p10:.3f} | {wgbs:.1f} | {read:.1f} | {frac:.2f} | {cold:.0f} | {hot:.0f} |")
 
 
 if __name__ == "__main__":

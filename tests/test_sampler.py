@@ -87,6 +87,19 @@ def test_greedy_is_argmax_lowest_id_on_ties():
         assert r.top_logprobs is None
 
 
+def test_all_greedy_shortcut_equals_the_general_path():
+    """Plain greedy rows without top-N take a shortcut; one row asking for top-0 sends the same
+    batch down the general path: every token and logprob must be the same, bit for bit."""
+    rng = np.random.default_rng(3)
+    logits = random_logits(rng, 7, 1000, scale=4.0)
+    shortcut = Sampler(np)(logits, [row(temperature=0.0) for _ in range(7)])
+    general = Sampler(np)(logits, [row(temperature=0.0, num_logprobs=0)] + [row(temperature=0.0)] * 6)
+    assert [(r.token_id, r.logprob) for r in shortcut] == [(r.token_id, r.logprob) for r in general]
+    assert all(isinstance(r.token_id, int) and isinstance(r.logprob, float) for r in shortcut)
+    assert general[0].top_logprobs == {general[0].token_id: general[0].logprob}
+    assert [r.top_logprobs for r in shortcut] == [None] * 7
+
+
 def test_greedy_uses_processed_logits():
     logits = np.array([[3.0, 2.9, 0.5, -1.0]], dtype=np.float32)
     out = Sampler(np)(logits, [row(temperature=0.0, logit_bias={2: 5.0})])

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine, random_llama  # noqa: E402
 from vs_llamacpp import decode_weight_bytes, read_bandwidth  # noqa: E402
 
+from rawpaged.backend import cpu  # noqa: E402
 from rawpaged.backend.cpu import decode_step, gemm  # noqa: E402
 from rawpaged.engine import EngineConfig, LLMEngine  # noqa: E402
 from rawpaged.sampler import Sampler, SamplingRow  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> None:
         model = random_llama(Path(tmp))
         engine = LLMEngine(EngineConfig(model=str(model), device="cpu", dtype=args.dtype,
                                         max_num_seqs=max(args.batches), kv_cache_memory=256 << 20))
-        weight_bytes = decode_weight_bytes(model, 2 if args.dtype in ("bfloat16", "float16") else 4)
+        weight_bytes = decode_weight_bytes(model, cpu.resolve_dtype(args.dtype).itemsize)
         rng = np.random.default_rng(0)
         for b in args.batches:
             cap.rows = 0

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import commit, machine, random_llama  # noqa: E402
 from vs_llamacpp import decode_weight_bytes, read_bandwidth  # noqa: E402
 
+from rawpaged.backend import cpu  # noqa: E402
 from rawpaged.backend.cpu import decode_step, gemm  # noqa: E402
 from rawpaged.engine import EngineConfig, LLMEngine  # noqa: E402
 from rawpaged.sampling_params import SamplingParams  # noqa: E402
@@ -75,7 +76,7 @@ def main() -> None:
                     decode_step.team_size = lambda w=workers: w
                     got[(name, b)].append(decode_tok_s(engine, b, args.steps, vocab, r))
         read = float(np.median(reads))
-        itemsize = 2 if args.dtype in ("bfloat16", "float16") else 4
+        itemsize = cpu.resolve_dtype(args.dtype).itemsize
         floor = read * 1e9 / decode_weight_bytes(model, itemsize)
     print(f"## Decode step by a team of {threads} threads vs one ({machine()}, commit {commit()})\n")
     print(f"random LLaMA h512 L8, {args.dtype}, {threads} threads, {args.rounds} rounds x {args.steps} decode steps; "

@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp
+from rawpaged.backend.cpu.jit import serial_and_parallel
 from rawpaged.backend.cpu.simd import (SCORES16_BF16, SCORES16_F16, SCORES16_F32, VALUES16_BF16, VALUES16_F16,
                                        VALUES16_F32)
 from rawpaged.backend.cpu.elementwise import exp_nonpos as _exp
@@ -351,12 +352,11 @@ def _build(kind: int):
     def rotary_cache(positions, q, k, v, kv, layer, slot_mapping, table, is_neox):
         rotary_cache_rows(positions, q, k, v, kv, kind, layer, slot_mapping, table, is_neox)
 
-    # NOTE: two compilations of the attention. Numba's thread pool costs tens of microseconds per
-    # launch (far more when the cores are busy), which dominates small decode batches; the serial
-    # one serves those.
+    # NOTE: two compilations of the attention (kept apart in Numba's cache: jit.py). Numba's thread
+    # pool costs tens of microseconds per launch (far more when the cores are busy), which dominates
+    # small decode batches; the serial one serves those.
     opts = dict(cache=True, fastmath=_FAST, nogil=True, error_model="numpy")
-    return (njit(**opts)(attend), njit(parallel=True, **opts)(attend), njit(**opts)(cache_write),
-            njit(**opts)(rotary_cache))
+    return (*serial_and_parallel(attend, **opts), njit(**opts)(cache_write), njit(**opts)(rotary_cache))
 
 
 _KERNELS = {kind: _build(kind) for kind in (lowp.F32, lowp.BF16, lowp.F16)}

@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp
 from rawpaged.backend.cpu.gemm import dynamic_schedule
+from rawpaged.backend.cpu.jit import serial_and_parallel
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
 # NOTE: no "nnan"/"ninf": exp_nonpos takes -inf (a score against an empty running max)
@@ -157,9 +158,8 @@ def _logsumexp_rows(x, m, lse):
 
 
 def _pair(fn):
-    """(serial, parallel) compilations of one kernel."""
-    return (njit(fastmath=_FAST, cache=True, nogil=True, error_model="numpy")(fn),
-            njit(fastmath=_FAST, cache=True, parallel=True, nogil=True, error_model="numpy")(fn))
+    """(serial, parallel) compilations of one kernel (jit.py: kept apart in Numba's cache)."""
+    return serial_and_parallel(fn, fastmath=_FAST, cache=True, nogil=True, error_model="numpy")
 
 
 _KERNELS = {f.__name__: _pair(f) for f in (_rms_norm, _add_rms_norm, _add_layer_norm, _silu_and_mul, _rotary,

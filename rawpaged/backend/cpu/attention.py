@@ -69,9 +69,9 @@ def _prefetch_block(kv, kind, phys, layer, kvh):
     step = 16 if kind == lowp.F32 else 32          # elements per 64-byte line
     for c in range(2):
         rows = kv[phys, layer, c, kvh]             # [block_size, head_dim]
-        D = rows.shape[1]
-        for e in range(0, rows.shape[0] * D, step):
-            lowp.prefetch(rows, e // D, e % D)
+        for j in range(rows.shape[0]):             # NOTE: no e // D, e % D: two divisions per line
+            for d in range(0, rows.shape[1], step):
+                lowp.prefetch(rows, j, d)
 
 
 @njit(inline="always", error_model="numpy")

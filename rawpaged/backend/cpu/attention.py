@@ -65,13 +65,16 @@ def _prefetch_block(kv, kind, phys, layer, kvh):
     """Ask for the K and V rows of one block (2 x block_size x head_dim elements, each contiguous)
     ahead of their use. NOTE: a sequence's blocks are scattered over the pool, and a block of one
     head is 2 KB (bfloat16, head_dim 64): too short a run for the hardware prefetcher, which left
-    the decode attention waiting on memory at a fifth of the copy rate."""
+    the decode attention waiting on memory at a fifth of the copy rate.
+    NOTE: into L2 (prefetcht1), not L1: the block's 64 lines at once into L1 held up the loads of the
+    block being computed once the KV came from memory (48 sequences x 1,024 keys: 0.8x in a
+    throwaway harness, against 1.04-1.28x into L2; bench/RESULTS.md)."""
     step = 16 if kind == lowp.F32 else 32          # elements per 64-byte line
     for c in range(2):
         rows = kv[phys, layer, c, kvh]             # [block_size, head_dim]
         for j in range(rows.shape[0]):             # NOTE: no e // D, e % D: two divisions per line
             for d in range(0, rows.shape[1], step):
-                lowp.prefetch(rows, j, d)
+                lowp.prefetch_l2(rows, j, d)
 
 
 @njit(inline="always", error_model="numpy")

@@ -109,17 +109,26 @@ def narrow(x, kind):
     return np.float32(x)
 
 
-@intrinsic
-def prefetch(typingctx, arr, i, j):
-    """Hint the hardware to bring the cache line of arr[i, j] (a 2-D array) into the caches."""
-    def codegen(context, builder, sig, args):
-        from numba.core import cgutils
-        aryty = sig.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], args[2]], wraparound=False)
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])   # read, keep in all levels, data cache
-        return context.get_dummy_value()
-    return types.void(arr, i, j), codegen
+def _prefetch(locality: int):
+    """The intrinsic  prefetch(arr, i, j): hint the hardware to bring the cache line of arr[i, j]
+    (a 2-D array) into the caches; locality 3 (prefetcht0): into every level, 2 (prefetcht1): into
+    L2 and the levels below it, not L1."""
+    @intrinsic
+    def prefetch(typingctx, arr, i, j):
+        def codegen(context, builder, sig, args):
+            from numba.core import cgutils
+            aryty = sig.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1], args[2]], wraparound=False)
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [ptr, i32(0), i32(locality), i32(1)])   # read, locality, data cache
+            return context.get_dummy_value()
+        return types.void(arr, i, j), codegen
+    return prefetch
+
+
+# NOTE: module-level names: Numba kernels call them as globals (the on-disk cache needs them importable)
+prefetch = _prefetch(3)
+prefetch_l2 = _prefetch(2)

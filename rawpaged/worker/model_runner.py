@@ -39,6 +39,42 @@ class BatchInputs:
 
 def prepare_inputs(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
     """Build input_ids, positions, slot_mapping, query_start_loc, seq_lens and block_tables."""
+    if all(s.num_new_tokens == 1 and not s.prompt_logits for s in batch):
+        return prepare_decode(batch, block_size)
+    return prepare_any(batch, block_size)
+
+
+def prepare_decode(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
+    """prepare_inputs of a step that computes one token per sequence (a decode step): the same
+    arrays, from Python ints in one pass.
+    NOTE: why a path of its own: prepare_any's ~8 NumPy calls per sequence cost ~0.1 ms at batch 1
+    (the step's weights have just flushed the caches) and ~1 ms at batch 48, every decode step."""
+    ids, pos, slots, sample_rows = [], [], [], []
+    for i, s in enumerate(batch):
+        seq, p = s.seq, s.seq.num_computed_tokens
+        ids.append(seq.get_token_ids_range(p, p + 1)[0])
+        pos.append(p)
+        slots.append(s.block_table[p // block_size] * block_size + p % block_size)
+        if s.sample:
+            sample_rows.append(i)
+    width = max(len(s.block_table) for s in batch)
+    tables = np.array([s.block_table + [0] * (width - len(s.block_table)) for s in batch], dtype=np.int32)
+    n = len(batch)
+    positions = np.array(pos, dtype=np.int64)
+    meta = AttentionMetadata(
+        slot_mapping=np.array(slots, dtype=np.int64),
+        block_tables=tables,
+        seq_lens=(positions + 1).astype(np.int32),
+        query_start_loc=np.arange(n + 1, dtype=np.int32),
+        max_query_len=1,
+        max_seq_len=max(pos) + 1,
+    )
+    return BatchInputs(np.array(ids, dtype=np.int64), positions, meta, np.array(sample_rows, dtype=np.int64),
+                       [None] * n)
+
+
+def prepare_any(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
+    """prepare_inputs of any step (prefills, chunks, decodes, prompt logprobs)."""
     ids, pos, slots, q_lens, seq_lens = [], [], [], [], []
     sample_rows, prompt_rows = [], []
     max_blocks = max(len(s.block_table) for s in batch)

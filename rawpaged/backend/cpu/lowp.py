@@ -112,7 +112,7 @@ def narrow(x, kind):
 def _prefetch(locality: int):
     """The intrinsic  prefetch(arr, i, j): hint the hardware to bring the cache line of arr[i, j]
     (a 2-D array) into the caches; locality 3 (prefetcht0): into every level, 2 (prefetcht1): into
-    L2 and the levels below it, not L1."""
+    L2 (and L3), not L1."""
     @intrinsic
     def prefetch(typingctx, arr, i, j):
         def codegen(context, builder, sig, args):

@@ -104,6 +104,14 @@ class SamplingParams:
     def __post_init__(self):
         validate(self)
 
+    def is_plain_greedy(self) -> bool:
+        """One greedy sequence, and nothing that reads or changes the logits but their argmax and its
+        logprob (no penalties, bias, grammar, top-N logprobs, beams or parallel samples): what a
+        multi-step decode call samples by itself (EngineConfig.num_scheduler_steps)."""
+        return (self.temperature < 1e-5 and self.best_of == 1 and not self.use_beam_search and self.logprobs is None
+                and not self.logit_bias and self.structured_outputs is None and self.presence_penalty == 0
+                and self.frequency_penalty == 0 and self.repetition_penalty == 1)
+
 
 # -- the validator ----------------------------------------------------------------------------
 def validate(p: SamplingParams) -> None:

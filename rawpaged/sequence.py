@@ -211,3 +211,4 @@ class ScheduledSeq:
     sample: bool                  # this step ends with the sequence's next token
     prompt_logits: bool = False   # also return logits at every computed prompt position
     group: SequenceGroup | None = None   # the request (the output processor's key)
+    lookahead: int = 0            # multi-step: decode steps after this one in the same call (slots held)

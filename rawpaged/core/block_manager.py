@@ -210,9 +210,16 @@ class BlockSpaceManager:
             s.num_hashed, s.chain_hash = 0, None
 
     # -- decoding -------------------------------------------------------------------------------
-    def can_append_slots(self, group: SequenceGroup) -> bool:
-        """Whether every RUNNING seq of the group can get slots for all its uncomputed tokens."""
-        return self._append_need(group.get_seqs(SequenceStatus.RUNNING), self.device) <= self.device.num_free()
+    def can_append_slots(self, group: SequenceGroup, lookahead: int = 0) -> bool:
+        """Whether every RUNNING seq of the group can get slots for all its uncomputed tokens, and
+        `lookahead` more (multi-step decoding: the tokens the same call will feed back)."""
+        seqs = group.get_seqs(SequenceStatus.RUNNING)
+        return self._append_need(seqs, self.device, lookahead) <= self.device.num_free()
+
+    def can_append_slots_all(self, groups, lookahead: int) -> bool:
+        """can_append_slots for every group at once (blocks they share counted once)."""
+        seqs = [s for g in groups for s in g.get_seqs(SequenceStatus.RUNNING)]
+        return self._append_need(seqs, self.device, lookahead) <= self.device.num_free()
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
         """Slots for tokens num_computed_tokens.. +num_new_tokens; returns copy-on-write (src, dst) pairs.
@@ -240,12 +247,13 @@ class BlockSpaceManager:
         s.table.extend(self._new_block(dev) for _ in range(new))
         return copies
 
-    def _append_need(self, seqs: list[Sequence], pool: BlockAllocator) -> int:
-        """Device blocks that append_slots needs to give every seq all its uncomputed tokens."""
+    def _append_need(self, seqs: list[Sequence], pool: BlockAllocator, lookahead: int = 0) -> int:
+        """Device blocks that append_slots needs to give every seq all its uncomputed tokens (and
+        `lookahead` more each)."""
         need, remaining = 0, {}
         for seq in seqs:
             table = self.seqs[seq.seq_id].table
-            written, new = self._written_and_new(seq, table, seq.num_tokens - seq.num_computed_tokens)
+            written, new = self._written_and_new(seq, table, seq.num_tokens - seq.num_computed_tokens + lookahead)
             for block in written.values():
                 r = remaining.get(block, pool.blocks[block].ref_count)
                 if r > 1:                   # copy-on-write, unless the other holders copied first

@@ -71,6 +71,7 @@ class SchedulerOutput:
     ignored: list[tuple[SequenceGroup, str]] = field(default_factory=list)    # (group, why)
     num_batched_tokens: int = 0
     kv_slots: SlotAccounting | None = None   # the device pool while this step runs (after admissions)
+    lookahead: int = 0                 # multi-step: decode steps each sequence runs after this one
 
     @property
     def is_empty(self) -> bool:
@@ -207,7 +208,7 @@ class Scheduler:
         if not preempted and not self.swapped:
             self._schedule_waiting(out, budget)
         out.num_batched_tokens = budget.tokens
-        out.batch = self._flatten(out.scheduled)
+        out.batch = self._flatten(out.scheduled, out.lookahead)
         if out.is_empty and not out.ignored and not self.running:
             self._refuse_stuck(out)
         out.kv_slots = self.block_manager.slot_accounting()
@@ -229,7 +230,7 @@ class Scheduler:
             seq.status = SequenceStatus.FINISHED_IGNORED
         out.ignored.append((group, "the scheduler could not place this request in the KV cache"))
 
-    def _flatten(self, scheduled: list[ScheduledGroup]) -> list[ScheduledSeq]:
+    def _flatten(self, scheduled: list[ScheduledGroup], lookahead: int) -> list[ScheduledSeq]:
         """One ScheduledSeq per sequence that computes tokens this step, carrying its group."""
         batch = []
         for sg in scheduled:
@@ -239,13 +240,15 @@ class Scheduler:
                 if n:
                     batch.append(ScheduledSeq(seq, n, self.block_manager.get_block_table(seq),
                                               sample=seq.num_computed_tokens + n == seq.num_tokens,
-                                              prompt_logits=group.wants_prompt_logprobs(seq), group=group))
+                                              prompt_logits=group.wants_prompt_logprobs(seq), group=group,
+                                              lookahead=lookahead))
         return batch
 
     def _schedule_running(self, out: SchedulerOutput, budget: _Budget) -> bool:
         """Keep running groups going; preempt the latest arrivals when blocks run out."""
         preempted = False
         kept: deque[SequenceGroup] = deque()
+        out.lookahead = lookahead = self._lookahead()
         # Decoding groups first so a long prefill chunk never starves the decodes of budget.
         queue = deque(sorted(self.running, key=lambda g: self._in_prefill(g)))
         while queue:
@@ -268,12 +271,41 @@ class Scheduler:
                 break
             for seq in seqs:
                 if seq.seq_id in tokens:
-                    out.blocks_to_copy += self.block_manager.append_slots(seq, tokens[seq.seq_id])
+                    out.blocks_to_copy += self.block_manager.append_slots(seq, tokens[seq.seq_id] + lookahead)
             self._add(out, budget, group, tokens)
             kept.append(group)
         # Keep arrival order in the running queue.
         self.running = deque(sorted(kept, key=lambda g: g.arrival_time))
         return preempted
+
+    def _lookahead(self) -> int:
+        """Multi-step scheduling (config.num_scheduler_steps): how many decode steps every running
+        sequence runs after this one, in the same call, feeding back its own greedy tokens.
+
+        Only when nothing waits or is swapped out (a new request is admitted at the next schedule,
+        not after several steps), every running group decodes one plain-greedy sequence (its step
+        samples itself: SamplingParams.is_plain_greedy), none would pass its max_tokens or the
+        model's length, and the blocks for every lookahead token are free now (never a preemption
+        for them). NOTE: a sequence that stops early (EOS, a stop string) drops the tokens after its
+        end; their K/V went into slots it held anyway.
+        """
+        k = self.config.num_scheduler_steps - 1
+        if k <= 0 or self.waiting or self.swapped or not self.running:
+            return 0
+        for group in self.running:
+            sp = group.sampling_params
+            if not sp.is_plain_greedy():
+                return 0
+            for seq in group.get_seqs(SequenceStatus.RUNNING):
+                if seq.num_uncomputed_tokens != 1:               # a prompt or a recompute in progress
+                    return 0
+                room = self.config.max_model_len - seq.num_prompt_tokens
+                if sp.max_tokens is not None:
+                    room = min(room, sp.max_tokens)
+                k = min(k, room - len(seq.output_token_ids) - 1)
+        if k <= 0 or not self.block_manager.can_append_slots_all(self.running, k):
+            return 0
+        return k
 
     def _schedule_swapped(self, out: SchedulerOutput, budget: _Budget) -> None:
         while self.swapped:

@@ -77,6 +77,10 @@ class EngineConfig:
     batching: str = _opt("continuous", "continuous (iteration-level) or static (request-level, "
                                        "FasterTransformer's: a batch starts when the last one has "
                                        "finished)", choices=BATCHING)
+    num_scheduler_steps: int = _opt(1, "decode steps per scheduling while every running request is plain greedy "
+                                       "(multi-step scheduling: the CPU's fused decode step runs them in one call "
+                                       "and the engine's per-step work is paid once; tokens stream in bursts of up "
+                                       "to this many). CPU backend, LLaMA family, paged KV manager")
     enforce_eager: bool = _opt(False, "run every step eagerly, op by op: no CUDA graphs for decode steps on the "
                                       "GPU, no fused decoder stack (one compiled call) on the CPU")
     tensor_parallel_size: int = _opt(1, "ranks the model is split across (Megatron-style: heads and the "
@@ -114,6 +118,11 @@ class EngineConfig:
             bad(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not 0.0 <= self.watermark < 1.0:
             bad(f"watermark must be in [0, 1), got {self.watermark}")
+        if isinstance(self.num_scheduler_steps, bool) or not isinstance(self.num_scheduler_steps, int) \
+                or not 1 <= self.num_scheduler_steps <= 64:
+            bad(f"num_scheduler_steps must be an integer from 1 to 64, got {self.num_scheduler_steps!r}")
+        if self.num_scheduler_steps > 1 and self.kv_manager != "paged":
+            bad(f"num_scheduler_steps > 1 needs the paged KV manager (kv_manager is {self.kv_manager})")
         if self.kv_manager not in KV_MANAGERS:
             bad(f"kv_manager must be one of {', '.join(KV_MANAGERS)}, got {self.kv_manager!r}")
         if self.batching not in BATCHING:

@@ -47,6 +47,9 @@ class LLMEngine:
         max_tokens = config.max_num_batched_tokens or max(2048, 0 if config.enable_chunked_prefill else max_model_len)
         size = self.executor.determine_cache_size(max_tokens, max_model_len)
         self.executor.init_cache(size.num_device_blocks, size.num_cpu_blocks)
+        if config.num_scheduler_steps > 1 and not getattr(self.executor, "runs_steps", lambda: False)():
+            raise RawpagedError("num_scheduler_steps > 1 needs the CPU backend's fused decode step: device cpu, a "
+                                "LLaMA-family model on one rank, enforce_eager off")
         self.cache_size = size
         self.max_model_len = self._cap_to_cache(max_model_len, size.num_device_blocks)
         # NOTE: an executor that reads no KV cache (the simulator) says so with reads_block_tables = False.

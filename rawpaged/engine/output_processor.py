@@ -75,7 +75,10 @@ class OutputProcessor:
         if out.batch:
             self._record_prompt_logprobs(out.batch, model_output.prompt_logits)
             try:
-                self._sample(out.batch, model_output.sample_logits)
+                if model_output.sampled is not None:
+                    self._take_steps(out.batch, *model_output.sampled)
+                else:
+                    self._sample(out.batch, model_output.sample_logits)
             finally:
                 self._masks = None
             now = time.monotonic()
@@ -132,6 +135,20 @@ class OutputProcessor:
             for (group, seq), res in zip(plain_seqs, results):
                 seq.append_token(res.token_id, res.logprob, res.top_logprobs)
                 self._after_token(group, seq)
+
+    def _take_steps(self, batch: list[ScheduledSeq], tokens: np.ndarray, logprobs: np.ndarray) -> None:
+        """A multi-step call's greedy tokens [steps, n] (plain greedy sequences only, no forks): each
+        sequence takes its tokens in order until it finishes; the ones after its end are dropped.
+        The K/V of every token it took but the last is in the cache now."""
+        for s, toks, lps in zip(batch, tokens.T.tolist(), logprobs.T.tolist()):
+            seq = s.seq
+            for tok, lp in zip(toks, lps):
+                seq.append_token(tok, lp)
+                self.stats.generation_tokens += 1
+                self._after_token(s.group, seq)
+                if seq.finished:
+                    break
+            seq.num_computed_tokens = seq.num_tokens - 1
 
     def _token_mask(self, seqs: list[Sequence]) -> TokenMask | None:
         """The allowed tokens of the constrained ones among `seqs` (the scheduled sequences, one per

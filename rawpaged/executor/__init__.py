@@ -22,6 +22,7 @@ class ModelOutput:
     """Float32 logits of one step, on the backend's device."""
     sample_logits: Any              # [N, V]: one row per batch entry with sample=True, in batch order
     prompt_logits: list             # per batch entry: [rows, V] for prompt logprobs, or None
+    sampled: Any = None             # multi-step: (tokens [steps, N], logprobs [steps, N]) host arrays
 
 
 @dataclass

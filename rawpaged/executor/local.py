@@ -36,5 +36,8 @@ class LocalExecutor:
     def execute_model(self, out) -> ModelOutput | None:
         return self.worker.execute_model(out)
 
+    def runs_steps(self) -> bool:
+        return self.worker.runs_steps()
+
     def shutdown(self) -> None:
         pass

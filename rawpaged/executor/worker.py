@@ -264,7 +264,15 @@ class Worker:
         self._move_blocks(out.blocks_to_swap_out, out.blocks_to_swap_in, out.blocks_to_copy)
         if not out.batch:
             return None
+        if out.batch[0].lookahead:                      # multi-step: the step samples itself
+            inputs = prepare_inputs(out.batch, self.runner.block_size)
+            return ModelOutput(None, [None] * len(out.batch), self.runner.run_steps(inputs, self.cache.device_cache))
         return ModelOutput(*self.runner.execute(out.batch, self.cache.device_cache))
+
+    def runs_steps(self) -> bool:
+        """Whether multi-step decode batches can run here (EngineConfig.num_scheduler_steps)."""
+        graphs = self.runner.graphs
+        return self.tp.size == 1 and graphs is not None and bool(getattr(graphs, "runs_steps", lambda: False)())
 
     def execute_step(self, step: StepInputs) -> ModelOutput | None:
         """A rank's step (the distributed executors): the broadcast inputs. Rank 0 returns the logits

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rawpaged.backend.cpu import decode_step
+from rawpaged.backend.cpu import decode_step, lowp
 from rawpaged.worker.graph_runner import is_pure_decode
 from rawpaged.worker.model_runner import BatchInputs
 
@@ -39,7 +39,16 @@ class FusedDecode:
         self.kv_cache = kv_cache
 
     def can_run(self, inputs: BatchInputs, kv_cache) -> bool:
-        return kv_cache is self.kv_cache and is_pure_decode(inputs)
+        return kv_cache is self.kv_cache and is_pure_decode(inputs) and inputs.num_steps == 1
+
+    def runs_steps(self) -> bool:
+        """Whether this model's step can run several decode steps in one call (multi-step
+        scheduling): its LM head and embedding table stored as its layers (the step widens one kind)."""
+        kind = self.stack.wkind
+        return all(lowp.kind_of(w.dtype) == kind for w in (self.model.lm_head, self.model.embed))
+
+    def can_run_steps(self, inputs: BatchInputs, kv_cache) -> bool:
+        return kv_cache is self.kv_cache and is_pure_decode(inputs) and self.runs_steps()
 
     # -- the step ---------------------------------------------------------------------------------
     def scratch(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +68,16 @@ class FusedDecode:
         fbuf, xbuf = self.scratch(h.shape[0])
         return decode_step.run_stack(self.stack, h, inputs.positions, m.slot_mapping, m.block_tables, m.seq_lens,
                                      kv_cache, self.cos_sin, fbuf, xbuf, lm_head)
+
+    def run_steps(self, inputs: BatchInputs, kv_cache, block_size: int):
+        """inputs.num_steps decode steps of a pure decode batch in one call -> (tokens [steps, n],
+        logprobs [steps, n]): each row's greedy token of each step, fed back as its next input."""
+        m = inputs.meta
+        h = self.backend.embedding(inputs.input_ids, self.model.embed)
+        fbuf, xbuf = self.scratch(h.shape[0])
+        return decode_step.run_stack(self.stack, h, inputs.positions, m.slot_mapping, m.block_tables, m.seq_lens,
+                                     kv_cache, self.cos_sin, fbuf, xbuf, self.model.lm_head, steps=inputs.num_steps,
+                                     embed=self.model.embed, block_size=block_size)
 
     def run(self, inputs: BatchInputs, kv_cache):
         """A pure decode batch of n rows -> (logits [n, V], [None] * n) like ModelRunner.run."""

@@ -35,6 +35,7 @@ class BatchInputs:
     meta: AttentionMetadata
     sample_rows: np.ndarray      # int64 [N] rows of the batch whose logits are sampled
     prompt_rows: list            # per scheduled seq: rows whose logits are wanted for prompt logprobs (or None)
+    num_steps: int = 1           # multi-step decode: steps in one call, each row feeding back its greedy token
 
 
 def prepare_inputs(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
@@ -70,7 +71,7 @@ def prepare_decode(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
         max_seq_len=max(pos) + 1,
     )
     return BatchInputs(np.array(ids, dtype=np.int64), positions, meta, np.array(sample_rows, dtype=np.int64),
-                       [None] * n)
+                       [None] * n, 1 + batch[0].lookahead)
 
 
 def prepare_any(batch: list[ScheduledSeq], block_size: int) -> BatchInputs:
@@ -120,6 +121,14 @@ class ModelRunner:
     def execute(self, batch: list[ScheduledSeq], kv_cache):
         """Run one step. Returns (sample_logits [N, V], prompt_logits list per seq or None)."""
         return self.run(prepare_inputs(batch, self.block_size), kv_cache)
+
+    def run_steps(self, inputs: BatchInputs, kv_cache):
+        """A multi-step decode batch (inputs.num_steps > 1) -> (tokens int64 [steps, n], logprobs
+        float32 [steps, n]): the greedy tokens of every step, from one call of the fused step."""
+        if not (self.graphs is not None and getattr(self.graphs, "can_run_steps", None)
+                and self.graphs.can_run_steps(inputs, kv_cache)):
+            raise RuntimeError("a multi-step decode batch reached a runner without the fused decode step")
+        return self.graphs.run_steps(inputs, kv_cache, self.block_size)
 
     def run(self, inputs: BatchInputs, kv_cache):
         """Run a flattened batch (a tensor-parallel rank gets it from the driver, already flattened)."""

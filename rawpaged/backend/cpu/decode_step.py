@@ -48,7 +48,7 @@ from numba import njit, prange
 
 from rawpaged.backend.cpu import lowp, team
 from rawpaged.backend.cpu.attention import attend_one, rotary_cache_rows
-from rawpaged.backend.cpu.elementwise import add_rms_norm_row, rms_norm_row, silu_and_mul_row
+from rawpaged.backend.cpu.elementwise import add_rms_norm_row, greedy_row, rms_norm_row, silu_and_mul_row
 from rawpaged.backend.cpu.gemm import ROUNDS_BF16_ACTIVATIONS, dynamic_schedule, linear_team
 
 _FAST = {"reassoc", "contract", "nsz", "arcp"}
@@ -75,13 +75,19 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
     constants, as gemm.py's: each compilation holds one widening); bf16: vdpbf16ps GEMMs."""
 
     def team_stack(h, positions, slots, tables, seq_lens, kv, in_norm, post_norm, w_qkv, w_o, w_gate_up, w_down,
-                   final_norm, lm_head, logits, cos_sin, windows, chunks, sync, eps, scale, fbuf, xbuf):
+                   final_norm, lm_head, logits, tokens, logprobs, embed, block_size, cos_sin, windows, chunks, sync,
+                   eps, scale, fbuf, xbuf):
         """h [T, H] float32 embeddings -> [T, H] final normalised rows (h or a view of fbuf), and
         logits [T, V] = those rows @ lm_head [V, H]^T (stored as the layers' weights; V = 0: no LM
         head), by a team of chunks[5] workers. Each op is a phase whose chunks go to whichever
         worker claims them: GEMM output ranges (chunks[0:5]: qkv, o, gate_up, down, LM head), rows,
         (sequence, KV head) attention tasks. sync: team.new_sync(team_phases(L)); fbuf, xbuf:
-        DecoderStack.scratch_sizes(T, workers)."""
+        DecoderStack.scratch_sizes(T, workers).
+        Multi-step (tokens [S, T] with S > 0; else tokens [0, T] and one step, nothing sampled): S
+        steps in this one call, each ending with a greedy phase (a row a chunk: the argmax of the
+        row's logits into tokens[step], its logprob into logprobs[step]) that also prepares the
+        row's next step: h[t] = embed[token] (embed stored as the layers' weights), its position,
+        slot (from tables and block_size) and length advanced by one, in place."""
         if deps == "":
             return h
         T, H = h.shape
@@ -105,70 +111,90 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
         q3 = qkv.reshape(T, n_qkv // D, D)
         q, k, v = q3[:, :nq], q3[:, nq:nq + nkv], q3[:, nq + nkv:]
         attn2 = attn.reshape(T, n_o)
-        if sync.shape[0] < 2 * (9 * L + 2):        # team_phases (the counters are written unchecked)
+        sample = tokens.shape[0] > 0
+        steps = max(1, tokens.shape[0])
+        if sync.shape[0] < 2 * steps * (9 * L + 2 + sample):     # team_phases (written unchecked)
             raise ValueError("team_stack: sync holds fewer counters than the step's phases")
         workers = chunks[5]
         nx = T * max(H, max(n_o, n_i))             # each worker's own bfloat16 copy of a GEMM's x
         for wk in prange(workers):
             xb = xbuf[wk * nx:(wk + 1) * nx]
             xb_h, xb_o, xb_i = xb[:T * H].reshape(T, H), xb[:T * n_o].reshape(T, n_o), xb[:T * n_i].reshape(T, n_i)
-            hh, xx = h, x                          # this worker's names for the two [T, H] buffers
             p = 0                                  # the phase: every worker counts the same phases
-            while True:                            # res = h; x = rms_norm(res)      (a row a chunk)
-                t = team.claim(sync, p, T)
-                if t < 0:
-                    break
-                for i in range(H):
-                    res[t, i] = hh[t, i]
-                rms_norm_row(res, t, in_norm[0], eps, xx)
-                team.finish(sync, p)
-            team.wait(sync, p, T)
-            p += 1
-            for layer in range(L):
-                if layer > 0:                      # x = rms_norm(res += h): into h, then swap names
-                    _add_norm_rows(hh, res, in_norm[layer], eps, sync, p)
+            for step in range(steps):
+                hh, xx = h, x                              # this worker's names for the two [T, H] buffers
+                while True:                                # res = h; x = rms_norm(res)      (a row a chunk)
+                    t = team.claim(sync, p, T)
+                    if t < 0:
+                        break
+                    for i in range(H):
+                        res[t, i] = hh[t, i]
+                    rms_norm_row(res, t, in_norm[0], eps, xx)
+                    team.finish(sync, p)
+                team.wait(sync, p, T)
+                p += 1
+                for layer in range(L):
+                    if layer > 0:                          # x = rms_norm(res += h): into h, then swap names
+                        _add_norm_rows(hh, res, in_norm[layer], eps, sync, p)
+                        p += 1
+                        xx, hh = hh, xx
+                    linear_team(xx, w_qkv[layer], qkv, xb_h, sync, p, chunks[0], wkind, bf16)
                     p += 1
-                    xx, hh = hh, xx
-                linear_team(xx, w_qkv[layer], qkv, xb_h, sync, p, chunks[0], wkind, bf16)
+                    while True:                            # rotary; K, V into the cache      (a row a chunk)
+                        t = team.claim(sync, p, T)
+                        if t < 0:
+                            break
+                        rotary_cache_rows(positions[t:t + 1], q[t:t + 1], k[t:t + 1], v[t:t + 1], kv, kvkind, layer,
+                                          slots[t:t + 1], cos_sin, True)
+                        team.finish(sync, p)
+                    team.wait(sync, p, T)
+                    p += 1
+                    window = windows[layer]
+                    while True:                            # attention: a (sequence, KV head) a chunk
+                        task = team.claim(sync, p, T * nkv)
+                        if task < 0:
+                            break
+                        s, kvh = task // nkv, task % nkv
+                        attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
+                        team.finish(sync, p)
+                    team.wait(sync, p, T * nkv)
+                    p += 1
+                    linear_team(attn2, w_o[layer], hh, xb_o, sync, p, chunks[1], wkind, bf16)
+                    p += 1
+                    _add_norm_rows(hh, res, post_norm[layer], eps, sync, p)  # h = rms_norm(res += h)
+                    p += 1
+                    linear_team(hh, w_gate_up[layer], gu, xb_h, sync, p, chunks[2], wkind, bf16)
+                    p += 1
+                    while True:                            # act = silu(gate) * up              (a row a chunk)
+                        t = team.claim(sync, p, T)
+                        if t < 0:
+                            break
+                        silu_and_mul_row(gu, t, act)
+                        team.finish(sync, p)
+                    team.wait(sync, p, T)
+                    p += 1
+                    linear_team(act, w_down[layer], hh, xb_i, sync, p, chunks[3], wkind, bf16)
+                    p += 1
+                _add_norm_rows(hh, res, final_norm, eps, sync, p)
                 p += 1
-                while True:                        # rotary; K, V into the cache      (a row a chunk)
-                    t = team.claim(sync, p, T)
-                    if t < 0:
-                        break
-                    rotary_cache_rows(positions[t:t + 1], q[t:t + 1], k[t:t + 1], v[t:t + 1], kv, kvkind, layer,
-                                      slots[t:t + 1], cos_sin, True)
-                    team.finish(sync, p)
-                team.wait(sync, p, T)
+                linear_team(hh, lm_head, logits, xb_h, sync, p, chunks[4], wkind, bf16)
                 p += 1
-                window = windows[layer]
-                while True:                        # attention: a (sequence, KV head) a chunk
-                    task = team.claim(sync, p, T * nkv)
-                    if task < 0:
-                        break
-                    s, kvh = task // nkv, task % nkv
-                    attend_one(q, kv, kvkind, layer, tables, s, kvh, s, seq_lens[s] - 1, scale, window, attn)
-                    team.finish(sync, p)
-                team.wait(sync, p, T * nkv)
-                p += 1
-                linear_team(attn2, w_o[layer], hh, xb_o, sync, p, chunks[1], wkind, bf16)
-                p += 1
-                _add_norm_rows(hh, res, post_norm[layer], eps, sync, p)      # h = rms_norm(res += h)
-                p += 1
-                linear_team(hh, w_gate_up[layer], gu, xb_h, sync, p, chunks[2], wkind, bf16)
-                p += 1
-                while True:                        # act = silu(gate) * up              (a row a chunk)
-                    t = team.claim(sync, p, T)
-                    if t < 0:
-                        break
-                    silu_and_mul_row(gu, t, act)
-                    team.finish(sync, p)
-                team.wait(sync, p, T)
-                p += 1
-                linear_team(act, w_down[layer], hh, xb_i, sync, p, chunks[3], wkind, bf16)
-                p += 1
-            _add_norm_rows(hh, res, final_norm, eps, sync, p)
-            p += 1
-            linear_team(hh, lm_head, logits, xb_h, sync, p, chunks[4], wkind, bf16)
+                if sample:                                 # greedy; the row's next input  (a row a chunk)
+                    while True:
+                        t = team.claim(sync, p, T)
+                        if t < 0:
+                            break
+                        tok, lp = greedy_row(logits, t)
+                        tokens[step, t], logprobs[step, t] = tok, lp
+                        if step + 1 < steps:               # NOTE: the LM head's phase is over: h is free
+                            for i in range(H):
+                                h[t, i] = lowp.widen(embed[tok, i], wkind)
+                            pos = positions[t] + 1
+                            positions[t], seq_lens[t] = pos, pos + 1
+                            slots[t] = tables[t, pos // block_size] * block_size + pos % block_size
+                        team.finish(sync, p)
+                    team.wait(sync, p, T)
+                    p += 1
         return h if (L - 1) % 2 == 0 else x       # where the last layer's rows are (L - 1 swaps)
 
     return njit(fastmath=_FAST, parallel=_PRANGE_ONLY, cache=True, nogil=True, error_model="numpy")(team_stack)
@@ -252,21 +278,37 @@ def stack_layers(layers: list[dict], names: tuple[str, ...]) -> list[np.ndarray]
 
 
 def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_lens, kv_cache, cos_sin, fbuf,
-              xbuf, lm_head=None):
+              xbuf, lm_head=None, steps: int = 0, embed=None, block_size: int = 0):
     """The fused step over T decode rows (row s: sequence s's one new token; h [T, H] its embedding,
     overwritten) -> ([T, H] final rows, valid until the next call: they may be fbuf's; logits [T, V]
     = rows @ lm_head^T, or None: no lm_head given, or one stored unlike the layers). fbuf, xbuf: at
-    least scratch_sizes(T, team_size()) elements."""
+    least scratch_sizes(T, team_size()) elements.
+    steps > 0 (multi-step, greedy): `steps` decode steps in the one call, each row taking its own
+    argmax as its next input (embed: the embedding table, stored as the layers' weights; the block
+    tables must already hold every position written) -> (tokens int64 [steps, T], logprobs float32
+    [steps, T]) instead; positions, slot_mapping and seq_lens are advanced in place."""
     fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
     w_qkv, w_o, w_gate_up, w_down = st.bits
     workers = team_size()
     head = lm_head is not None and lowp.kind_of(lm_head.dtype) == st.wkind
     lm = lowp.bits(lm_head) if head else w_qkv[0, :0]       # no LM head: [0, H] (no chunks)
-    logits = np.empty((h.shape[0], lm.shape[0]), np.float32)
-    sync = team.new_sync(team_phases(st.qkv.shape[0]))
+    T = h.shape[0]
+    logits = np.empty((T, lm.shape[0]), np.float32)
+    if steps > 0:
+        if not head or embed is None or lowp.kind_of(embed.dtype) != st.wkind or block_size <= 0:
+            raise ValueError("run_stack: multi-step needs the LM head and the embedding table stored as the "
+                             "layers' weights, and the cache's block size")
+        table = np.ascontiguousarray(lowp.bits(embed))
+    else:
+        table = w_qkv[0, :0]
+    tokens, logprobs = np.empty((steps, T), np.int64), np.empty((steps, T), np.float32)
+    sync = team.new_sync(max(1, steps) * (team_phases(st.qkv.shape[0]) + (steps > 0)))
     rows = fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
-              w_qkv, w_o, w_gate_up, w_down, st.final_norm, lm, logits, cos_sin, st.windows,
-              st.chunks(workers, lm.shape[0]), sync, np.float32(st.eps), np.float32(st.scale), fbuf, xbuf)
+              w_qkv, w_o, w_gate_up, w_down, st.final_norm, lm, logits, tokens, logprobs, table, np.int64(block_size),
+              cos_sin, st.windows, st.chunks(workers, lm.shape[0]), sync, np.float32(st.eps), np.float32(st.scale),
+              fbuf, xbuf)
+    if steps > 0:
+        return tokens, logprobs
     return rows, (logits if head else None)
 
 
@@ -276,6 +318,6 @@ def team_size() -> int:
 
 
 def team_phases(layers: int) -> int:
-    """The phases of the step: the first norm, 9 per layer (8 in the first: its input norm is the
-    first norm), the final norm, the LM head."""
+    """The phases of one step: the first norm, 9 per layer (8 in the first: its input norm is the
+    first norm), the final norm, the LM head (a multi-step call adds a greedy phase to each step)."""
     return 9 * layers + 2

@@ -16,19 +16,9 @@ from rawpaged.backend import cpu
 from rawpaged.backend.cpu import decode_step, lowp
 from rawpaged.errors import RawpagedError
 from rawpaged.sequence import Sequence
-from rawpaged.testing import make_random_llama
 from rawpaged.worker.model_runner import prepare_inputs
 
-from test_fused_decode import BLOCK, Paths, load
-
-
-@pytest.fixture(scope="module")
-def model_dir(data_dir, tmp_path_factory):
-    # the fused-decode tests' random LLaMA (GQA 4/2, intermediate 344): see tests/test_fused_decode.py
-    return make_random_llama(tmp_path_factory.mktemp("multistep") / "m",
-                             data_dir / "tokenizers" / "llama-32k" / "tokenizer.json", hidden_size=128,
-                             num_layers=3, num_heads=4, num_kv_heads=2, vocab_size=512, intermediate_size=344,
-                             init_std=0.08, seed=3)
+from test_fused_decode import BLOCK, Paths, load, model_dir  # noqa: F401 (model_dir: the fixture)
 
 
 def llm(path, steps, dtype="float32", **kw):

@@ -3,7 +3,7 @@ item 2: "the served TPOT at low load within 1.2x of the engine's batch-1 step; T
 the prefill time").
 
     python bench/served_token.py [--rounds 5] [--requests 3] [--threads 2] [--dtype bfloat16]
-                                 [--server-env OMP_WAIT_POLICY=PASSIVE ...]
+                                 [--num-scheduler-steps 1] [--server-env OMP_WAIT_POLICY=PASSIVE ...]
 
 The random LLaMA h512 L8 (bench/common.py). In each round, interleaved:
   offline  one request of --prompt-len fresh random tokens through LLMEngine.step in this process
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--kv-memory", type=int, default=1 << 30)
+    ap.add_argument("--num-scheduler-steps", type=int, default=1, help="both sides' multi-step decoding")
     ap.add_argument("--server-env", nargs="*", default=[], help="NAME=VALUE for the server process only")
     args = ap.parse_args()
     os.environ.update(NUMBA_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
@@ -79,7 +80,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "rawpaged.cli", "serve", "--model", str(model_dir), "--device", "cpu",
            "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", "8",
            "--kv-cache-memory", str(args.kv_memory), "--max-model-len", str(args.max_len),
-           "--no-enable-prefix-caching"]
+           "--no-enable-prefix-caching", "--num-scheduler-steps", str(args.num_scheduler_steps)]
     rows = []
     with Server("rawpaged serve", cmd, port, env) as srv:
         served(srv.url, [fresh()[:16]], 4)                                 # warm-up
@@ -94,6 +95,7 @@ def main() -> None:
             print(f"round {rnd + 1}: step {step_ms:.2f} ms, served TPOT {tpot:.2f} ms; prefill {prefill_ms:.1f} ms, "
                   f"served TTFT {ttft:.1f} ms", file=sys.stderr, flush=True)
     extra = f"; server env {' '.join(args.server_env)}" if args.server_env else ""
+    extra += f"; num_scheduler_steps {args.num_scheduler_steps}" if args.num_scheduler_steps > 1 else ""
     print(f"## A served token against the engine's step ({machine()}, commit {commit()})\n")
     print(f"random LLaMA h512 L8, {args.dtype}, {args.threads} threads, prompt {args.prompt_len}, {args.gen} tokens; "
           f"{args.requests} served requests a round, one at a time{extra}\n")

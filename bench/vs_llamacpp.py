@@ -160,7 +160,7 @@ def rawpaged_server(args, model_dir: Path, max_seqs: int) -> Server:
     cmd = [sys.executable, "-m", "rawpaged.cli", "serve", "--model", str(model_dir), "--device", "cpu",
            "--dtype", args.dtype, "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_seqs),
            "--kv-cache-memory", str(args.kv_memory), "--max-model-len", str(args.max_len),
-           "--no-enable-prefix-caching"]
+           "--no-enable-prefix-caching", "--num-scheduler-steps", str(getattr(args, "num_scheduler_steps", 1))]
     return Server("rawpaged serve", cmd, port, thread_env(args.threads))
 
 
@@ -214,6 +214,7 @@ def rawpaged_llm(args, model_dir: Path, max_seqs: int, dtype: str | None = None)
     skip the prefill the other systems (fresh processes) do."""
     from rawpaged import LLM
     return LLM(model_dir, device="cpu", dtype=dtype or args.dtype, kv_cache_memory=args.kv_memory,
+               num_scheduler_steps=getattr(args, "num_scheduler_steps", 1),
                max_num_seqs=max_seqs, max_num_batched_tokens=max(2048, args.max_len), max_model_len=args.max_len,
                enable_prefix_caching=False)
 
@@ -228,7 +229,8 @@ def rawpaged_generate(llm, work: list[tuple[list[int], int]]) -> tuple[float, li
 
 
 def rawpaged_single(llm, prompt: list[int], gen: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one stream, step by step."""
+    """(prefill tok/s, decode tok/s) of one stream, step by step (a step makes several tokens with
+    --num-scheduler-steps: the generated tokens are counted)."""
     from rawpaged import SamplingParams
     eng = llm.engine
     eng.add_request(None, None, SamplingParams(temperature=0, max_tokens=gen + 1, ignore_eos=True),
@@ -236,12 +238,11 @@ def rawpaged_single(llm, prompt: list[int], gen: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     eng.step()                                  # the whole prompt (one step) and its first token
     t1 = time.perf_counter()
-    n = 0
+    first = eng.stats.generation_tokens
     while eng.has_unfinished_requests():
         eng.step()
-        n += 1
     t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), n / (t2 - t1)
+    return len(prompt) / (t1 - t0), (eng.stats.generation_tokens - first) / (t2 - t1)
 
 
 # -- llama.cpp offline ---------------------------------------------------------------------------
@@ -331,6 +332,8 @@ def main() -> None:
     ap.add_argument("--torch-python", default="/work/venv-torch/bin/python")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dtype", default="bfloat16", help="rawpaged's --dtype")
+    ap.add_argument("--num-scheduler-steps", type=int, default=1,
+                    help="rawpaged's --num-scheduler-steps (multi-step decoding of plain greedy batches), everywhere")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
@@ -357,6 +360,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     same = [(rng.integers(3, 32000, args.prompt_len).tolist(), args.gen) for _ in range(args.batch)]
     R: dict = {"load": [], "rounds": args.rounds, "threads": args.threads, "dtype": args.dtype,
+               "num_scheduler_steps": args.num_scheduler_steps,
                "commit": commit(), "machine": machine()}
 
     def note(key, value):
@@ -445,7 +449,8 @@ def best_llama(R: dict, what: str) -> str | None:
 def report(R: dict, args) -> None:
     loads = R.get("load", [])
     print(f"\nrawpaged vs llama.cpp: {R['machine']}; commit {R['commit']}; rawpaged dtype {args.dtype}; "
-          f"{args.threads} threads each; medians of {args.rounds} interleaved rounds; load average now {load()}\n")
+          f"rawpaged num_scheduler_steps {args.num_scheduler_steps}; {args.threads} threads each; "
+          f"medians of {args.rounds} interleaved rounds; load average now {load()}\n")
     med = lambda k: median(R.get(k, []))  # noqa: E731
     rows = []
     floor = med("floor tok/s rawpaged")

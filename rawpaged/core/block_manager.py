@@ -210,14 +210,14 @@ class BlockSpaceManager:
             s.num_hashed, s.chain_hash = 0, None
 
     # -- decoding -------------------------------------------------------------------------------
-    def can_append_slots(self, group: SequenceGroup, lookahead: int = 0) -> bool:
-        """Whether every RUNNING seq of the group can get slots for all its uncomputed tokens, and
-        `lookahead` more (multi-step decoding: the tokens the same call will feed back)."""
-        seqs = group.get_seqs(SequenceStatus.RUNNING)
-        return self._append_need(seqs, self.device, lookahead) <= self.device.num_free()
+    def can_append_slots(self, group: SequenceGroup) -> bool:
+        """Whether every RUNNING seq of the group can get slots for all its uncomputed tokens."""
+        return self._append_need(group.get_seqs(SequenceStatus.RUNNING), self.device) <= self.device.num_free()
 
     def can_append_slots_all(self, groups, lookahead: int) -> bool:
-        """can_append_slots for every group at once (blocks they share counted once)."""
+        """Whether every RUNNING seq of these groups can get slots for all its uncomputed tokens and
+        `lookahead` more (multi-step decoding: the tokens one call feeds back), all at once (blocks
+        they share counted once). The paged manager's own: the scheduler's _lookahead."""
         seqs = [s for g in groups for s in g.get_seqs(SequenceStatus.RUNNING)]
         return self._append_need(seqs, self.device, lookahead) <= self.device.num_free()
 

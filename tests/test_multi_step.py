@@ -260,3 +260,45 @@ def test_served_streams_the_same_text_in_bursts(stories260k_dir):
             assert len(deltas) < len(want.token_ids), "one chunk per token: no burst reached the stream"
             if extra:
                 assert want.finish_reason == "stop" and all("named" not in d for d in deltas)
+
+
+def test_an_interrupted_burst_stops_after_its_step(model_dir):
+    """interrupt_bursts (what the server calls when a request arrives): the call in flight ends after
+    its current step; the slots it held for the rest stay with the sequence and are used by the next
+    steps; the outputs stay those of single steps."""
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = llm(model_dir, 1).generate(sampling_params=sp, prompt_token_ids=[PROMPTS[2]])
+    engine = llm(model_dir, 6).engine
+    engine.add_request("r", None, sp, prompt_token_ids=PROMPTS[2])
+    made = []
+    for interrupt in (False, True, True, False, False, False, False, False):
+        engine.interrupt_bursts(interrupt)
+        before = engine.stats.generation_tokens
+        outs = engine.step()
+        made.append(engine.stats.generation_tokens - before)
+    assert made == [1, 1, 1, 6, 6, 6, 6, 3]
+    assert outs[0].finished and summary(outs) == summary(want)
+    assert_pool_empty(engine)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3], ids=["team1", "team2", "team3"])
+def test_kernel_interrupted_returns_the_steps_it_ran(model_dir, workers, monkeypatch):
+    monkeypatch.setattr(decode_step, "team_size", lambda: workers)
+    p = Paths(load(model_dir, np.float32), np.float32)
+    seqs = [Sequence(i, list(range(3 + i, 20 + 2 * i))) for i in range(2)]
+    _, logits = p.step(seqs, [s.num_tokens for s in seqs])
+    for s, t in zip(seqs, logits.argmax(1)):
+        s.append_token(int(t), 0.0)
+    batch = p.batch(seqs, [1, 1])
+    for s in batch:
+        while len(s.block_table) * BLOCK < s.seq.num_tokens + 3:
+            s.block_table.append(int(p.order.pop()))
+        s.lookahead = 4
+    one = p.fused.run(prepare_inputs(p.batch(seqs, [1, 1]), BLOCK), p.caches[0].device_cache)[0]
+    p.fused.interrupt_bursts(True)
+    tokens, lps = p.fused.run_steps(prepare_inputs(batch, BLOCK), p.caches[1].device_cache, BLOCK)
+    assert tokens.shape == lps.shape == (1, 2), "an interrupted call ran past its first step"
+    assert tokens[0].tolist() == one.argmax(1).tolist()
+    p.fused.interrupt_bursts(False)
+    tokens, _ = p.fused.run_steps(prepare_inputs(batch, BLOCK), p.caches[1].device_cache, BLOCK)
+    assert tokens.shape == (5, 2)

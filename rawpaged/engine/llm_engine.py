@@ -125,6 +125,13 @@ class LLMEngine:
         self.scheduler.add_group(group)
         self.stats.on_arrival(group)
 
+    def interrupt_bursts(self, on: bool = True) -> None:
+        """Thread-safe (unlike the rest of the engine): a request is on its way, so a multi-step
+        decode call in flight stops after its current step and the next schedule admits it (on);
+        off: the engine thread, before it takes in what arrived. (num_scheduler_steps > 1 only.)"""
+        if self.config.num_scheduler_steps > 1:
+            self.executor.interrupt_bursts(on)
+
     def abort_request(self, request_id: str) -> bool:
         group = self.scheduler.abort_group(request_id)
         if group is None:

@@ -39,5 +39,8 @@ class LocalExecutor:
     def runs_steps(self) -> bool:
         return self.worker.runs_steps()
 
+    def interrupt_bursts(self, on: bool = True) -> None:
+        self.worker.interrupt_bursts(on)
+
     def shutdown(self) -> None:
         pass

@@ -269,6 +269,11 @@ class Worker:
             return ModelOutput(None, [None] * len(out.batch), self.runner.run_steps(inputs, self.cache.device_cache))
         return ModelOutput(*self.runner.execute(out.batch, self.cache.device_cache))
 
+    def interrupt_bursts(self, on: bool = True) -> None:
+        """Thread-safe: see FusedDecode.interrupt_bursts (nothing to do without multi-step calls)."""
+        if hasattr(self.runner.graphs, "interrupt_bursts"):
+            self.runner.graphs.interrupt_bursts(on)
+
     def runs_steps(self) -> bool:
         """Whether multi-step decode batches can run here (EngineConfig.num_scheduler_steps)."""
         graphs = self.runner.graphs

@@ -147,6 +147,7 @@ class AsyncEngine:
         self._streams[request_id] = stream
         done: Future = Future()
         self._commands.put(("add", request_id, prompt, prompt_token_ids, params, arrival_time, done))
+        self.engine.interrupt_bursts()          # NOTE: a multi-step burst in flight ends after its step
         try:
             await asyncio.wrap_future(done)
         except BaseException:
@@ -186,6 +187,7 @@ class AsyncEngine:
             # between steps so a step never waits on the queue.
             if not engine.has_unfinished_requests():
                 self._execute(self._commands.get())
+            engine.interrupt_bursts(False)          # what arrives from here on interrupts the next burst
             self._drain_commands()
             if self._stopping:
                 break

@@ -28,6 +28,8 @@ class FusedDecode:
         self.cos_sin = np.ascontiguousarray(model.cos_sin, np.float32)
         self.kv_cache = None
         self.rows = self.workers = 0                # rows and team size the scratch holds
+        # NOTE: set from any thread (a request arrived): a multi-step call stops after its current step
+        self.interrupt = np.zeros(1, np.int64)
         self.fbuf = self.xbuf = None
 
     @staticmethod
@@ -69,15 +71,21 @@ class FusedDecode:
         return decode_step.run_stack(self.stack, h, inputs.positions, m.slot_mapping, m.block_tables, m.seq_lens,
                                      kv_cache, self.cos_sin, fbuf, xbuf, lm_head)
 
+    def interrupt_bursts(self, on: bool = True) -> None:
+        """Thread-safe: make a multi-step call in flight (and the next ones) stop after their current
+        step (on), or let them run (off: the engine thread, before it takes in new requests)."""
+        self.interrupt[0] = int(on)
+
     def run_steps(self, inputs: BatchInputs, kv_cache, block_size: int):
         """inputs.num_steps decode steps of a pure decode batch in one call -> (tokens [steps, n],
-        logprobs [steps, n]): each row's greedy token of each step, fed back as its next input."""
+        logprobs [steps, n]): each row's greedy token of each step, fed back as its next input;
+        fewer steps when interrupt_bursts() was called during the call."""
         m = inputs.meta
         h = self.backend.embedding(inputs.input_ids, self.model.embed)
         fbuf, xbuf = self.scratch(h.shape[0])
         return decode_step.run_stack(self.stack, h, inputs.positions, m.slot_mapping, m.block_tables, m.seq_lens,
                                      kv_cache, self.cos_sin, fbuf, xbuf, self.model.lm_head, steps=inputs.num_steps,
-                                     embed=self.model.embed, block_size=block_size)
+                                     embed=self.model.embed, block_size=block_size, interrupt=self.interrupt)
 
     def run(self, inputs: BatchInputs, kv_cache):
         """A pure decode batch of n rows -> (logits [n, V], [None] * n) like ModelRunner.run."""

@@ -75,8 +75,8 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
     constants, as gemm.py's: each compilation holds one widening); bf16: vdpbf16ps GEMMs."""
 
     def team_stack(h, positions, slots, tables, seq_lens, kv, in_norm, post_norm, w_qkv, w_o, w_gate_up, w_down,
-                   final_norm, lm_head, logits, tokens, logprobs, embed, block_size, cos_sin, windows, chunks, sync,
-                   eps, scale, fbuf, xbuf):
+                   final_norm, lm_head, logits, tokens, logprobs, embed, block_size, interrupt, done, cos_sin, windows,
+                   chunks, sync, eps, scale, fbuf, xbuf):
         """h [T, H] float32 embeddings -> [T, H] final normalised rows (h or a view of fbuf), and
         logits [T, V] = those rows @ lm_head [V, H]^T (stored as the layers' weights; V = 0: no LM
         head), by a team of chunks[5] workers. Each op is a phase whose chunks go to whichever
@@ -87,7 +87,9 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
         steps in this one call, each ending with a greedy phase (a row a chunk: the argmax of the
         row's logits into tokens[step], its logprob into logprobs[step]) that also prepares the
         row's next step: h[t] = embed[token] (embed stored as the layers' weights), its position,
-        slot (from tables and block_size) and length advanced by one, in place."""
+        slot (from tables and block_size) and length advanced by one, in place. The call stops after
+        the step in which interrupt[0] was found set (another thread may set it: a request arrived);
+        done[0]: the steps run, done [1 + steps] (the team's per-step decisions)."""
         if deps == "":
             return h
         T, H = h.shape
@@ -186,6 +188,9 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
                             break
                         tok, lp = greedy_row(logits, t)
                         tokens[step, t], logprobs[step, t] = tok, lp
+                        if t == 0:                         # the team's decision, read after the phase
+                            done[0] = step + 1
+                            done[1 + step] = team.load_acquire(interrupt, 0)
                         if step + 1 < steps:               # NOTE: the LM head's phase is over: h is free
                             for i in range(H):
                                 h[t, i] = lowp.widen(embed[tok, i], wkind)
@@ -195,6 +200,8 @@ def _build(wkind: int, kvkind: int, bf16: bool, deps: str):
                         team.finish(sync, p)
                     team.wait(sync, p, T)
                     p += 1
+                    if done[1 + step] != 0:                # interrupted: every worker stops here
+                        break
         return h if (L - 1) % 2 == 0 else x       # where the last layer's rows are (L - 1 swaps)
 
     return njit(fastmath=_FAST, parallel=_PRANGE_ONLY, cache=True, nogil=True, error_model="numpy")(team_stack)
@@ -278,7 +285,7 @@ def stack_layers(layers: list[dict], names: tuple[str, ...]) -> list[np.ndarray]
 
 
 def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_lens, kv_cache, cos_sin, fbuf,
-              xbuf, lm_head=None, steps: int = 0, embed=None, block_size: int = 0):
+              xbuf, lm_head=None, steps: int = 0, embed=None, block_size: int = 0, interrupt=None):
     """The fused step over T decode rows (row s: sequence s's one new token; h [T, H] its embedding,
     overwritten) -> ([T, H] final rows, valid until the next call: they may be fbuf's; logits [T, V]
     = rows @ lm_head^T, or None: no lm_head given, or one stored unlike the layers). fbuf, xbuf: at
@@ -286,7 +293,8 @@ def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_le
     steps > 0 (multi-step, greedy): `steps` decode steps in the one call, each row taking its own
     argmax as its next input (embed: the embedding table, stored as the layers' weights; the block
     tables must already hold every position written) -> (tokens int64 [steps, T], logprobs float32
-    [steps, T]) instead; positions, slot_mapping and seq_lens are advanced in place."""
+    [steps, T]) instead; positions, slot_mapping and seq_lens are advanced in place. interrupt: an
+    int64 [1] another thread may set to stop the call after its current step (fewer rows returned)."""
     fn = kernel(st.wkind, lowp.kind_of(kv_cache.dtype))
     w_qkv, w_o, w_gate_up, w_down = st.bits
     workers = team_size()
@@ -302,13 +310,16 @@ def run_stack(st: DecoderStack, h, positions, slot_mapping, block_tables, seq_le
     else:
         table = w_qkv[0, :0]
     tokens, logprobs = np.empty((steps, T), np.int64), np.empty((steps, T), np.float32)
+    if interrupt is None:
+        interrupt = np.zeros(1, np.int64)
+    done = np.zeros(1 + steps, np.int64)
     sync = team.new_sync(max(1, steps) * (team_phases(st.qkv.shape[0]) + (steps > 0)))
     rows = fn(h, positions, slot_mapping, block_tables, seq_lens, lowp.bits(kv_cache), st.in_norm, st.post_norm,
               w_qkv, w_o, w_gate_up, w_down, st.final_norm, lm, logits, tokens, logprobs, table, np.int64(block_size),
-              cos_sin, st.windows, st.chunks(workers, lm.shape[0]), sync, np.float32(st.eps), np.float32(st.scale),
+              interrupt, done, cos_sin, st.windows, st.chunks(workers, lm.shape[0]), sync, np.float32(st.eps), np.float32(st.scale),
               fbuf, xbuf)
     if steps > 0:
-        return tokens, logprobs
+        return tokens[:done[0]], logprobs[:done[0]]
     return rows, (logits if head else None)
 
 

@@ -63,7 +63,6 @@ import numpy as np
 from rawpaged.errors import RawpagedError
 from rawpaged.sampling_params import SamplingParams
 
-_SAMPLING_EPS = 1e-5   # temperatures below this are greedy (vLLM's threshold)
 
 
 @dataclass
@@ -260,7 +259,7 @@ def _changes_logits(p: SamplingParams) -> bool:
 
 
 def _is_greedy(p: SamplingParams) -> bool:
-    return p.temperature < _SAMPLING_EPS
+    return p.is_greedy()
 
 
 def _is_filtered(p: SamplingParams) -> bool:

@@ -28,6 +28,9 @@ MAX_STOP_STRINGS = 64       # every stop string is searched for after every toke
 _MAX_SHOWN = 40             # characters of a refused value quoted in a message
 
 
+GREEDY_TEMPERATURE = 1e-5   # temperatures below this are greedy (vLLM's threshold)
+
+
 @dataclass
 class StructuredOutputsParams:
     """What the generated text must match (vLLM's StructuredOutputsParams). Exactly one of json,
@@ -104,11 +107,15 @@ class SamplingParams:
     def __post_init__(self):
         validate(self)
 
+    def is_greedy(self) -> bool:
+        """Temperature below GREEDY_TEMPERATURE: the argmax (vLLM's threshold)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
     def is_plain_greedy(self) -> bool:
         """One greedy sequence, and nothing that reads or changes the logits but their argmax and its
         logprob (no penalties, bias, grammar, top-N logprobs, beams or parallel samples): what a
         multi-step decode call samples by itself (EngineConfig.num_scheduler_steps)."""
-        return (self.temperature < 1e-5 and self.best_of == 1 and not self.use_beam_search and self.logprobs is None
+        return (self.is_greedy() and self.best_of == 1 and not self.use_beam_search and self.logprobs is None
                 and not self.logit_bias and self.structured_outputs is None and self.presence_penalty == 0
                 and self.frequency_penalty == 0 and self.repetition_penalty == 1)
 

@@ -62,14 +62,14 @@ class FusedDecode:
             self.fbuf, self.xbuf = np.empty(nf, np.float32), np.empty(nx, np.uint16)
         return self.fbuf, self.xbuf
 
-    def hidden(self, inputs: BatchInputs, kv_cache, lm_head=None):
+    def hidden(self, inputs: BatchInputs, kv_cache, lm_head=None, **steps):
         """The decode rows' final normalised hidden states [n, H] (valid until the next step), and
         their logits when lm_head is given and stored as the layers are (else None: see run_stack)."""
         m = inputs.meta
         h = self.backend.embedding(inputs.input_ids, self.model.embed)
         fbuf, xbuf = self.scratch(h.shape[0])
         return decode_step.run_stack(self.stack, h, inputs.positions, m.slot_mapping, m.block_tables, m.seq_lens,
-                                     kv_cache, self.cos_sin, fbuf, xbuf, lm_head)
+                                     kv_cache, self.cos_sin, fbuf, xbuf, lm_head, **steps)
 
     def interrupt_bursts(self, on: bool = True) -> None:
         """Thread-safe: make a multi-step call in flight (and the next ones) stop after their current
@@ -80,12 +80,8 @@ class FusedDecode:
         """inputs.num_steps decode steps of a pure decode batch in one call -> (tokens [steps, n],
         logprobs [steps, n]): each row's greedy token of each step, fed back as its next input;
         fewer steps when interrupt_bursts() was called during the call."""
-        m = inputs.meta
-        h = self.backend.embedding(inputs.input_ids, self.model.embed)
-        fbuf, xbuf = self.scratch(h.shape[0])
-        return decode_step.run_stack(self.stack, h, inputs.positions, m.slot_mapping, m.block_tables, m.seq_lens,
-                                     kv_cache, self.cos_sin, fbuf, xbuf, self.model.lm_head, steps=inputs.num_steps,
-                                     embed=self.model.embed, block_size=block_size, interrupt=self.interrupt)
+        return self.hidden(inputs, kv_cache, self.model.lm_head, steps=inputs.num_steps, embed=self.model.embed,
+                           block_size=block_size, interrupt=self.interrupt)
 
     def run(self, inputs: BatchInputs, kv_cache):
         """A pure decode batch of n rows -> (logits [n, V], [None] * n) like ModelRunner.run."""

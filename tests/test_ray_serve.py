@@ -28,7 +28,7 @@ from ray import serve  # noqa: E402
 
 from rawpaged.engine import EngineConfig  # noqa: E402
 from rawpaged.hub import DEMO_MODEL  # noqa: E402
-from rawpaged.server.ray_serve import REPLICA_HEADER, ReplicaOptions, build_app  # noqa: E402
+from rawpaged.server.ray_serve import REPLICA_HEADER, OpenAIIngress, ReplicaOptions, build_app  # noqa: E402
 from rawpaged.server.routing import PrefixTable, prefix_hashes, route_text  # noqa: E402
 
 MODEL = "stories260K"
@@ -144,7 +144,7 @@ def test_killing_a_replica_mid_run_leaves_no_request_hanging(client, url):
     assert out.choices[0].text
 
 
-# -- the routing policy without Ray ----------------------------------------------------------------
+# -- the routing policy and the replica table without Ray ------------------------------------------
 def test_prefix_table_matches_the_longest_prefix_of_a_live_replica():
     table = PrefixTable(capacity=1000, chunk=4)
     table.record("abcdefghijkl", "A")                         # chunks abcd, efgh, ijkl
@@ -170,3 +170,19 @@ def test_route_text_of_completions_and_chats():
                                     {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}) == \
         "system:be kind\nuser:hi\n"
     assert route_text({"model": "x"}) is None and route_text([1]) is None
+
+
+def test_the_replica_table_keeps_each_replicas_newest_snapshot():
+    """Answers reach the ingress in any order: an older snapshot never replaces a newer one."""
+    ingress = OpenAIIngress(engine_handle=None)
+
+    def about(rid, pid, n, finished):
+        return {"replica": rid, "pid": pid, "snapshot": n, "stats": {"num_finished": finished}}
+
+    ingress._seen(about("A", 10, 2, 50))
+    ingress._seen(about("A", 10, 1, 49))                      # a slower answer, taken before
+    ingress._seen(about("B", 11, 1, 7))
+    assert ingress.replicas["A"]["stats"]["num_finished"] == 50
+    assert ingress.replicas["B"]["stats"]["num_finished"] == 7
+    ingress._seen(about("A", 12, 1, 0))                       # restarted: a new process counts anew
+    assert ingress.replicas["A"]["pid"] == 12 and ingress.replicas["A"]["stats"]["num_finished"] == 0

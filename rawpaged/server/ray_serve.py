@@ -20,7 +20,7 @@ The way a request goes:
 
 Nothing of the OpenAI API is implemented twice: a replica runs the very Starlette app `rawpaged
 serve` runs. The ingress adds `GET /v1/replicas` (each replica's id, pid and engine statistics as of
-its latest answer) and the `x-rawpaged-replica` response header.
+the newest snapshot its answers carried) and the `x-rawpaged-replica` response header.
 
 Failures: Serve restarts a replica that dies (its actor is gone, or `check_health` finds the engine
 thread dead). A request in flight on it ends with an OpenAI-shaped 503 (`replica_unavailable`),
@@ -96,6 +96,7 @@ class EngineReplica:
         self.started = False
         self.replica_id = _replica_id()
         self.pid = os.getpid()
+        self.num_abouts = 0                     # numbers this replica's snapshots, oldest first
 
     def _start(self) -> None:
         # NOTE: the engine thread hands outputs to the event loop it was started from: this
@@ -105,7 +106,9 @@ class EngineReplica:
             self.started = True
 
     def about(self) -> dict:
-        return {"replica": self.replica_id, "pid": self.pid, "stats": dict(self.state.engine.stats)}
+        self.num_abouts += 1
+        return {"replica": self.replica_id, "pid": self.pid, "snapshot": self.num_abouts,
+                "stats": dict(self.state.engine.stats)}
 
     async def handle(self, req: HttpRequest):
         """The app's answer to req: ("start", status, headers), ("body", bytes)..., ("end", about)."""
@@ -248,6 +251,11 @@ class OpenAIIngress:
             gen.cancel()
 
     def _seen(self, about: dict) -> None:
+        # NOTE: answers from one replica reach the ingress in any order; an older snapshot (from
+        # the same process) never replaces a newer one, so the table only moves forward.
+        held = self.replicas.get(about["replica"])
+        if held is not None and held["pid"] == about["pid"] and held["snapshot"] > about["snapshot"]:
+            return
         self.replicas[about["replica"]] = {**about, "last_seen": time.time()}
 
 

@@ -9,6 +9,7 @@ products exact (8-bit x 8-bit mantissas fit a float32) and summed in float32.
     dot_RTxRO(x, t, w, o, n32, out)     x [T, K], w [O, K]: uint16 arrays of bfloat16 bits
         out[r * RO + c] = sum over k < 32 * n32 of x[t + r, k] * w[o + c, k]     (float32)
     dot_tile(4, 4, into=True): the same sums stored at out[t + r, o + c] of a [T, O] float32 out
+    dot_tile(1, 1, chains=4): each sum split over 4 accumulators (a batch-1 GEMV's row)
 
 whose loop over k is written here in LLVM IR: RT x RO vector accumulators stay in registers, each
 loaded vector of x is used RO times and each of w RT times. Numba has no vector types, and LLVM
@@ -55,11 +56,17 @@ _V32BF = ir.VectorType(_BFloat(), 32)
 _I64 = ir.IntType(64)
 
 
-def dot_tile(RT: int, RO: int, into: bool = False):
+def dot_tile(RT: int, RO: int, into: bool = False, chains: int = 1):
     """The intrinsic computing an RT x RO tile of dot products over the first 32 * n32 of K.
     into=True (a 4 x 4 tile): `out` is y [T, O] float32 itself (unit stride along O: four 4-float
-    stores), written at y[t + r, o + c]."""
+    stores), written at y[t + r, o + c].
+    chains > 1: each dot product is summed by `chains` accumulators (32-element chunks i, i +
+    chains, ...), added together at the end; the n32 % chains chunks left go to the first.
+    NOTE: why: vdpbf16ps into one accumulator waits for the previous one (~6 cycles); a 1 x 1
+    tile is one such chain, 16 long at K = 512, and read a decode step's weights at ~0.8 of the
+    machine's read rate. Two or four chains let the loads run ahead (bench/RESULTS.md, issue 18)."""
     assert not into or (RT, RO) == (4, 4)
+    assert chains >= 1
 
     @intrinsic
     def dot(typingctx, x, t, w, o, n32, out):
@@ -80,37 +87,67 @@ def dot_tile(RT: int, RO: int, into: bool = False):
                                                 "llvm.x86.avx512bf16.dpbf16ps.512")
             reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V16F]),
                                                     "llvm.vector.reduce.fadd.v16f32")
-            pre = builder.block
-            loop = builder.append_basic_block("dp.loop")
-            done = builder.append_basic_block("dp.done")
-            builder.cbranch(builder.icmp_signed(">", n, zero), loop, done)
-            # loop: i = 0 .. n-1, one 32-element chunk of every row per iteration
-            builder.position_at_end(loop)
-            i = builder.phi(_I64)
-            i.add_incoming(zero, pre)
-            accs = []
-            for _ in range(RT * RO):
-                a = builder.phi(_V16F)
-                a.add_incoming(ir.Constant(_V16F, None), pre)
-                accs.append(a)
-            off = builder.mul(i, ir.Constant(_I64, 32))
-            xs = [builder.load(builder.bitcast(builder.gep(p, [off]), _V32BF.as_pointer()), align=2) for p in xrows]
-            ws = [builder.load(builder.bitcast(builder.gep(p, [off]), _V32BF.as_pointer()), align=2) for p in wrows]
-            nxt = [builder.call(dp, [accs[r * RO + c], xs[r], ws[c]]) for r in range(RT) for c in range(RO)]
-            i_next = builder.add(i, ir.Constant(_I64, 1))
-            end = builder.block
-            i.add_incoming(i_next, end)
-            for a, v in zip(accs, nxt):
-                a.add_incoming(v, end)
-            builder.cbranch(builder.icmp_signed("<", i_next, n), loop, done)
+            tiles = range(RT * RO)
+
+            def chunk(accs, k):
+                """accs[r * RO + c] + x[t + r, 32k : 32k + 32] . w[o + c, same] (vdpbf16ps each)."""
+                off = builder.mul(k, ir.Constant(_I64, 32))
+                xs = [builder.load(builder.bitcast(builder.gep(p, [off]), _V32BF.as_pointer()), align=2)
+                      for p in xrows]
+                ws = [builder.load(builder.bitcast(builder.gep(p, [off]), _V32BF.as_pointer()), align=2)
+                      for p in wrows]
+                return [builder.call(dp, [accs[r * RO + c], xs[r], ws[c]]) for r in range(RT) for c in range(RO)]
+
+            def counted_loop(name, start, stop, step, init):
+                """for i in range(start, stop, step) carrying the vectors `init` (the body: `step`
+                chunks, chain j taking chunk i + j) -> the vectors after it (init if it never ran)."""
+                pre = builder.block
+                loop = builder.append_basic_block(name)
+                after = builder.append_basic_block(name + ".after")
+                builder.cbranch(builder.icmp_signed("<", start, stop), loop, after)
+                builder.position_at_end(loop)
+                i = builder.phi(_I64)
+                i.add_incoming(start, pre)
+                accs = []
+                for v in init:
+                    a = builder.phi(_V16F)
+                    a.add_incoming(v, pre)
+                    accs.append(a)
+                chained = [accs[j * len(tiles):(j + 1) * len(tiles)] for j in range(len(init) // len(tiles))]
+                nxt = []
+                for j, part in enumerate(chained):
+                    nxt += chunk(part, builder.add(i, ir.Constant(_I64, j)))
+                i_next = builder.add(i, ir.Constant(_I64, step))
+                end = builder.block
+                i.add_incoming(i_next, end)
+                for a, v in zip(accs, nxt):
+                    a.add_incoming(v, end)
+                builder.cbranch(builder.icmp_signed("<", builder.add(i_next, ir.Constant(_I64, step - 1)), stop),
+                                loop, after)
+                builder.position_at_end(after)
+                out = []
+                for v0, v in zip(init, nxt):
+                    f = builder.phi(_V16F)
+                    f.add_incoming(v0, pre)
+                    f.add_incoming(v, end)
+                    out.append(f)
+                return out, i_next, pre, end
+
+            zeros = [ir.Constant(_V16F, None)] * (RT * RO)
+            if chains == 1:
+                finals, _, _, _ = counted_loop("dp.loop", zero, n, 1, zeros)
+            else:
+                # chunks 0 .. whole * chains - 1 in `chains` interleaved chains, then the rest in one
+                whole = builder.mul(builder.sdiv(n, ir.Constant(_I64, chains)), ir.Constant(_I64, chains))
+                parts, _, _, _ = counted_loop("dp.chains", zero, whole, chains, zeros * chains)
+                summed = []
+                for idx in tiles:
+                    v = parts[idx]
+                    for j in range(1, chains):
+                        v = builder.fadd(v, parts[j * len(tiles) + idx])
+                    summed.append(v)
+                finals, _, _, _ = counted_loop("dp.rest", whole, n, 1, summed)
             # done: reduce each accumulator (zero when n == 0) into out[r * RO + c]
-            builder.position_at_end(done)
-            finals = []
-            for idx in range(RT * RO):                 # every phi first: LLVM wants them on top
-                v = builder.phi(_V16F)
-                v.add_incoming(ir.Constant(_V16F, None), pre)
-                v.add_incoming(nxt[idx], end)
-                finals.append(v)
             if into:                                   # four <4 x float> rows, straight into y
                 v = reduce16(builder, finals)
                 for r in range(RT):

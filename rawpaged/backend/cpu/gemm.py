@@ -173,7 +173,7 @@ def _build(kind: int):
 # bfloat16 (xb) and each tile of dot products is bf16dot's vdpbf16ps loop (float32 sums); the last
 # K % 32 columns are added one by one. NOTE: module-level functions, not closures, so that
 # Numba's on-disk cache finds them again in the next process (see _build).
-_D44, _D41, _D11 = bf16dot.dot_tile(4, 4), bf16dot.dot_tile(4, 1), bf16dot.dot_tile(1, 1)
+_D44, _D41, _D11 = bf16dot.dot_tile(4, 4), bf16dot.dot_tile(4, 1), bf16dot.dot_tile(1, 1, chains=4)
 _D44Y = bf16dot.dot_tile(4, 4, into=True)      # the 4 x 4 tile written straight into y (no K % 32 tail)
 
 
@@ -207,7 +207,8 @@ def _bf16_rows(xb, w, y, o0, o1):
                 t += 4
             while t < T:
                 _D11(xb, t, w, o, n32, acc)
-                _bf16_tail(xb, t, 1, w, o, 1, k0, acc)
+                if k0 != K:                     # NOTE: a call per weight row otherwise, even when empty
+                    _bf16_tail(xb, t, 1, w, o, 1, k0, acc)
                 y[t, o] = acc[0]
                 t += 1
         return

@@ -201,7 +201,8 @@ def _bf16_rows(xb, w, y, o0, o1):
             t = 0
             while t + 4 <= T:
                 _D41(xb, t, w, o, n32, acc)
-                _bf16_tail(xb, t, 4, w, o, 1, k0, acc)
+                if k0 != K:
+                    _bf16_tail(xb, t, 4, w, o, 1, k0, acc)
                 for r in range(4):
                     y[t + r, o] = acc[r]
                 t += 4

@@ -131,22 +131,22 @@ def dot_tile(RT: int, RO: int, into: bool = False, chains: int = 1):
                     f.add_incoming(v0, pre)
                     f.add_incoming(v, end)
                     out.append(f)
-                return out, i_next, pre, end
+                return out
 
             zeros = [ir.Constant(_V16F, None)] * (RT * RO)
             if chains == 1:
-                finals, _, _, _ = counted_loop("dp.loop", zero, n, 1, zeros)
+                finals = counted_loop("dp.loop", zero, n, 1, zeros)
             else:
                 # chunks 0 .. whole * chains - 1 in `chains` interleaved chains, then the rest in one
                 whole = builder.mul(builder.sdiv(n, ir.Constant(_I64, chains)), ir.Constant(_I64, chains))
-                parts, _, _, _ = counted_loop("dp.chains", zero, whole, chains, zeros * chains)
+                parts = counted_loop("dp.chains", zero, whole, chains, zeros * chains)
                 summed = []
                 for idx in tiles:
                     v = parts[idx]
                     for j in range(1, chains):
                         v = builder.fadd(v, parts[j * len(tiles) + idx])
                     summed.append(v)
-                finals, _, _, _ = counted_loop("dp.rest", whole, n, 1, summed)
+                finals = counted_loop("dp.rest", whole, n, 1, summed)
             # done: reduce each accumulator (zero when n == 0) into out[r * RO + c]
             if into:                                   # four <4 x float> rows, straight into y
                 v = reduce16(builder, finals)

@@ -1,9 +1,12 @@
 """Helpers shared by the benchmarks: where the data is, machine and commit facts, random models."""
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,6 +25,15 @@ def commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
+
+
+def scratch_dir() -> Path:
+    """A fresh temporary folder for a run's generated models, removed when the run exits.
+    NOTE: a random model is ~200 MB; left behind, every run (and every test that runs a
+    benchmark) filled /tmp a little more."""
+    root = Path(tempfile.mkdtemp(prefix="rawpaged-bench-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
 
 
 def machine() -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import commit, machine, random_llama, stories260k  # noqa: E402
+from common import commit, machine, random_llama, scratch_dir, stories260k  # noqa: E402
 
 from rawpaged.engine import EngineConfig, LLMEngine  # noqa: E402
 from rawpaged.sampling_params import SamplingParams  # noqa: E402
@@ -49,7 +48,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--dtype", default="float32", help="storage of the weights and KV cache (bfloat16: issue 18's)")
     a = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="rawpaged-bench-"))
+    root = scratch_dir()
     models = {"stories260K": stories260k(root), "random LLaMA h512 L8 (8 q / 4 kv heads, vocab 32000)": random_llama(root)}
     print(f"machine: {machine()}; commit {commit()}; {a.dtype}; prompt {a.prompt_len} tokens, "
           f"{a.decode_steps} decode steps\n")

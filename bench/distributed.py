@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, commit, machine, random_llama  # noqa: E402
+from common import REPO, commit, machine, random_llama, scratch_dir  # noqa: E402
 
 
 # -- allreduce ------------------------------------------------------------------------------------
@@ -104,8 +104,7 @@ def _decode_ms(llm, batch: int, steps: int) -> float:
 
 def tp_step(a) -> None:
     from rawpaged import LLM
-    import tempfile
-    root = Path(a.work or tempfile.mkdtemp(prefix="rawpaged-bench-"))
+    root = Path(a.work) if a.work else scratch_dir()
     model = random_llama(root)
     batches = [int(b) for b in a.batches.split(",")]
     runs = {1: [], 2: []}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import commit, machine, random_llama, stories260k  # noqa: E402
+from common import commit, machine, random_llama, scratch_dir, stories260k  # noqa: E402
 
 from rawpaged import sampler as sampler_module  # noqa: E402
 from rawpaged.engine import EngineConfig, LLMEngine  # noqa: E402
@@ -83,7 +82,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", choices=["random", "stories"], default="random")
     a = ap.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="rawpaged-bench-"))
+    root = scratch_dir()
     path = random_llama(root) if a.model == "random" else stories260k(root)
     cfg = dict(model=str(path), device="cpu", kv_cache_memory=1 << 30)
     free, constrained = LLMEngine(EngineConfig(**cfg)), LLMEngine(EngineConfig(**cfg))

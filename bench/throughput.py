@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import commit, data_dir, machine, random_llama  # noqa: E402
+from common import commit, data_dir, machine, random_llama, scratch_dir  # noqa: E402
 
 _OMP_BEFORE = __import__("os").environ.get("OMP_WAIT_POLICY")   # before rawpaged sets its default
 
@@ -83,6 +83,7 @@ def run_transformers(model_dir: Path, work, args) -> dict | None:
     cmd = [sys.executable, __file__, "--baseline-child", f.name, "--model-dir", str(model_dir),
            "--hf-batch", str(args.hf_batch), "--threads", str(args.threads), "--device", args.device]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    os.unlink(f.name)
     if r.returncode != 0:
         print(f"transformers baseline skipped: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         return None
@@ -139,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.baseline_child:
         return _transformers_child(args)
-    root = Path(tempfile.mkdtemp(prefix="rawpaged-bench-"))
+    root = scratch_dir()
     if args.shape == "small":
         model_dir = random_llama(root, max_position_embeddings=args.max_len)
     else:

@@ -64,7 +64,6 @@ from rawpaged.errors import RawpagedError
 from rawpaged.sampling_params import SamplingParams
 
 
-
 @dataclass
 class SamplingRow:
     """One logits row to sample from."""
@@ -258,10 +257,6 @@ def _changes_logits(p: SamplingParams) -> bool:
     return bool(p.logit_bias) or _has_penalty(p)
 
 
-def _is_greedy(p: SamplingParams) -> bool:
-    return p.is_greedy()
-
-
 def _is_filtered(p: SamplingParams) -> bool:
     return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
 
@@ -315,7 +310,7 @@ class Sampler:
         amax, lse = _argmax_logsumexp(xp, raw)              # [B] NOTE: the whole vocabulary's
         if not plain:
             amax = None
-        if amax is not None and all(_is_greedy(r.params) and r.num_logprobs is None for r in rows):
+        if amax is not None and all(r.params.is_greedy() and r.num_logprobs is None for r in rows):
             # NOTE: the common case on the host (plain greedy rows, no top-N): the argmax found with
             # the lse is the token, and nothing else runs. Right after a decode step the caches hold
             # its weights, not this code's data, and every NumPy call skipped saves microseconds.
@@ -327,11 +322,11 @@ class Sampler:
                 raw = raw.copy()                            # NOTE: never write the caller's logits
                 apply_mask(xp, raw, mask)
         # NOTE: a row's path depends on its own params only, so batch-mates never change its token.
-        paths = ((self._greedy, [i for i, r in enumerate(rows) if _is_greedy(r.params)]),
+        paths = ((self._greedy, [i for i, r in enumerate(rows) if r.params.is_greedy()]),
                  (self._sample_plain, [i for i, r in enumerate(rows)
-                                       if not _is_greedy(r.params) and not _is_filtered(r.params)]),
+                                       if not r.params.is_greedy() and not _is_filtered(r.params)]),
                  (self._sample_sorted, [i for i, r in enumerate(rows)
-                                        if not _is_greedy(r.params) and _is_filtered(r.params)]))
+                                        if not r.params.is_greedy() and _is_filtered(r.params)]))
         token_ids = None
         for pick, idx in paths:
             if len(idx) == len(rows):                   # every row takes this path: no gather / scatter

@@ -26,8 +26,6 @@ MAX_LOGIT_BIAS = 100.0      # OpenAI: bias values in [-100, 100]
 MAX_SEED = 2**64 - 1        # NumPy's SeedSequence takes non-negative integers; we keep them 64-bit
 MAX_STOP_STRINGS = 64       # every stop string is searched for after every token
 _MAX_SHOWN = 40             # characters of a refused value quoted in a message
-
-
 GREEDY_TEMPERATURE = 1e-5   # temperatures below this are greedy (vLLM's threshold)
 
 
